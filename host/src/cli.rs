@@ -1,0 +1,137 @@
+//! The command line (clap derive). Each subcommand maps onto a library call.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::net::ListenSpec;
+
+/// wasmhost runs network services as WebAssembly components and keeps them
+/// running while their code changes. The host owns every socket, timer and
+/// buffer; the service's code sees connections as ids and events.
+#[derive(Parser, Debug)]
+#[command(name = "wasmhost", version, about, long_about = None)]
+#[command(after_help = "Logging: set WASMHOST_LOG (e.g. `debug`, `wasmhost=debug,guest=warn`); default `info`.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve a component (a WebAssembly component of the world
+    /// wasmhost:service/service) on one or more TCP listeners.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The service component, e.g. target/guests/kv.wasm.
+    pub guest: PathBuf,
+
+    /// Address to listen on, optionally named (`--listen admin=127.0.0.1:7001`);
+    /// repeatable. The service sees the name in each connection's info. Port 0
+    /// picks a free port. Each bound address is printed on stderr as
+    /// `listening on NAME ADDR`.
+    #[arg(short, long = "listen", value_name = "[NAME=]ADDR", default_value = "127.0.0.1:7000")]
+    pub listen: Vec<ListenSpec>,
+
+    /// A KEY=VALUE pair passed to the service's `init`; repeatable, in order.
+    #[arg(short, long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub config: Vec<(String, String)>,
+
+    /// The service's name: it tags the service's log lines and (with swap)
+    /// names its control socket.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+
+    /// Most connections open at once; further clients wait in the listen
+    /// backlog until one closes.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// Most unsent bytes per connection (suffixes KiB, MiB). Reading from a
+    /// connection pauses while more than half of this is unsent; a send
+    /// beyond it closes the connection (the client is not reading).
+    #[arg(long, value_name = "BYTES", default_value = "8MiB", value_parser = parse_size)]
+    pub max_output_buffer: usize,
+
+    /// Largest read from a socket handed to the service in one `on-data`.
+    #[arg(long, value_name = "BYTES", default_value = "64KiB", value_parser = parse_size)]
+    pub read_chunk: usize,
+
+    /// CPU time one event call may use before it is interrupted (a trap:
+    /// the service restarts with fresh state).
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub event_timeout_ms: u64,
+
+    /// CPU time `export-state` or `import-state` may use during a swap.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub state_timeout_ms: u64,
+
+    /// Most linear memory one service instance may grow to.
+    #[arg(long, value_name = "BYTES", default_value = "1GiB", value_parser = parse_size)]
+    pub max_memory: usize,
+
+    /// Directory for compiled components [default: $XDG_CACHE_HOME/wasmhost
+    /// or ~/.cache/wasmhost].
+    #[arg(long, value_name = "DIR", env = "WASMHOST_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile the component every time; do not read or write the cache.
+    #[arg(long)]
+    pub no_cache: bool,
+
+    /// How long shutdown waits for connections to flush their output.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub shutdown_timeout_ms: u64,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{s}` is not KEY=VALUE")),
+    }
+}
+
+/// Parses `4096`, `64KiB`, `8MiB`, `1GiB` (also `k`, `m`, `g`, `KB`...:
+/// all binary multiples).
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits.parse().map_err(|_| format!("`{s}` is not a size such as 65536, 64KiB or 8MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("8XB").is_err());
+        assert!(parse_size("MiB").is_err());
+    }
+
+    #[test]
+    fn listen_specs() {
+        let l: ListenSpec = "admin=127.0.0.1:0".parse().unwrap();
+        assert_eq!(l.name, "admin");
+        let l: ListenSpec = "[::1]:7000".parse().unwrap();
+        assert_eq!(l.name, "");
+        assert!("=127.0.0.1:1".parse::<ListenSpec>().is_err());
+        assert!("localhost:1".parse::<ListenSpec>().is_err());
+    }
+}

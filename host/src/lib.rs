@@ -1,0 +1,17 @@
+//! wasmhost: a host that keeps network services running while their
+//! WebAssembly code changes.
+//!
+//! The host owns every socket, timer and byte buffer ([`net`]); the service
+//! logic is a WebAssembly component ([`bindings`], `guest-wit/`) run by one
+//! actor task per service ([`service`]) on a shared wasmtime engine
+//! ([`engine`]). [`serve`] ties them together.
+
+pub mod bindings;
+pub mod cli;
+pub mod engine;
+pub mod net;
+pub mod serve;
+pub mod service;
+pub mod shutdown;
+
+pub use serve::{ServeOptions, Server};

@@ -1,0 +1,96 @@
+//! The `wasmhost` binary: parse the command line, set up logging and the
+//! runtime, and call the library.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wasmhost::cli::{Cli, Command, ServeArgs};
+use wasmhost::{ServeOptions, Server, engine, net, service};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("wasmhost")
+        .build()
+        .expect("building the tokio runtime");
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("WASMHOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    raise_fd_limit();
+    let opts = serve_options(args);
+    let server = Server::start(opts).await?;
+    for (name, addr) in server.addrs() {
+        eprintln!("listening on {name} {addr}");
+    }
+    server
+        .run(async {
+            match wasmhost::shutdown::signal_received().await {
+                Ok(sig) => tracing::info!("{sig} received"),
+                Err(e) => tracing::error!("cannot wait for signals: {e}"),
+            }
+        })
+        .await
+}
+
+fn serve_options(args: ServeArgs) -> ServeOptions {
+    let cache_dir = if args.no_cache {
+        None
+    } else {
+        args.cache_dir.or_else(engine::default_cache_dir)
+    };
+    ServeOptions {
+        guest: args.guest,
+        name: args.name,
+        listen: args.listen,
+        config: args.config,
+        max_connections: args.max_connections,
+        conn_limits: net::ConnLimits {
+            read_chunk: args.read_chunk,
+            max_output_buffer: args.max_output_buffer,
+        },
+        instance_limits: service::InstanceLimits {
+            event_timeout: Duration::from_millis(args.event_timeout_ms),
+            state_timeout: Duration::from_millis(args.state_timeout_ms),
+            max_memory: args.max_memory,
+        },
+        cache_dir,
+        shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+    }
+}
+
+/// Each connection is a file descriptor: raise the soft limit to the hard
+/// one so `--max-connections` is not capped by a small default.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+    }
+}

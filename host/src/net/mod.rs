@@ -1,0 +1,134 @@
+//! Listening sockets and the accept loop. The host owns every socket; the
+//! service only ever sees connection ids.
+
+pub mod conn;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::{Result, bail};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use conn::ConnLimits;
+
+use crate::bindings::ConnInfo;
+use crate::service::ServiceHandle;
+
+/// A `--listen [NAME=]ADDR` argument.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenSpec {
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+impl std::str::FromStr for ListenSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, addr) = match s.split_once('=') {
+            Some((name, addr)) => (name.to_string(), addr),
+            None => (String::new(), s),
+        };
+        if name.is_empty() && s.contains('=') {
+            return Err("the listener name before `=` is empty".into());
+        }
+        let addr = addr.parse().map_err(|_| {
+            format!("`{addr}` is not an IP address with a port, e.g. 127.0.0.1:7000 or [::1]:0")
+        })?;
+        Ok(ListenSpec { name, addr })
+    }
+}
+
+/// Gives unnamed listeners the names `default`, `default-2`, ... and
+/// rejects duplicate names.
+pub fn name_listeners(specs: &mut [ListenSpec]) -> Result<()> {
+    let mut unnamed = 0;
+    for spec in specs.iter_mut() {
+        if spec.name.is_empty() {
+            unnamed += 1;
+            spec.name = match unnamed {
+                1 => "default".into(),
+                n => format!("default-{n}"),
+            };
+        }
+    }
+    for (i, spec) in specs.iter().enumerate() {
+        if specs[..i].iter().any(|s| s.name == spec.name) {
+            bail!("two listeners are named `{}`; give each --listen a distinct NAME=", spec.name);
+        }
+    }
+    Ok(())
+}
+
+/// A bound listener with its name.
+pub struct Listener {
+    pub name: Arc<str>,
+    pub listener: TcpListener,
+}
+
+/// Binds every listener, or none: an error names the address and says
+/// what to do.
+pub async fn bind_all(specs: &[ListenSpec]) -> Result<Vec<Listener>> {
+    let mut bound = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let listener = match TcpListener::bind(spec.addr).await {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+                "cannot listen on {} ({}): the address is already in use; stop the process \
+                 using it or choose another with --listen {}=ADDR (port 0 picks a free port)",
+                spec.addr, spec.name, spec.name
+            ),
+            Err(e) => bail!("cannot listen on {} ({}): {e}", spec.addr, spec.name),
+        };
+        bound.push(Listener { name: spec.name.as_str().into(), listener });
+    }
+    Ok(bound)
+}
+
+/// What every accept loop of one service shares.
+#[derive(Clone)]
+pub struct AcceptCtx {
+    pub service: ServiceHandle,
+    pub limits: ConnLimits,
+    /// Caps open connections; an accept waits for a free permit.
+    pub permits: Arc<Semaphore>,
+    /// Source of connection ids: never reused by this host.
+    pub next_id: Arc<AtomicU64>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// Accepts connections until shutdown.
+pub async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
+    loop {
+        let permit = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            p = ctx.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+        };
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            a = listener.listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE or a connection reset before accept: log,
+                // back off briefly, go on.
+                tracing::warn!(listener = &*listener.name, "accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let info = ConnInfo {
+            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+            listener: listener.name.to_string(),
+            peer: peer.to_string(),
+        };
+        conn::spawn(stream, info, ctx.service.clone(), ctx.limits, &ctx.shutdown, &ctx.tracker, permit).await;
+    }
+}

@@ -1,0 +1,222 @@
+//! A compiled, type-checked component ([`Program`]) and a live instance of it
+//! ([`Instance`]) with one method per guest export.
+//!
+//! Every guest call runs under a CPU deadline: the epoch ticker advances
+//! every few milliseconds, and at each tick the store's callback either
+//! yields to tokio (so a long call never holds a worker thread) or, once the
+//! call's budget is spent, interrupts it with a trap.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Store, UpdateDeadline};
+
+use super::state::{Effect, StoreData};
+use crate::bindings::{ConnInfo, Service, ServicePre};
+use crate::engine::Runtime;
+
+/// The error a guest call fails with when it overruns its CPU budget.
+#[derive(Debug, thiserror::Error)]
+#[error("the guest call exceeded its CPU deadline of {} ms", budget.as_millis())]
+pub struct DeadlineExceeded {
+    pub budget: Duration,
+}
+
+/// Limits applied to every instance of a service.
+#[derive(Clone, Debug)]
+pub struct InstanceLimits {
+    /// CPU time one event call (`on-*`, `init`) may take.
+    pub event_timeout: Duration,
+    /// CPU time `export-state` or `import-state` may take.
+    pub state_timeout: Duration,
+    /// Linear memory one instance may grow to, in bytes.
+    pub max_memory: usize,
+}
+
+impl Default for InstanceLimits {
+    fn default() -> Self {
+        InstanceLimits {
+            event_timeout: Duration::from_millis(1000),
+            state_timeout: Duration::from_millis(10_000),
+            max_memory: 1 << 30,
+        }
+    }
+}
+
+/// A component that was read, compiled and linked against the host, ready
+/// to be instantiated any number of times. Kept by a service for as long as
+/// its generation may be needed again (trap recovery, rollback).
+pub struct Program {
+    pre: ServicePre<StoreData>,
+    pub path: PathBuf,
+    /// Hex SHA-256 of the component file.
+    pub hash: String,
+    pub compile_time: Duration,
+    pub from_cache: bool,
+}
+
+impl Program {
+    /// Reads, compiles (or loads from the cache) and type-checks `path`
+    /// against the `wasmhost:service/service` world.
+    pub fn prepare(runtime: &Runtime, path: &Path) -> Result<Arc<Program>> {
+        let loaded = runtime.load(path)?;
+        let mut linker = Linker::<StoreData>::new(runtime.engine());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
+        Service::add_to_linker::<_, HasSelf<_>>(&mut linker, |data| data).map_err(anyhow::Error::from)?;
+        let not_a_service = || {
+            format!(
+                "{} is not a wasmhost service: it does not match the world \
+                 wasmhost:service/service (see guest-wit/service.wit)",
+                path.display()
+            )
+        };
+        let pre = linker
+            .instantiate_pre(&loaded.component)
+            .map_err(anyhow::Error::from)
+            .with_context(not_a_service)?;
+        let pre = ServicePre::new(pre)
+            .map_err(anyhow::Error::from)
+            .with_context(not_a_service)?;
+        Ok(Arc::new(Program {
+            pre,
+            path: loaded.path,
+            hash: loaded.hash,
+            compile_time: loaded.compile_time,
+            from_cache: loaded.from_cache,
+        }))
+    }
+
+    /// The first 12 hex digits of the hash, for messages.
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..12]
+    }
+}
+
+/// One live instance of a [`Program`], with its own store.
+pub struct Instance {
+    store: Store<StoreData>,
+    bindings: Service,
+    pub program: Arc<Program>,
+    limits: InstanceLimits,
+}
+
+impl Instance {
+    /// Instantiates `program` with nothing called yet.
+    pub async fn new(program: Arc<Program>, service: Arc<str>, limits: &InstanceLimits) -> Result<Instance> {
+        let engine = program.pre.engine();
+        let mut store = Store::new(engine, StoreData::new(service, limits.max_memory));
+        store.limiter(|data| &mut data.limits);
+        store.epoch_deadline_callback(|ctx| {
+            let data = ctx.data();
+            if data.call_started.elapsed() > data.call_budget {
+                return Err(wasmtime::Error::new(DeadlineExceeded {
+                    budget: data.call_budget,
+                }));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store.data_mut().call_budget = limits.event_timeout;
+        store.data_mut().call_started = Instant::now();
+        store.set_epoch_deadline(1);
+        let bindings = program
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("instantiating {}", program.path.display()))?;
+        Ok(Instance {
+            store,
+            bindings,
+            program,
+            limits: limits.clone(),
+        })
+    }
+
+    /// Effects recorded by the calls since the last drain.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.store.data_mut().effects)
+    }
+
+    /// Starts the deadline clock for one call.
+    fn arm(&mut self, budget: Duration) {
+        let data = self.store.data_mut();
+        data.call_started = Instant::now();
+        data.call_budget = budget;
+        self.store.set_epoch_deadline(1);
+    }
+
+    pub async fn init(&mut self, config: &[(String, String)]) -> Result<Result<(), String>> {
+        self.arm(self.limits.event_timeout);
+        let handler = self.bindings.wasmhost_service_handler();
+        handler.call_init(&mut self.store, config)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn on_connect(&mut self, info: &ConnInfo) -> Result<()> {
+        self.arm(self.limits.event_timeout);
+        let handler = self.bindings.wasmhost_service_handler();
+        handler.call_on_connect(&mut self.store, info)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn on_data(&mut self, conn: u64, data: &[u8]) -> Result<()> {
+        self.arm(self.limits.event_timeout);
+        let handler = self.bindings.wasmhost_service_handler();
+        handler.call_on_data(&mut self.store, conn, data)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn on_close(&mut self, conn: u64) -> Result<()> {
+        self.arm(self.limits.event_timeout);
+        let handler = self.bindings.wasmhost_service_handler();
+        handler.call_on_close(&mut self.store, conn)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn on_timer(&mut self, token: u64) -> Result<()> {
+        self.arm(self.limits.event_timeout);
+        let handler = self.bindings.wasmhost_service_handler();
+        handler.call_on_timer(&mut self.store, token)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn importable(&mut self) -> Result<Vec<String>> {
+        self.arm(self.limits.event_timeout);
+        let migrate = self.bindings.wasmhost_service_migrate();
+        migrate.call_importable(&mut self.store)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn exportable(&mut self) -> Result<Vec<String>> {
+        self.arm(self.limits.event_timeout);
+        let migrate = self.bindings.wasmhost_service_migrate();
+        migrate.call_exportable(&mut self.store)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn export_state(&mut self, format: &str) -> Result<Result<Vec<u8>, String>> {
+        self.arm(self.limits.state_timeout);
+        let migrate = self.bindings.wasmhost_service_migrate();
+        migrate.call_export_state(&mut self.store, format)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+
+    pub async fn import_state(&mut self, format: &str, state: &[u8]) -> Result<Result<(), String>> {
+        self.arm(self.limits.state_timeout);
+        let migrate = self.bindings.wasmhost_service_migrate();
+        migrate.call_import_state(&mut self.store, format, state)
+            .await
+            .map_err(anyhow::Error::from)
+    }
+}

@@ -1,0 +1,289 @@
+//! The service actor: one task that owns the current generation's wasmtime
+//! `Store` and instance, the connection table and the timers.
+//!
+//! Connection tasks, timers and (later) the control socket talk to it over
+//! one bounded queue, so the instance sees one event at a time, and any
+//! message handled between two events (a swap, a shutdown) sees the
+//! instance at a quiescent point. Guest calls record effects (send, close,
+//! timers) which the actor carries out after each call.
+
+mod instance;
+mod state;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::time::{DelayQueue, delay_queue};
+
+pub use instance::{Instance, InstanceLimits, Program};
+pub use state::Effect;
+
+use crate::bindings::ConnInfo;
+use crate::net::conn::Outbox;
+
+/// Capacity of the actor's queue. Senders wait when it is full, which is
+/// what slows readers down when the service is busy.
+const QUEUE_CAPACITY: usize = 4096;
+
+/// Most timers a service may have armed at once; `set-timer` beyond it is
+/// refused with a warning in the log.
+pub const MAX_TIMERS: usize = 1 << 20;
+
+/// Something that happened to a connection.
+pub enum Event {
+    Connected { info: ConnInfo, outbox: Outbox },
+    Data(u64, Bytes),
+    /// The connection's reader stopped: end of stream, error, or closing.
+    ReadClosed(u64),
+}
+
+enum Msg {
+    Event(Event),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The service actor is gone (it has shut down).
+#[derive(Debug, thiserror::Error)]
+#[error("the service has stopped")]
+pub struct Stopped;
+
+/// A cloneable handle for sending to the service actor.
+#[derive(Clone)]
+pub struct ServiceHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl ServiceHandle {
+    pub async fn event(&self, event: Event) -> Result<(), Stopped> {
+        self.tx.send(Msg::Event(event)).await.map_err(|_| Stopped)
+    }
+
+    /// Closes every connection (after flushing what the service sent),
+    /// delivering `on-close` for each, and stops the actor.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Everything needed to (re)start the service's instance.
+pub struct ServiceSpec {
+    pub name: Arc<str>,
+    pub config: Vec<(String, String)>,
+    pub limits: InstanceLimits,
+}
+
+/// Starts a fresh instance of `program` and calls `init`. Errors here mean
+/// the service cannot start at all.
+pub async fn start_fresh(program: Arc<Program>, spec: &ServiceSpec) -> Result<Instance> {
+    let path = program.path.display().to_string();
+    let mut instance = Instance::new(program, spec.name.clone(), &spec.limits).await?;
+    match instance.init(&spec.config).await {
+        Ok(Ok(())) => Ok(instance),
+        Ok(Err(msg)) => bail!("the service refused to start: init returned an error: {msg}"),
+        Err(trap) => Err(trap.context(format!("{path}: init trapped"))),
+    }
+}
+
+/// Spawns the actor around an initialised instance.
+pub fn spawn(instance: Instance, spec: ServiceSpec) -> (ServiceHandle, tokio::task::JoinHandle<Result<()>>) {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    let actor = Actor {
+        spec,
+        instance,
+        rx,
+        conns: HashMap::new(),
+        timers: DelayQueue::new(),
+        timer_keys: HashMap::new(),
+        closing: VecDeque::new(),
+        stats: Stats::default(),
+    };
+    (ServiceHandle { tx }, tokio::spawn(actor.run()))
+}
+
+/// Counters reported by `status`.
+#[derive(Default, Debug, Clone)]
+pub struct Stats {
+    pub events: u64,
+    pub traps: u64,
+    pub connections_total: u64,
+}
+
+struct Conn {
+    info: ConnInfo,
+    outbox: Outbox,
+}
+
+struct Actor {
+    spec: ServiceSpec,
+    instance: Instance,
+    rx: mpsc::Receiver<Msg>,
+    conns: HashMap<u64, Conn>,
+    timers: DelayQueue<u64>,
+    timer_keys: HashMap<u64, delay_queue::Key>,
+    /// Connections closed by an effect, whose `on-close` is still due.
+    closing: VecDeque<u64>,
+    stats: Stats,
+}
+
+impl Actor {
+    async fn run(mut self) -> Result<()> {
+        loop {
+            let timers_armed = !self.timers.is_empty();
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(Msg::Event(event)) => self.handle(event).await?,
+                    Some(Msg::Shutdown(done)) => {
+                        self.close_all().await?;
+                        let _ = done.send(());
+                        return Ok(());
+                    }
+                    None => return Ok(()),
+                },
+                Some(expired) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)), if timers_armed => {
+                    let token = expired.into_inner();
+                    self.timer_keys.remove(&token);
+                    let result = self.instance.on_timer(token).await;
+                    self.after_call(result).await?;
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::Connected { info, outbox } => {
+                self.stats.connections_total += 1;
+                let result = self.instance.on_connect(&info).await;
+                self.conns.insert(info.id, Conn { info, outbox });
+                self.after_call(result).await
+            }
+            Event::Data(id, data) => {
+                if !self.conns.contains_key(&id) {
+                    return Ok(()); // closed by the service; drop late bytes
+                }
+                let result = self.instance.on_data(id, &data).await;
+                self.after_call(result).await
+            }
+            Event::ReadClosed(id) => {
+                if let Some(conn) = self.conns.remove(&id) {
+                    conn.outbox.close();
+                    let result = self.instance.on_close(id).await;
+                    self.after_call(result).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Carries out a call's effects, delivers `on-close` for connections
+    /// the service closed, and recovers from a trap.
+    async fn after_call(&mut self, result: Result<()>) -> Result<()> {
+        self.stats.events += 1;
+        if let Err(trap) = result {
+            self.recover(trap).await?;
+        }
+        self.apply_effects();
+        while let Some(id) = self.closing.pop_front() {
+            let result = self.instance.on_close(id).await;
+            if let Err(trap) = result {
+                self.recover(trap).await?;
+            }
+            self.apply_effects();
+        }
+        Ok(())
+    }
+
+    fn apply_effects(&mut self) {
+        for effect in self.instance.take_effects() {
+            match effect {
+                Effect::Send(id, data) => self.send(id, data),
+                Effect::Close(id) => {
+                    if let Some(conn) = self.conns.remove(&id) {
+                        conn.outbox.close();
+                        self.closing.push_back(id);
+                    }
+                }
+                Effect::SetTimer(token, delay) => self.set_timer(token, delay),
+                Effect::CancelTimer(token) => {
+                    if let Some(key) = self.timer_keys.remove(&token) {
+                        self.timers.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, id: u64, data: Vec<u8>) {
+        let Some(conn) = self.conns.get(&id) else { return };
+        if let Err(overflow) = conn.outbox.send(data) {
+            tracing::warn!(service = &*self.spec.name, conn = id, peer = conn.info.peer, "closing connection: {overflow}");
+            let conn = self.conns.remove(&id).expect("present");
+            conn.outbox.abort();
+            self.closing.push_back(id);
+        }
+    }
+
+    fn set_timer(&mut self, token: u64, delay: std::time::Duration) {
+        if let Some(key) = self.timer_keys.get(&token) {
+            self.timers.reset(key, delay);
+        } else if self.timer_keys.len() >= MAX_TIMERS {
+            tracing::warn!(service = &*self.spec.name, token, "set-timer refused: {MAX_TIMERS} timers already armed");
+        } else {
+            let key = self.timers.insert(token, delay);
+            self.timer_keys.insert(token, key);
+        }
+    }
+
+    /// A trapped instance cannot be re-entered: start a fresh one with
+    /// `init` and replay `on-connect` for every open connection. The old
+    /// instance's state is lost; connections and timers are kept.
+    async fn recover(&mut self, trap: anyhow::Error) -> Result<()> {
+        self.stats.traps += 1;
+        // Effects of the failed call are dropped with the instance.
+        tracing::error!(
+            service = &*self.spec.name,
+            component = %self.instance.program.path.display(),
+            "guest trapped; restarting it with fresh state: {trap:#}"
+        );
+        let started = Instant::now();
+        let program = self.instance.program.clone();
+        self.instance = start_fresh(program, &self.spec)
+            .await
+            .context("restarting the service after a trap failed")?;
+        let mut ids: Vec<u64> = self.conns.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let info = self.conns[&id].info.clone();
+            // A trap here again is not retried: the service is broken.
+            self.instance
+                .on_connect(&info)
+                .await
+                .context("the restarted service trapped again in on-connect")?;
+            self.apply_effects();
+        }
+        tracing::info!(service = &*self.spec.name, "service restarted in {:?}", started.elapsed());
+        Ok(())
+    }
+
+    /// Shutdown: close every connection after its output is flushed and
+    /// tell the service.
+    async fn close_all(&mut self) -> Result<()> {
+        let mut ids: Vec<u64> = self.conns.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(conn) = self.conns.remove(&id) {
+                conn.outbox.close();
+                let result = self.instance.on_close(id).await;
+                self.after_call(result).await?;
+            }
+        }
+        Ok(())
+    }
+}
