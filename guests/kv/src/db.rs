@@ -1,0 +1,221 @@
+//! The keyspace: values, expiry, and the bookkeeping for active expiry.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+
+/// A stored value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Str(Vec<u8>),
+    List(VecDeque<Vec<u8>>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub value: Value,
+    /// Wall-clock deadline in Unix milliseconds.
+    pub expires_at: Option<u64>,
+}
+
+/// All keys, with lazy expiry on access and a deadline heap for the
+/// periodic sweep.
+#[derive(Default)]
+pub struct Db {
+    map: HashMap<Vec<u8>, Entry>,
+    /// (deadline, key) for every deadline ever set; stale pairs (the key's
+    /// deadline changed or it was deleted) are skipped when popped.
+    deadlines: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
+}
+
+impl Db {
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Whether any key has a deadline (so the sweep timer is needed).
+    pub fn has_deadlines(&self) -> bool {
+        !self.deadlines.is_empty()
+    }
+
+    /// The live entry for `key`; an expired one is deleted first.
+    pub fn get(&mut self, key: &[u8], now: u64) -> Option<&mut Entry> {
+        let expired = match self.map.get(key) {
+            None => return None,
+            Some(e) => e.expires_at.is_some_and(|t| t <= now),
+        };
+        if expired {
+            self.map.remove(key);
+            return None;
+        }
+        self.map.get_mut(key)
+    }
+
+    pub fn contains(&mut self, key: &[u8], now: u64) -> bool {
+        self.get(key, now).is_some()
+    }
+
+    pub fn insert(&mut self, key: Vec<u8>, entry: Entry) {
+        if let Some(t) = entry.expires_at {
+            self.deadlines.push(Reverse((t, key.clone())));
+        }
+        self.map.insert(key, entry);
+    }
+
+    pub fn remove(&mut self, key: &[u8], now: u64) -> Option<Entry> {
+        let entry = self.map.remove(key)?;
+        (!entry.expires_at.is_some_and(|t| t <= now)).then_some(entry)
+    }
+
+    /// Sets or clears `key`'s deadline. The key must exist.
+    pub fn set_expiry(&mut self, key: &[u8], at: Option<u64>) {
+        if let Some(entry) = self.map.get_mut(key) {
+            entry.expires_at = at;
+            if let Some(t) = at {
+                self.deadlines.push(Reverse((t, key.to_vec())));
+            }
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.deadlines.clear();
+    }
+
+    /// Live keys, in no particular order.
+    pub fn keys(&self, now: u64) -> impl Iterator<Item = &Vec<u8>> {
+        self.map
+            .iter()
+            .filter(move |(_, e)| !e.expires_at.is_some_and(|t| t <= now))
+            .map(|(k, _)| k)
+    }
+
+    /// Every entry, expired or not (for export).
+    pub fn entries(&self) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
+        self.map.iter()
+    }
+
+    /// Deletes up to `budget` keys whose deadline has passed.
+    pub fn sweep(&mut self, now: u64, budget: usize) -> usize {
+        let mut removed = 0;
+        while removed < budget {
+            match self.deadlines.peek() {
+                Some(Reverse((t, _))) if *t <= now => {}
+                _ => break,
+            }
+            let Reverse((t, key)) = self.deadlines.pop().expect("peeked");
+            if self.map.get(&key).is_some_and(|e| e.expires_at == Some(t)) {
+                self.map.remove(&key);
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+/// Redis-style glob matching for KEYS: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`,
+/// and `\` to escape.
+pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() {
+            match pattern[p] {
+                b'*' => {
+                    star = Some((p, t));
+                    p += 1;
+                    continue;
+                }
+                b'?' => {
+                    p += 1;
+                    t += 1;
+                    continue;
+                }
+                b'[' => {
+                    if let Some((matched, next)) = class_match(pattern, p, text[t])
+                        && matched
+                    {
+                        p = next;
+                        t += 1;
+                        continue;
+                    }
+                }
+                b'\\' if p + 1 < pattern.len() => {
+                    if pattern[p + 1] == text[t] {
+                        p += 2;
+                        t += 1;
+                        continue;
+                    }
+                }
+                c if c == text[t] => {
+                    p += 1;
+                    t += 1;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        match star {
+            Some((sp, st)) => {
+                p = sp + 1;
+                t = st + 1;
+                star = Some((sp, st + 1));
+            }
+            None => return false,
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Matches `c` against the class starting at `pattern[open] == '['`;
+/// returns whether it matched and the index after `]`.
+fn class_match(pattern: &[u8], open: usize, c: u8) -> Option<(bool, usize)> {
+    let mut i = open + 1;
+    let negate = pattern.get(i) == Some(&b'^');
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    while i < pattern.len() && pattern[i] != b']' {
+        if pattern[i] == b'\\' && i + 1 < pattern.len() {
+            matched |= pattern[i + 1] == c;
+            i += 2;
+        } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']' {
+            let (lo, hi) = (pattern[i].min(pattern[i + 2]), pattern[i].max(pattern[i + 2]));
+            matched |= (lo..=hi).contains(&c);
+            i += 3;
+        } else {
+            matched |= pattern[i] == c;
+            i += 1;
+        }
+    }
+    (i < pattern.len()).then_some((matched != negate, i + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"*", b"anything"));
+        assert!(glob_match(b"user:*", b"user:42"));
+        assert!(!glob_match(b"user:*", b"session:1"));
+        assert!(glob_match(b"h?llo", b"hello"));
+        assert!(glob_match(b"h[ae]llo", b"hallo"));
+        assert!(!glob_match(b"h[^e]llo", b"hello"));
+        assert!(glob_match(b"h[a-c]llo", b"hbllo"));
+        assert!(glob_match(b"a\\*b", b"a*b"));
+        assert!(glob_match(b"*b*c", b"aabxxc"));
+    }
+
+    #[test]
+    fn expiry_is_lazy_and_swept() {
+        let mut db = Db::default();
+        db.insert(b"a".to_vec(), Entry { value: Value::Str(b"1".to_vec()), expires_at: Some(100) });
+        db.insert(b"b".to_vec(), Entry { value: Value::Str(b"2".to_vec()), expires_at: None });
+        assert!(db.contains(b"a", 99));
+        assert_eq!(db.sweep(100, 10), 1);
+        assert!(!db.contains(b"a", 50));
+        assert_eq!(db.len(), 1);
+    }
+}
