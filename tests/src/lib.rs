@@ -1,0 +1,194 @@
+//! Helpers for the integration tests: find the built `wasmhost` binary and
+//! guests, start `wasmhost serve` on a free port, read what it prints.
+//!
+//! The tests drive the real release binary (`cargo build --release -p
+//! wasmhost`) and the real guests (`guests/build`); `.ci/test` builds both
+//! before running them.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for the server to print its address.
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// The `wasmhost` binary: `$WASMHOST_BIN`, else target/release/wasmhost.
+pub fn wasmhost_bin() -> PathBuf {
+    let bin = std::env::var_os("WASMHOST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("release/wasmhost"));
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --release -p wasmhost` (or .ci/test, which builds everything)",
+        bin.display()
+    );
+    bin
+}
+
+/// A built guest component, target/guests/NAME.wasm.
+pub fn guest(name: &str) -> PathBuf {
+    let path = target_dir().join("guests").join(format!("{name}.wasm"));
+    assert!(path.exists(), "{} is missing: run `guests/build`", path.display());
+    path
+}
+
+/// A compile cache shared by the tests of one run, so each guest is
+/// compiled once.
+pub fn test_cache_dir() -> PathBuf {
+    target_dir().join("test-cache")
+}
+
+/// What the server printed on stderr so far, shared with a reader thread.
+#[derive(Default)]
+struct Output {
+    text: Mutex<String>,
+    changed: Condvar,
+}
+
+/// A running `wasmhost serve`. Killed when dropped.
+pub struct Served {
+    child: Option<Child>,
+    output: Arc<Output>,
+    /// Bound addresses by listener name, from `listening on NAME ADDR`.
+    pub addrs: Vec<(String, SocketAddr)>,
+}
+
+impl Served {
+    /// Starts `wasmhost serve GUEST --listen 127.0.0.1:0 ARGS...` and waits
+    /// until it prints its address.
+    pub fn start(guest_name: &str, args: &[&str]) -> Served {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Served::start_raw(&guest(guest_name), &all, 1)
+    }
+
+    /// Starts `wasmhost serve PATH ARGS...` expecting `listeners` lines.
+    pub fn start_raw(path: &Path, args: &[&str], listeners: usize) -> Served {
+        let mut child = Command::new(wasmhost_bin())
+            .arg("serve")
+            .arg(path)
+            .args(args)
+            .arg("--cache-dir")
+            .arg(test_cache_dir())
+            .env("WASMHOST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting wasmhost");
+        let output = Arc::new(Output::default());
+        let stderr = child.stderr.take().expect("piped");
+        let out = output.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = out.text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                out.changed.notify_all();
+            }
+        });
+        let mut served = Served { child: Some(child), output, addrs: Vec::new() };
+        served.wait_for_output(|text| text.matches("listening on ").count() >= listeners, START_TIMEOUT);
+        served.addrs = served
+            .stderr()
+            .lines()
+            .filter_map(|l| l.strip_prefix("listening on "))
+            .map(|rest| {
+                let (name, addr) = rest.split_once(' ').expect("listening on NAME ADDR");
+                (name.to_string(), addr.parse().expect("an address"))
+            })
+            .collect();
+        served
+    }
+
+    /// The first listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0].1
+    }
+
+    /// Everything printed on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.output.text.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for stderr; panics with the output after
+    /// `timeout` or if the process exits first.
+    pub fn wait_for_output(&mut self, pred: impl Fn(&str) -> bool, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.output.text.lock().unwrap();
+        while !pred(&text) {
+            let now = Instant::now();
+            if now >= deadline {
+                panic!("timed out waiting for wasmhost output; it printed:\n{text}");
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                drop(text);
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("wasmhost exited with {status} early; it printed:\n{}", self.stderr());
+            }
+            let wait = (deadline - now).min(Duration::from_millis(200));
+            text = self.output.changed.wait_timeout(text, wait).unwrap().0;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status (at most 30 s).
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+        let status = wait_timeout(&mut child, Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50)); // let the reader thread finish
+        (status, self.stderr())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!("wasmhost did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `wasmhost ARGS...` to completion (at most 120 s) and returns its
+/// exit status and stderr.
+pub fn run_wasmhost(args: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(wasmhost_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting wasmhost");
+    let stderr = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let status = wait_timeout(&mut child, Duration::from_secs(120));
+    (status, reader.join().expect("stderr reader"))
+}
