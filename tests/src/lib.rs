@@ -5,6 +5,8 @@
 //! wasmhost`) and the real guests (`guests/build`); `.ci/test` builds both
 //! before running them.
 
+pub mod irc;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
