@@ -44,13 +44,30 @@ impl Default for ConnLimits {
 struct Shared {
     /// Bytes queued for writing and not yet written.
     queued: AtomicUsize,
-    /// Signalled by the writer when `queued` falls to the resume mark.
-    drained: Notify,
+    /// Bytes read and handed to the service but not yet processed by it.
+    unprocessed: AtomicUsize,
+    /// Wakes the reader: the writer drained to the resume mark, or the
+    /// service processed input.
+    wake_reader: Notify,
     /// Stops the reader (the connection is closing).
     stop_reading: CancellationToken,
     /// Stops the writer at once, dropping unsent bytes.
     abort: CancellationToken,
     limits: ConnLimits,
+}
+
+impl Shared {
+    /// Input handed to the service and not yet processed is capped at two
+    /// reads, so one busy connection cannot fill the service's queue and
+    /// replies are counted against the output limit before more is read.
+    fn max_unprocessed(&self) -> usize {
+        2 * self.limits.read_chunk
+    }
+
+    fn must_wait(&self) -> bool {
+        self.queued.load(Ordering::Acquire) > self.limits.max_output_buffer / 2
+            || self.unprocessed.load(Ordering::Acquire) >= self.max_unprocessed()
+    }
 }
 
 /// The actor's handle on a connection: where its output goes.
@@ -83,6 +100,14 @@ impl Outbox {
         Ok(())
     }
 
+    /// The service has processed `n` bytes of this connection's input.
+    pub fn consumed(&self, n: usize) {
+        let before = self.shared.unprocessed.fetch_sub(n, Ordering::AcqRel);
+        if before >= self.shared.max_unprocessed() && before - n < self.shared.max_unprocessed() {
+            self.shared.wake_reader.notify_one();
+        }
+    }
+
     /// Stops reading; the writer sends what is queued, then closes the
     /// socket (it sees the channel end when this outbox is dropped).
     pub fn close(self) {
@@ -110,7 +135,8 @@ pub async fn spawn(
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         queued: AtomicUsize::new(0),
-        drained: Notify::new(),
+        unprocessed: AtomicUsize::new(0),
+        wake_reader: Notify::new(),
         stop_reading: shutdown.child_token(),
         abort: CancellationToken::new(),
         limits,
@@ -132,13 +158,13 @@ pub async fn spawn(
 
 async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &ServiceHandle) {
     let stop = &shared.stop_reading;
-    let resume_mark = shared.limits.max_output_buffer / 2;
     loop {
-        // Backpressure: wait until the client has read enough of its replies.
-        while shared.queued.load(Ordering::Acquire) > resume_mark {
+        // Backpressure: wait until the client has read enough of its
+        // replies, and the service has caught up with this connection.
+        while shared.must_wait() {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = shared.drained.notified() => {}
+                _ = shared.wake_reader.notified() => {}
             }
         }
         let ready = tokio::select! {
@@ -154,7 +180,8 @@ async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &Se
         let mut buf = BytesMut::with_capacity(shared.limits.read_chunk);
         match reader.try_read_buf(&mut buf) {
             Ok(0) => break,
-            Ok(_) => {
+            Ok(n) => {
+                shared.unprocessed.fetch_add(n, Ordering::AcqRel);
                 if service.event(Event::Data(id, buf.freeze())).await.is_err() {
                     break;
                 }
@@ -203,7 +230,7 @@ async fn write_loop(id: u64, mut writer: OwnedWriteHalf, mut rx: mpsc::Unbounded
         }
         let before = shared.queued.fetch_sub(len, Ordering::AcqRel);
         if before - len <= resume_mark && before > resume_mark {
-            shared.drained.notify_one();
+            shared.wake_reader.notify_one();
         }
     }
     // The service closed the connection (or it ended): everything queued

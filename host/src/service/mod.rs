@@ -169,6 +169,9 @@ impl Actor {
                     return Ok(()); // closed by the service; drop late bytes
                 }
                 let result = self.instance.on_data(id, &data).await;
+                if let Some(conn) = self.conns.get(&id) {
+                    conn.outbox.consumed(data.len());
+                }
                 self.after_call(result).await
             }
             Event::ReadClosed(id) => {

@@ -1,0 +1,140 @@
+//! Guests that loop, trap or hoard memory, and clients that never read:
+//! the host interrupts, recovers or disconnects, and everyone else keeps
+//! being served.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use wasmhost_tests::Served;
+use wasmhost_tests::irc::IrcClient;
+
+struct LineConn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl LineConn {
+    fn open(server: &Served) -> LineConn {
+        let s = TcpStream::connect(server.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        LineConn { reader: BufReader::new(s.try_clone().unwrap()), writer: s }
+    }
+
+    fn send(&mut self, line: &str) {
+        self.writer.write_all(format!("{line}\n").as_bytes()).unwrap();
+    }
+
+    fn recv(&mut self) -> String {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        line.trim_end().to_string()
+    }
+}
+
+#[test]
+fn a_looping_guest_is_interrupted_and_restarted_connections_stay_open() {
+    let mut server = Served::start("faulty", &["--event-timeout-ms", "300"]);
+    let mut a = LineConn::open(&server);
+    let mut b = LineConn::open(&server);
+    a.send("one");
+    assert_eq!(a.recv(), "1 one");
+    b.send("two");
+    assert_eq!(b.recv(), "2 two");
+    a.send("loop");
+    server.wait_for_output(|t| t.contains("faulty: entering an endless loop"), Duration::from_secs(10));
+    // B's event waits behind the loop, then goes to the restarted instance.
+    b.send("after");
+    assert_eq!(b.recv(), "1 after", "state restarts after the trap");
+    let log = server.stderr();
+    assert!(log.contains("exceeded its CPU deadline of 300 ms"), "{log}");
+    assert!(log.contains("restarting it with fresh state"), "{log}");
+    // A's connection survived its own runaway request.
+    a.send("still here");
+    assert_eq!(a.recv(), "2 still here");
+}
+
+#[test]
+fn a_trapping_guest_is_restarted() {
+    let mut server = Served::start("faulty", &[]);
+    let mut a = LineConn::open(&server);
+    a.send("x");
+    assert_eq!(a.recv(), "1 x");
+    a.send("trap");
+    // The bytes of the event that trapped are lost with the instance.
+    server.wait_for_output(|t| t.contains("service restarted"), Duration::from_secs(10));
+    assert!(server.stderr().contains("trap requested"));
+    a.send("y");
+    assert_eq!(a.recv(), "1 y");
+}
+
+#[test]
+fn a_guest_over_its_memory_limit_is_restarted() {
+    let mut server = Served::start("faulty", &["--max-memory", "32MiB"]);
+    let mut a = LineConn::open(&server);
+    a.send("grow");
+    server.wait_for_output(|t| t.contains("service restarted"), Duration::from_secs(10));
+    assert!(server.stderr().contains("memory allocation of 1048576 bytes failed"));
+    a.send("z");
+    assert_eq!(a.recv(), "1 z");
+}
+
+#[test]
+fn a_client_that_never_reads_is_disconnected_not_buffered() {
+    let mut server = Served::start("chat", &["--max-output-buffer", "64KiB"]);
+    let addr = server.addr();
+    // `slow` registers, then never reads again.
+    let slow = IrcClient::register(addr, "slow");
+    let mut fast = IrcClient::register(addr, "fast");
+    fast.send("JOIN #watch");
+    fast.expect(" 366 fast #watch ");
+    slow_join(slow, &mut fast);
+    // Far more than the kernel's socket buffers plus the 64 KiB limit.
+    // NOTICE, because once `slow` is gone a PRIVMSG would earn `fast` an
+    // error reply per line, and `fast` is not reading either just now.
+    let text = "x".repeat(400);
+    for i in 0..60_000 {
+        fast.send(&format!("NOTICE slow :{i} {text}"));
+    }
+    fast.expect(":slow!slow@127.0.0.1 QUIT :Connection closed");
+    server.wait_for_output(|t| t.contains("output buffer limit of 65536 bytes exceeded"), Duration::from_secs(10));
+    // Everyone else is still served.
+    fast.sync("still-alive");
+}
+
+/// Puts `slow` on #watch (reading its replies once), then stops reading it.
+fn slow_join(mut slow: IrcClient, fast: &mut IrcClient) {
+    slow.send("JOIN #watch");
+    slow.expect(" 366 slow #watch ");
+    fast.expect(":slow!slow@127.0.0.1 JOIN #watch");
+    // Keep the socket open but unread for the rest of the test.
+    std::mem::forget(slow);
+}
+
+#[test]
+fn a_pipelining_client_that_reads_late_is_throttled_and_loses_nothing() {
+    const PINGS: usize = 2_000_000; // 12 MB of requests, 14 MB of replies
+    let server = Served::start("kv", &["--max-output-buffer", "1MiB"]);
+    let conn = TcpStream::connect(server.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = b"PING\r\n".repeat(10_000);
+        for _ in 0..PINGS / 10_000 {
+            writer.write_all(&chunk).unwrap();
+        }
+    });
+    // Read nothing for a while: the host must stop reading this socket
+    // (its output is over the limit's half), not queue replies without end
+    // or drop the connection.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut reader = BufReader::with_capacity(1 << 16, conn);
+    let mut line = String::new();
+    for i in 0..PINGS {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "+PONG\r\n", "reply {i}");
+    }
+    sender.join().unwrap();
+    assert!(!server.stderr().contains("output buffer limit"), "{}", server.stderr());
+}
