@@ -11,4 +11,4 @@ wasmtime::component::bindgen!({
 });
 
 pub use exports::wasmhost::service::{handler, migrate};
-pub use wasmhost::service::types::{ConnInfo, LogLevel};
+pub use self::wasmhost::service::types::{ConnInfo, LogLevel};

@@ -11,7 +11,9 @@ use crate::net::ListenSpec;
 /// buffer; the service's code sees connections as ids and events.
 #[derive(Parser, Debug)]
 #[command(name = "wasmhost", version, about, long_about = None)]
-#[command(after_help = "Logging: set WASMHOST_LOG (e.g. `debug`, `wasmhost=debug,guest=warn`); default `info`.")]
+#[command(
+    after_help = "Logging: set WASMHOST_LOG (e.g. `debug`, `wasmhost=debug,guest=warn`); default `info`."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -33,7 +35,12 @@ pub struct ServeArgs {
     /// repeatable. The service sees the name in each connection's info. Port 0
     /// picks a free port. Each bound address is printed on stderr as
     /// `listening on NAME ADDR`.
-    #[arg(short, long = "listen", value_name = "[NAME=]ADDR", default_value = "127.0.0.1:7000")]
+    #[arg(
+        short,
+        long = "listen",
+        value_name = "[NAME=]ADDR",
+        default_value = "127.0.0.1:7000"
+    )]
     pub listen: Vec<ListenSpec>,
 
     /// A KEY=VALUE pair passed to the service's `init`; repeatable, in order.
@@ -60,12 +67,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BYTES", default_value = "64KiB", value_parser = parse_size)]
     pub read_chunk: usize,
 
-    /// CPU time one event call may use before it is interrupted (a trap:
+    /// How long one event call may run before it is interrupted (a trap:
     /// the service restarts with fresh state).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub event_timeout_ms: u64,
 
-    /// CPU time `export-state` or `import-state` may use during a swap.
+    /// How long `export-state` or `import-state` may run during a swap.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub state_timeout_ms: u64,
 
@@ -100,7 +107,9 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (digits, unit) = s.split_at(split);
-    let n: usize = digits.parse().map_err(|_| format!("`{s}` is not a size such as 65536, 64KiB or 8MiB"))?;
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as 65536, 64KiB or 8MiB"))?;
     let mult = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -108,7 +117,8 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         "g" | "gb" | "gib" => 1 << 30,
         other => return Err(format!("unknown size unit `{other}` (use KiB, MiB or GiB)")),
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]

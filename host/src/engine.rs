@@ -84,7 +84,9 @@ impl Runtime {
             // checks the header again.
             match unsafe { Component::deserialize(&self.engine, &code) } {
                 Ok(component) => return Ok((component, true)),
-                Err(e) => tracing::warn!(entry = %entry.display(), "ignoring unusable compile cache entry: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(entry = %entry.display(), "ignoring unusable compile cache entry: {e:#}")
+                }
             }
         }
         let component = self.compile(path, bytes)?;
@@ -104,7 +106,10 @@ impl Runtime {
     fn cache_entry(&self, hash: &str) -> Option<PathBuf> {
         let dir = self.cache.as_ref()?;
         let mut engine_hash = ShaHasher(Sha256::new());
-        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut engine_hash);
+        std::hash::Hash::hash(
+            &self.engine.precompile_compatibility_hash(),
+            &mut engine_hash,
+        );
         let engine_hash = hex::encode(&engine_hash.0.finalize()[..8]);
         Some(dir.join(format!("{engine_hash}-{hash}.cwasm")))
     }
@@ -125,7 +130,10 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 fn store_in_cache(entry: &Path, component: &Component) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = entry.parent().context("cache entry has no directory")?;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, component.serialize()?)?;
     std::fs::rename(&tmp, entry)?;

@@ -94,7 +94,10 @@ impl Server {
         };
         let mut addrs = Vec::new();
         for listener in listeners {
-            let addr = listener.listener.local_addr().expect("bound socket has an address");
+            let addr = listener
+                .listener
+                .local_addr()
+                .expect("bound socket has an address");
             addrs.push((listener.name.clone(), addr));
             tracker.spawn(net::accept_loop(listener, ctx.clone()));
         }
@@ -132,7 +135,10 @@ impl Server {
         tracing::info!("shutting down: closing connections");
         self.service.shutdown().await;
         self.tracker.close();
-        if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "connections still writing after {:?}; closing them unflushed",
                 self.shutdown_timeout

@@ -15,7 +15,9 @@ pub struct IrcClient {
 impl IrcClient {
     pub fn connect(addr: SocketAddr, nick: &str) -> IrcClient {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         IrcClient {
             nick: nick.to_string(),
             reader: BufReader::new(stream.try_clone().unwrap()),
@@ -34,7 +36,9 @@ impl IrcClient {
     }
 
     pub fn send(&mut self, line: &str) {
-        self.writer.write_all(format!("{line}\r\n").as_bytes()).expect("send");
+        self.writer
+            .write_all(format!("{line}\r\n").as_bytes())
+            .expect("send");
     }
 
     /// Sends raw bytes (partial lines allowed).
@@ -49,7 +53,10 @@ impl IrcClient {
         while Instant::now() < deadline {
             let mut line = String::new();
             match self.reader.read_line(&mut line) {
-                Ok(0) => panic!("{}: connection closed waiting for {needle:?}; seen {:#?}", self.nick, self.seen),
+                Ok(0) => panic!(
+                    "{}: connection closed waiting for {needle:?}; seen {:#?}",
+                    self.nick, self.seen
+                ),
                 Ok(_) => {
                     let line = line.trim_end().to_string();
                     self.seen.push(line.clone());
@@ -57,10 +64,16 @@ impl IrcClient {
                         return line;
                     }
                 }
-                Err(e) => panic!("{}: {e} waiting for {needle:?}; seen {:#?}", self.nick, self.seen),
+                Err(e) => panic!(
+                    "{}: {e} waiting for {needle:?}; seen {:#?}",
+                    self.nick, self.seen
+                ),
             }
         }
-        panic!("{}: timed out waiting for {needle:?}; seen {:#?}", self.nick, self.seen)
+        panic!(
+            "{}: timed out waiting for {needle:?}; seen {:#?}",
+            self.nick, self.seen
+        )
     }
 
     /// Sends PING with a unique token and returns every line received

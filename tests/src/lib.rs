@@ -18,11 +18,16 @@ use std::time::{Duration, Instant};
 pub const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is in the workspace")
+        .to_path_buf()
 }
 
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
 }
 
 /// The `wasmhost` binary: `$WASMHOST_BIN`, else target/release/wasmhost.
@@ -41,7 +46,11 @@ pub fn wasmhost_bin() -> PathBuf {
 /// A built guest component, target/guests/NAME.wasm.
 pub fn guest(name: &str) -> PathBuf {
     let path = target_dir().join("guests").join(format!("{name}.wasm"));
-    assert!(path.exists(), "{} is missing: run `guests/build`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `guests/build`",
+        path.display()
+    );
     path
 }
 
@@ -101,8 +110,15 @@ impl Served {
                 out.changed.notify_all();
             }
         });
-        let mut served = Served { child: Some(child), output, addrs: Vec::new() };
-        served.wait_for_output(|text| text.matches("listening on ").count() >= listeners, START_TIMEOUT);
+        let mut served = Served {
+            child: Some(child),
+            output,
+            addrs: Vec::new(),
+        };
+        served.wait_for_output(
+            |text| text.matches("listening on ").count() >= listeners,
+            START_TIMEOUT,
+        );
         served.addrs = served
             .stderr()
             .lines()
@@ -135,10 +151,17 @@ impl Served {
             if now >= deadline {
                 panic!("timed out waiting for wasmhost output; it printed:\n{text}");
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 drop(text);
                 std::thread::sleep(Duration::from_millis(100));
-                panic!("wasmhost exited with {status} early; it printed:\n{}", self.stderr());
+                panic!(
+                    "wasmhost exited with {status} early; it printed:\n{}",
+                    self.stderr()
+                );
             }
             let wait = (deadline - now).min(Duration::from_millis(200));
             text = self.output.changed.wait_timeout(text, wait).unwrap().0;

@@ -43,7 +43,10 @@ fn registration_channels_private_messages_and_history() {
     bob.expect(" 353 bob = #rust :alice bob");
     bob.expect(" 366 bob #rust ");
     let replay = bob.sync("b1");
-    let history: Vec<&String> = replay.iter().filter(|l| l.contains("PRIVMSG #rust")).collect();
+    let history: Vec<&String> = replay
+        .iter()
+        .filter(|l| l.contains("PRIVMSG #rust"))
+        .collect();
     assert_eq!(history.len(), 3, "{replay:#?}");
     assert!(history[0].ends_with(":message 2") && history[2].ends_with(":message 4"));
     alice.expect(":bob!bob@127.0.0.1 JOIN #rust");
@@ -57,7 +60,10 @@ fn registration_channels_private_messages_and_history() {
     alice.expect(":bob!bob@127.0.0.1 PRIVMSG #rust :hello from bob");
     carol.expect(":bob!bob@127.0.0.1 PRIVMSG #rust :hello from bob");
     let bob_saw = bob.sync("b2");
-    assert!(!bob_saw.iter().any(|l| l.contains("hello from bob")), "{bob_saw:#?}");
+    assert!(
+        !bob_saw.iter().any(|l| l.contains("hello from bob")),
+        "{bob_saw:#?}"
+    );
 
     // Private messages, and errors for unknown targets.
     alice.send("PRIVMSG carol :psst");
@@ -78,7 +84,10 @@ fn registration_channels_private_messages_and_history() {
     alice.expect(":carol!carol@127.0.0.1 NICK :caroline");
     carol.send("QUIT :gone home");
     let last = carol.read_to_close();
-    assert!(last.iter().any(|l| l.starts_with("ERROR :Closing Link")), "{last:#?}");
+    assert!(
+        last.iter().any(|l| l.starts_with("ERROR :Closing Link")),
+        "{last:#?}"
+    );
     alice.expect(":caroline!carol@127.0.0.1 QUIT :Quit: gone home");
     // The nick is free again.
     let _carol2 = IrcClient::register(addr, "caroline");
@@ -89,7 +98,14 @@ fn registration_channels_private_messages_and_history() {
     dave.send("JOIN #rust");
     dave.expect(" 353 dave = #rust :");
     let names = dave.expect(" 366 dave #rust");
-    assert!(!dave.seen.iter().any(|l| l.contains(" 353 ") && l.contains("alice")), "{names}: {:#?}", dave.seen);
+    assert!(
+        !dave
+            .seen
+            .iter()
+            .any(|l| l.contains(" 353 ") && l.contains("alice")),
+        "{names}: {:#?}",
+        dave.seen
+    );
 }
 
 #[test]

@@ -12,7 +12,8 @@ use wasmhost_tests::Served;
 fn echo_round_trip() {
     let server = Served::start("echo", &[]);
     let mut conn = TcpStream::connect(server.addr()).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     for msg in [&b"hello\n"[..], b"", b"\x00\xffbinary", &[7u8; 100_000]] {
         conn.write_all(msg).unwrap();
         let mut back = vec![0; msg.len()];
@@ -54,7 +55,9 @@ fn thousand_concurrent_connections_each_get_their_own_bytes() {
                 t.await.unwrap();
             }
         };
-        tokio::time::timeout(Duration::from_secs(120), all).await.expect("echoes finished in time");
+        tokio::time::timeout(Duration::from_secs(120), all)
+            .await
+            .expect("echoes finished in time");
     });
     drop(server);
 }
@@ -63,7 +66,8 @@ fn thousand_concurrent_connections_each_get_their_own_bytes() {
 fn sigterm_flushes_and_exits_zero() {
     let server = Served::start("echo", &[]);
     let mut conn = TcpStream::connect(server.addr()).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     conn.write_all(b"before shutdown").unwrap();
     let mut back = [0; 15];
     conn.read_exact(&mut back).unwrap();

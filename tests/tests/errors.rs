@@ -7,12 +7,25 @@ use wasmhost_tests::{guest, run_wasmhost, test_cache_dir};
 
 fn serve_fails(path: &str, extra: &[&str]) -> String {
     let cache = test_cache_dir();
-    let mut args = vec!["serve", path, "--listen", "127.0.0.1:0", "--cache-dir", cache.to_str().unwrap()];
+    let mut args = vec![
+        "serve",
+        path,
+        "--listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let (status, stderr) = run_wasmhost(&args);
-    assert!(!status.success(), "serve {path} {extra:?} should fail; stderr:\n{stderr}");
+    assert!(
+        !status.success(),
+        "serve {path} {extra:?} should fail; stderr:\n{stderr}"
+    );
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("listening on"), "started serving before failing:\n{stderr}");
+    assert!(
+        !stderr.contains("listening on"),
+        "started serving before failing:\n{stderr}"
+    );
     stderr
 }
 
@@ -25,7 +38,10 @@ fn temp_file(bytes: &[u8]) -> tempfile::NamedTempFile {
 #[test]
 fn missing_file() {
     let err = serve_fails("/nonexistent/service.wasm", &[]);
-    assert!(err.contains("cannot read component /nonexistent/service.wasm"), "{err}");
+    assert!(
+        err.contains("cannot read component /nonexistent/service.wasm"),
+        "{err}"
+    );
     assert!(err.contains("No such file"), "{err}");
 }
 
@@ -41,7 +57,10 @@ fn core_module_is_not_a_component() {
     // The smallest valid core module: magic and version 1.
     let f = temp_file(b"\0asm\x01\0\0\0");
     let err = serve_fails(f.path().to_str().unwrap(), &[]);
-    assert!(err.contains("is a core WebAssembly module, not a component"), "{err}");
+    assert!(
+        err.contains("is a core WebAssembly module, not a component"),
+        "{err}"
+    );
     assert!(err.contains("wasm32-wasip2"), "{err}");
 }
 
@@ -51,7 +70,10 @@ fn component_of_another_world_names_what_is_missing() {
     let f = temp_file(b"\0asm\x0d\0\x01\0");
     let err = serve_fails(f.path().to_str().unwrap(), &[]);
     assert!(err.contains("is not a wasmhost service"), "{err}");
-    assert!(err.contains("wasmhost:service/handler"), "the missing export is named:\n{err}");
+    assert!(
+        err.contains("wasmhost:service/handler"),
+        "the missing export is named:\n{err}"
+    );
 }
 
 #[test]
@@ -59,10 +81,16 @@ fn init_error_is_shown() {
     let kv = guest("kv");
     let err = serve_fails(kv.to_str().unwrap(), &["--config", "colour=blue"]);
     assert!(err.contains("init returned an error"), "{err}");
-    assert!(err.contains("kv takes no configuration, got `colour`"), "{err}");
+    assert!(
+        err.contains("kv takes no configuration, got `colour`"),
+        "{err}"
+    );
     let chat = guest("chat");
     let err = serve_fails(chat.to_str().unwrap(), &["--config", "history=lots"]);
-    assert!(err.contains("history must be a number of messages"), "{err}");
+    assert!(
+        err.contains("history must be a number of messages"),
+        "{err}"
+    );
 }
 
 #[test]

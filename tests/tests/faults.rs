@@ -18,11 +18,16 @@ impl LineConn {
     fn open(server: &Served) -> LineConn {
         let s = TcpStream::connect(server.addr()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        LineConn { reader: BufReader::new(s.try_clone().unwrap()), writer: s }
+        LineConn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
     }
 
     fn send(&mut self, line: &str) {
-        self.writer.write_all(format!("{line}\n").as_bytes()).unwrap();
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
     }
 
     fn recv(&mut self) -> String {
@@ -42,7 +47,10 @@ fn a_looping_guest_is_interrupted_and_restarted_connections_stay_open() {
     b.send("two");
     assert_eq!(b.recv(), "2 two");
     a.send("loop");
-    server.wait_for_output(|t| t.contains("faulty: entering an endless loop"), Duration::from_secs(10));
+    server.wait_for_output(
+        |t| t.contains("faulty: entering an endless loop"),
+        Duration::from_secs(10),
+    );
     // B's event waits behind the loop, then goes to the restarted instance.
     b.send("after");
     assert_eq!(b.recv(), "1 after", "state restarts after the trap");
@@ -74,7 +82,11 @@ fn a_guest_over_its_memory_limit_is_restarted() {
     let mut a = LineConn::open(&server);
     a.send("grow");
     server.wait_for_output(|t| t.contains("service restarted"), Duration::from_secs(10));
-    assert!(server.stderr().contains("memory allocation of 1048576 bytes failed"));
+    assert!(
+        server
+            .stderr()
+            .contains("memory allocation of 1048576 bytes failed")
+    );
     a.send("z");
     assert_eq!(a.recv(), "1 z");
 }
@@ -97,7 +109,10 @@ fn a_client_that_never_reads_is_disconnected_not_buffered() {
         fast.send(&format!("NOTICE slow :{i} {text}"));
     }
     fast.expect(":slow!slow@127.0.0.1 QUIT :Connection closed");
-    server.wait_for_output(|t| t.contains("output buffer limit of 65536 bytes exceeded"), Duration::from_secs(10));
+    server.wait_for_output(
+        |t| t.contains("output buffer limit of 65536 bytes exceeded"),
+        Duration::from_secs(10),
+    );
     // Everyone else is still served.
     fast.sync("still-alive");
 }
@@ -116,7 +131,8 @@ fn a_pipelining_client_that_reads_late_is_throttled_and_loses_nothing() {
     const PINGS: usize = 2_000_000; // 12 MB of requests, 14 MB of replies
     let server = Served::start("kv", &["--max-output-buffer", "1MiB"]);
     let conn = TcpStream::connect(server.addr()).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     let mut writer = conn.try_clone().unwrap();
     let sender = std::thread::spawn(move || {
         let chunk = b"PING\r\n".repeat(10_000);
@@ -136,5 +152,9 @@ fn a_pipelining_client_that_reads_late_is_throttled_and_loses_nothing() {
         assert_eq!(line, "+PONG\r\n", "reply {i}");
     }
     sender.join().unwrap();
-    assert!(!server.stderr().contains("output buffer limit"), "{}", server.stderr());
+    assert!(
+        !server.stderr().contains("output buffer limit"),
+        "{}",
+        server.stderr()
+    );
 }

@@ -12,11 +12,17 @@ use wasmhost_tests::{guest, test_cache_dir};
 async fn instance(name: &str) -> Instance {
     let runtime = Runtime::new(Some(test_cache_dir())).unwrap();
     let program = Program::prepare(&runtime, &guest(name)).unwrap();
-    Instance::new(program, Arc::from("test"), &InstanceLimits::default()).await.unwrap()
+    Instance::new(program, Arc::from("test"), &InstanceLimits::default())
+        .await
+        .unwrap()
 }
 
 fn info(id: u64) -> ConnInfo {
-    ConnInfo { id, listener: "default".into(), peer: format!("127.0.0.1:{}", 40000 + id) }
+    ConnInfo {
+        id,
+        listener: "default".into(),
+        peer: format!("127.0.0.1:{}", 40000 + id),
+    }
 }
 
 /// Delivers `data` and returns what the instance sent to `conn`.
@@ -40,7 +46,12 @@ async fn kv_state_moves_with_a_half_received_command() {
     for id in [1, 2] {
         old.on_connect(&info(id)).await.unwrap();
     }
-    let r = data(&mut old, 1, b"SET a 1\r\nRPUSH l x y z\r\nSET t v EX 1000\r\nSET gone v PX 1\r\n").await;
+    let r = data(
+        &mut old,
+        1,
+        b"SET a 1\r\nRPUSH l x y z\r\nSET t v EX 1000\r\nSET gone v PX 1\r\n",
+    )
+    .await;
     assert_eq!(r, "+OK\r\n:3\r\n+OK\r\n+OK\r\n");
     // Connection 2 is half-way through `GET a`.
     assert_eq!(data(&mut old, 2, b"*2\r\n$3\r\nGET\r\n$1\r").await, "");
@@ -56,16 +67,32 @@ async fn kv_state_moves_with_a_half_received_command() {
     new.import_state("kv/1", &state).await.unwrap().unwrap();
     // The rest of connection 2's command completes it.
     assert_eq!(data(&mut new, 2, b"\na\r\n").await, "$1\r\n1\r\n");
-    let r = data(&mut new, 1, b"LRANGE l 0 -1\r\nTTL t\r\nEXISTS gone\r\nDBSIZE\r\n").await;
-    assert_eq!(r, "*3\r\n$1\r\nx\r\n$1\r\ny\r\n$1\r\nz\r\n:1000\r\n:0\r\n:3\r\n");
+    let r = data(
+        &mut new,
+        1,
+        b"LRANGE l 0 -1\r\nTTL t\r\nEXISTS gone\r\nDBSIZE\r\n",
+    )
+    .await;
+    assert_eq!(
+        r,
+        "*3\r\n$1\r\nx\r\n$1\r\ny\r\n$1\r\nz\r\n:1000\r\n:0\r\n:3\r\n"
+    );
 }
 
 #[tokio::test]
 async fn kv_import_rejects_bad_state_and_formats() {
     let mut new = instance("kv").await;
-    let err = new.import_state("kv/1", b"garbage").await.unwrap().unwrap_err();
+    let err = new
+        .import_state("kv/1", b"garbage")
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(err.contains("bad magic"), "{err}");
-    let err = new.import_state("kv/1", b"KV/1\x05\0\0\0\0\0\0\0").await.unwrap().unwrap_err();
+    let err = new
+        .import_state("kv/1", b"KV/1\x05\0\0\0\0\0\0\0")
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(err.contains("truncated"), "{err}");
     let err = new.import_state("kv/9", b"").await.unwrap().unwrap_err();
     assert!(err.contains("cannot import kv/9"), "{err}");
@@ -76,11 +103,19 @@ async fn kv_import_rejects_bad_state_and_formats() {
 #[tokio::test]
 async fn chat_state_moves_with_users_channels_history_and_partial_lines() {
     let mut old = instance("chat").await;
-    old.init(&[("server_name".into(), "irc.test".into())]).await.unwrap().unwrap();
+    old.init(&[("server_name".into(), "irc.test".into())])
+        .await
+        .unwrap()
+        .unwrap();
     for id in [1, 2] {
         old.on_connect(&info(id)).await.unwrap();
     }
-    data(&mut old, 1, b"NICK alice\r\nUSER a 0 * :Alice\r\nJOIN #rust\r\nTOPIC #rust :wasm\r\n").await;
+    data(
+        &mut old,
+        1,
+        b"NICK alice\r\nUSER a 0 * :Alice\r\nJOIN #rust\r\nTOPIC #rust :wasm\r\n",
+    )
+    .await;
     data(&mut old, 1, b"PRIVMSG #rust :first\r\nPRIVMSG #rust :sec").await;
     data(&mut old, 2, b"NICK bob\r\n").await;
     let state = old.export_state("chat/1").await.unwrap().unwrap();
@@ -93,7 +128,12 @@ async fn chat_state_moves_with_users_channels_history_and_partial_lines() {
     assert!(r.contains(":irc.test 001 bob "), "{r}");
     assert!(r.contains(":irc.test 332 bob #rust :wasm"), "{r}");
     assert!(r.contains(":irc.test 353 bob = #rust :alice bob"), "{r}");
-    assert!(r.contains(":alice!a@127.0.0.1 PRIVMSG #rust :first\r\n:alice!a@127.0.0.1 PRIVMSG #rust :second"), "{r}");
+    assert!(
+        r.contains(
+            ":alice!a@127.0.0.1 PRIVMSG #rust :first\r\n:alice!a@127.0.0.1 PRIVMSG #rust :second"
+        ),
+        "{r}"
+    );
     // Alice's nick is still taken.
     let r = data(&mut new, 2, b"NICK Alice\r\n").await;
     assert!(r.contains(" 433 bob Alice "), "{r}");

@@ -108,18 +108,32 @@ impl Chat {
 
     pub fn connect(&mut self, conn: ConnId, peer: &str) {
         let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h);
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        self.users.insert(conn, User { conn, host, ..User::default() });
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        self.users.insert(
+            conn,
+            User {
+                conn,
+                host,
+                ..User::default()
+            },
+        );
     }
 
     /// Bytes arrived: split into lines and handle each.
     pub fn data(&mut self, conn: ConnId, data: &[u8], out: &mut Outbox) {
-        let Some(user) = self.users.get_mut(&conn) else { return };
+        let Some(user) = self.users.get_mut(&conn) else {
+            return;
+        };
         user.pending.extend_from_slice(data);
         let mut buf = std::mem::take(&mut user.pending);
         let mut start = 0;
         while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
-            let line = String::from_utf8_lossy(&buf[start..start + nl]).trim_end_matches('\r').to_string();
+            let line = String::from_utf8_lossy(&buf[start..start + nl])
+                .trim_end_matches('\r')
+                .to_string();
             start += nl + 1;
             if let Some(msg) = irc::parse(&line) {
                 self.command(conn, msg, out);
@@ -132,7 +146,10 @@ impl Chat {
         let user = self.users.get_mut(&conn).expect("checked above");
         if buf.len() > MAX_PENDING {
             let nick = user.nick_or_star().to_string();
-            out.line(conn, format!(":{} 417 {nick} :Input line was too long", self.server));
+            out.line(
+                conn,
+                format!(":{} 417 {nick} :Input line was too long", self.server),
+            );
             buf.clear();
         }
         user.pending = buf;
@@ -140,7 +157,9 @@ impl Chat {
 
     /// The connection is gone: leave every channel, telling the others.
     pub fn disconnect(&mut self, conn: ConnId, reason: &str, out: &mut Outbox) {
-        let Some(user) = self.users.remove(&conn) else { return };
+        let Some(user) = self.users.remove(&conn) else {
+            return;
+        };
         if let Some(nick) = &user.nick {
             self.nicks.remove(&irc::fold(nick));
         }
@@ -201,7 +220,9 @@ impl Chat {
     fn cap(&mut self, conn: ConnId, p: &[String], out: &mut Outbox) {
         let nick = self.users[&conn].nick_or_star().to_string();
         match p.first().map(|s| s.to_ascii_uppercase()).as_deref() {
-            Some("LS") | Some("LIST") => out.line(conn, format!(":{} CAP {nick} LS :", self.server)),
+            Some("LS") | Some("LIST") => {
+                out.line(conn, format!(":{} CAP {nick} LS :", self.server))
+            }
             Some("REQ") => {
                 let caps = p.get(1).cloned().unwrap_or_default();
                 out.line(conn, format!(":{} CAP {nick} NAK :{caps}", self.server));
@@ -222,7 +243,14 @@ impl Chat {
             Some(&owner) if owner == conn => {
                 // Same nick, maybe another case: allow the change below.
             }
-            Some(_) => return self.reply(conn, "433", &format!("{new} :Nickname is already in use"), out),
+            Some(_) => {
+                return self.reply(
+                    conn,
+                    "433",
+                    &format!("{new} :Nickname is already in use"),
+                    out,
+                );
+            }
             None => {}
         }
         let user = self.users.get_mut(&conn).expect("connected");
@@ -250,7 +278,12 @@ impl Chat {
             return self.reply(conn, "461", "USER :Not enough parameters", out);
         }
         let user = self.users.get_mut(&conn).expect("connected");
-        user.user = Some(p[0].chars().filter(|c| !c.is_whitespace()).take(16).collect());
+        user.user = Some(
+            p[0].chars()
+                .filter(|c| !c.is_whitespace())
+                .take(16)
+                .collect(),
+        );
         user.realname = p[3].clone();
         self.try_register(conn, out);
     }
@@ -263,8 +296,18 @@ impl Chat {
         user.registered = true;
         let prefix = user.prefix();
         let server = self.server.clone();
-        self.reply(conn, "001", &format!(":Welcome to the wasmhost chat network {prefix}"), out);
-        self.reply(conn, "002", &format!(":Your host is {server}, running wasmhost-chat"), out);
+        self.reply(
+            conn,
+            "001",
+            &format!(":Welcome to the wasmhost chat network {prefix}"),
+            out,
+        );
+        self.reply(
+            conn,
+            "002",
+            &format!(":Your host is {server}, running wasmhost-chat"),
+            out,
+        );
         self.reply(conn, "003", ":This server is a WebAssembly component", out);
         self.reply(conn, "004", &format!("{server} wasmhost-chat o o"), out);
         self.reply(conn, "422", ":MOTD File is missing", out);
@@ -287,12 +330,15 @@ impl Chat {
                 self.reply(conn, "403", &format!("{name} :No such channel"), out);
                 continue;
             }
-            let channel = self.channels.entry(irc::fold(name)).or_insert_with(|| Channel {
-                name: name.to_string(),
-                topic: None,
-                members: Vec::new(),
-                history: VecDeque::new(),
-            });
+            let channel = self
+                .channels
+                .entry(irc::fold(name))
+                .or_insert_with(|| Channel {
+                    name: name.to_string(),
+                    topic: None,
+                    members: Vec::new(),
+                    history: VecDeque::new(),
+                });
             if channel.members.contains(&conn) {
                 continue;
             }
@@ -325,7 +371,12 @@ impl Chat {
             .iter()
             .filter_map(|m| self.users.get(m).and_then(|u| u.nick.as_deref()))
             .collect();
-        self.reply(conn, "353", &format!("= {} :{}", channel.name, nicks.join(" ")), out);
+        self.reply(
+            conn,
+            "353",
+            &format!("= {} :{}", channel.name, nicks.join(" ")),
+            out,
+        );
     }
 
     fn names_cmd(&mut self, conn: ConnId, p: &[String], out: &mut Outbox) {
@@ -347,9 +398,12 @@ impl Chat {
         let key = irc::fold(name);
         match self.channels.get(&key) {
             None => self.reply(conn, "403", &format!("{name} :No such channel"), out),
-            Some(c) if !c.members.contains(&conn) => {
-                self.reply(conn, "442", &format!("{} :You're not on that channel", c.name), out)
-            }
+            Some(c) if !c.members.contains(&conn) => self.reply(
+                conn,
+                "442",
+                &format!("{} :You're not on that channel", c.name),
+                out,
+            ),
             Some(_) => return Some(key),
         }
         None
@@ -361,9 +415,15 @@ impl Chat {
         };
         let reason = p.get(1).map(|r| format!(" :{r}")).unwrap_or_default();
         for name in list.split(',').filter(|n| !n.is_empty()) {
-            let Some(key) = self.member_channel(conn, name, out) else { continue };
+            let Some(key) = self.member_channel(conn, name, out) else {
+                continue;
+            };
             let channel = self.channels.get_mut(&key).expect("member_channel checked");
-            let line = format!(":{} PART {}{reason}", self.users[&conn].prefix(), channel.name);
+            let line = format!(
+                ":{} PART {}{reason}",
+                self.users[&conn].prefix(),
+                channel.name
+            );
             for &to in &channel.members {
                 out.line(to, line.clone());
             }
@@ -375,7 +435,12 @@ impl Chat {
         let notice = command == "NOTICE";
         let Some(targets) = p.first() else {
             if !notice {
-                self.reply(conn, "411", &format!(":No recipient given ({command})"), out);
+                self.reply(
+                    conn,
+                    "411",
+                    &format!(":No recipient given ({command})"),
+                    out,
+                );
             }
             return;
         };
@@ -389,7 +454,7 @@ impl Chat {
         for target in targets.split(',').filter(|t| !t.is_empty()) {
             let line = format!(":{prefix} {command} {target} :{text}");
             if target.starts_with('#') || target.starts_with('&') {
-                self.to_channel(conn, target, &prefix, text, line, notice, out);
+                self.send_to_channel(conn, target, &prefix, text, line, notice, out);
             } else if let Some(&to) = self.nicks.get(&irc::fold(target)) {
                 out.line(to, line);
             } else if !notice {
@@ -399,7 +464,7 @@ impl Chat {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn to_channel(
+    fn send_to_channel(
         &mut self,
         conn: ConnId,
         target: &str,
@@ -416,7 +481,10 @@ impl Chat {
                     out.line(to, line.clone());
                 }
                 if !notice {
-                    c.history.push_back(HistoryLine { from: prefix.to_string(), text: text.to_string() });
+                    c.history.push_back(HistoryLine {
+                        from: prefix.to_string(),
+                        text: text.to_string(),
+                    });
                     while c.history.len() > limit {
                         c.history.pop_front();
                     }
@@ -435,7 +503,9 @@ impl Chat {
         let Some(name) = p.first() else {
             return self.reply(conn, "461", "TOPIC :Not enough parameters", out);
         };
-        let Some(key) = self.member_channel(conn, name, out) else { return };
+        let Some(key) = self.member_channel(conn, name, out) else {
+            return;
+        };
         let prefix = self.users[&conn].prefix();
         let channel = self.channels.get_mut(&key).expect("member_channel checked");
         let name = channel.name.clone();

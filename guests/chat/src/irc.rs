@@ -12,7 +12,10 @@ pub struct Message {
 pub fn parse(line: &str) -> Option<Message> {
     let mut rest = line.trim_start_matches(' ');
     if let Some(after) = rest.strip_prefix(':') {
-        rest = after.split_once(' ').map_or("", |(_, r)| r).trim_start_matches(' ');
+        rest = after
+            .split_once(' ')
+            .map_or("", |(_, r)| r)
+            .trim_start_matches(' ');
     }
     let mut params = Vec::new();
     let (command, mut rest) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -32,7 +35,10 @@ pub fn parse(line: &str) -> Option<Message> {
         params.push(param.to_string());
         rest = next;
     }
-    Some(Message { command: command.to_ascii_uppercase(), params })
+    Some(Message {
+        command: command.to_ascii_uppercase(),
+        params,
+    })
 }
 
 /// RFC 2812 nickname: a letter or special first, then letters, digits,
@@ -40,7 +46,9 @@ pub fn parse(line: &str) -> Option<Message> {
 pub fn valid_nick(nick: &str) -> bool {
     let special = |c: char| "[]\\`_^{|}".contains(c);
     let mut chars = nick.chars();
-    let Some(first) = chars.next() else { return false };
+    let Some(first) = chars.next() else {
+        return false;
+    };
     nick.len() <= 30
         && (first.is_ascii_alphabetic() || special(first))
         && chars.all(|c| c.is_ascii_alphanumeric() || special(c) || c == '-')

@@ -62,11 +62,15 @@ impl Handler for Service {
             match key.as_str() {
                 "server_name" if !value.is_empty() && !value.contains(' ') => chat.server = value,
                 "history" => {
-                    chat.history_limit = value
-                        .parse()
-                        .map_err(|_| format!("history must be a number of messages, got `{value}`"))?
+                    chat.history_limit = value.parse().map_err(|_| {
+                        format!("history must be a number of messages, got `{value}`")
+                    })?
                 }
-                _ => return Err(format!("unknown or invalid setting `{key}={value}` (known: server_name, history)")),
+                _ => {
+                    return Err(format!(
+                        "unknown or invalid setting `{key}={value}` (known: server_name, history)"
+                    ));
+                }
             }
         }
         CHAT.set(chat);
@@ -108,7 +112,8 @@ impl Migrate for Service {
         if format != FORMAT {
             return Err(format!("chat cannot import {format}; it imports {FORMAT}"));
         }
-        let mut chat: Chat = serde_json::from_slice(&state).map_err(|e| format!("invalid chat/1 state: {e}"))?;
+        let mut chat: Chat =
+            serde_json::from_slice(&state).map_err(|e| format!("invalid chat/1 state: {e}"))?;
         chat.rebuild_nicks();
         CHAT.set(chat);
         Ok(())
@@ -122,7 +127,11 @@ mod tests {
     use super::chat::*;
 
     fn lines_to(out: &Outbox, conn: ConnId) -> Vec<&str> {
-        out.lines.iter().filter(|(c, _)| *c == conn).map(|(_, l)| l.as_str()).collect()
+        out.lines
+            .iter()
+            .filter(|(c, _)| *c == conn)
+            .map(|(_, l)| l.as_str())
+            .collect()
     }
 
     #[test]
@@ -135,16 +144,36 @@ mod tests {
         assert!(lines_to(&out, 1)[0].contains(" 001 alice "));
         chat.data(1, b"ust\r\nPRIVMSG #rust :hi all\r\n", &mut out);
         chat.data(2, b"NICK ALICE\r\n", &mut out);
-        assert!(lines_to(&out, 2).iter().any(|l| l.contains(" 433 * ALICE ")));
+        assert!(
+            lines_to(&out, 2)
+                .iter()
+                .any(|l| l.contains(" 433 * ALICE "))
+        );
         let json = serde_json::to_vec(&chat).unwrap();
         let mut back: Chat = serde_json::from_slice(&json).unwrap();
         back.rebuild_nicks();
         assert_eq!(back.nicks, chat.nicks);
         let mut out = Outbox::default();
-        back.data(2, b"NICK bob\r\nUSER b 0 * :Bob\r\nJOIN #rust\r\n", &mut out);
+        back.data(
+            2,
+            b"NICK bob\r\nUSER b 0 * :Bob\r\nJOIN #rust\r\n",
+            &mut out,
+        );
         let to_bob = lines_to(&out, 2);
-        assert!(to_bob.iter().any(|l| l.ends_with("353 bob = #rust :alice bob")), "{to_bob:?}");
-        assert!(to_bob.iter().any(|l| l.ends_with("PRIVMSG #rust :hi all")), "{to_bob:?}");
-        assert!(lines_to(&out, 1).iter().any(|l| l.starts_with(":bob!b@::1 JOIN #rust")));
+        assert!(
+            to_bob
+                .iter()
+                .any(|l| l.ends_with("353 bob = #rust :alice bob")),
+            "{to_bob:?}"
+        );
+        assert!(
+            to_bob.iter().any(|l| l.ends_with("PRIVMSG #rust :hi all")),
+            "{to_bob:?}"
+        );
+        assert!(
+            lines_to(&out, 1)
+                .iter()
+                .any(|l| l.starts_with(":bob!b@::1 JOIN #rust"))
+        );
     }
 }

@@ -32,8 +32,8 @@ pub struct Call<'a> {
 /// (including the name), `-n` at least n.
 fn arity(name: &[u8]) -> Option<i32> {
     Some(match name {
-        b"get" | b"incr" | b"decr" | b"strlen" | b"keys" | b"ttl" | b"pttl" | b"persist" | b"llen"
-        | b"select" | b"type" | b"echo" => 2,
+        b"get" | b"incr" | b"decr" | b"strlen" | b"keys" | b"ttl" | b"pttl" | b"persist"
+        | b"llen" | b"select" | b"type" | b"echo" => 2,
         b"incrby" | b"decrby" | b"append" => 3,
         b"lrange" => 4,
         b"dbsize" => 1,
@@ -53,7 +53,9 @@ pub fn execute(call: &mut Call) -> After {
     let argc = call.args.len() as i32;
     if (arity > 0 && argc != arity) || (arity < 0 && argc < -arity) {
         let name = String::from_utf8_lossy(&name);
-        call.out.error(&format!("ERR wrong number of arguments for '{name}' command"));
+        call.out.error(&format!(
+            "ERR wrong number of arguments for '{name}' command"
+        ));
         return After::Continue;
     }
     match name.as_slice() {
@@ -96,7 +98,10 @@ pub fn execute(call: &mut Call) -> After {
 }
 
 fn unknown_command(call: &mut Call) {
-    let mut msg = format!("ERR unknown command '{}', with args beginning with: ", lossy(&call.args[0]));
+    let mut msg = format!(
+        "ERR unknown command '{}', with args beginning with: ",
+        lossy(&call.args[0])
+    );
     for arg in call.args.iter().skip(1).take(16) {
         msg.push_str(&format!("'{}' ", lossy(arg)));
     }
@@ -119,7 +124,10 @@ pub fn parse_int(b: &[u8]) -> Option<i64> {
 fn get(call: &mut Call) {
     match call.db.get(&call.args[1], call.now) {
         None => call.out.nil(),
-        Some(Entry { value: Value::Str(s), .. }) => call.out.bulk(s),
+        Some(Entry {
+            value: Value::Str(s),
+            ..
+        }) => call.out.bulk(s),
         Some(_) => call.out.error(WRONGTYPE),
     }
 }
@@ -140,10 +148,16 @@ fn set(call: &mut Call) {
             b"get" => get = true,
             b"keepttl" if expires_at.is_none() => keep_ttl = true,
             b"ex" | b"px" | b"exat" | b"pxat" if expires_at.is_none() && !keep_ttl => {
-                let Some(arg) = call.args.get(i + 1) else { return call.out.error(SYNTAX) };
-                let Some(n) = parse_int(arg) else { return call.out.error(NOT_INT) };
+                let Some(arg) = call.args.get(i + 1) else {
+                    return call.out.error(SYNTAX);
+                };
+                let Some(n) = parse_int(arg) else {
+                    return call.out.error(NOT_INT);
+                };
                 let at = match opt.as_slice() {
-                    b"ex" => n.checked_mul(1000).and_then(|ms| ms.checked_add(call.now as i64)),
+                    b"ex" => n
+                        .checked_mul(1000)
+                        .and_then(|ms| ms.checked_add(call.now as i64)),
                     b"px" => n.checked_add(call.now as i64),
                     b"exat" => n.checked_mul(1000),
                     _ => Some(n),
@@ -161,15 +175,25 @@ fn set(call: &mut Call) {
     let key = &call.args[1];
     let old = call.db.get(key, call.now);
     let old_value = match old {
-        Some(Entry { value: Value::Str(s), .. }) => Some(s.clone()),
+        Some(Entry {
+            value: Value::Str(s),
+            ..
+        }) => Some(s.clone()),
         Some(_) if get => return call.out.error(WRONGTYPE),
         _ => None,
     };
     let exists = old.is_some();
-    let kept_ttl = if keep_ttl { old.and_then(|e| e.expires_at) } else { None };
+    let kept_ttl = if keep_ttl {
+        old.and_then(|e| e.expires_at)
+    } else {
+        None
+    };
     let write = !(nx && exists || xx && !exists);
     if write {
-        let entry = Entry { value: Value::Str(call.args[2].clone()), expires_at: expires_at.or(kept_ttl) };
+        let entry = Entry {
+            value: Value::Str(call.args[2].clone()),
+            expires_at: expires_at.or(kept_ttl),
+        };
         call.db.insert(key.clone(), entry);
     }
     match (get, write) {
@@ -183,7 +207,10 @@ fn set(call: &mut Call) {
 fn int_value(call: &mut Call, key: &[u8]) -> Result<Option<i64>, &'static str> {
     match call.db.get(key, call.now) {
         None => Ok(None),
-        Some(Entry { value: Value::Str(s), .. }) => parse_int(s).map(Some).ok_or(NOT_INT),
+        Some(Entry {
+            value: Value::Str(s),
+            ..
+        }) => parse_int(s).map(Some).ok_or(NOT_INT),
         Some(_) => Err(WRONGTYPE),
     }
 }
@@ -194,17 +221,27 @@ fn incr_by(call: &mut Call, delta: i64) {
         Ok(v) => v,
         Err(e) => return call.out.error(e),
     };
-    let Some(new) = current.unwrap_or(0).checked_add(delta) else { return call.out.error(OVERFLOW) };
+    let Some(new) = current.unwrap_or(0).checked_add(delta) else {
+        return call.out.error(OVERFLOW);
+    };
     let digits = new.to_string().into_bytes();
     match call.db.get(&key, call.now) {
         Some(entry) => entry.value = Value::Str(digits),
-        None => call.db.insert(key, Entry { value: Value::Str(digits), expires_at: None }),
+        None => call.db.insert(
+            key,
+            Entry {
+                value: Value::Str(digits),
+                expires_at: None,
+            },
+        ),
     }
     call.out.int(new);
 }
 
 fn incr_by_arg(call: &mut Call, negate: bool) {
-    let Some(n) = parse_int(&call.args[2]) else { return call.out.error(NOT_INT) };
+    let Some(n) = parse_int(&call.args[2]) else {
+        return call.out.error(NOT_INT);
+    };
     let delta = if negate { n.checked_neg() } else { Some(n) };
     match delta {
         Some(d) => incr_by(call, d),
@@ -215,7 +252,10 @@ fn incr_by_arg(call: &mut Call, negate: bool) {
 fn append(call: &mut Call) {
     let key = &call.args[1];
     match call.db.get(key, call.now) {
-        Some(Entry { value: Value::Str(s), .. }) => {
+        Some(Entry {
+            value: Value::Str(s),
+            ..
+        }) => {
             s.extend_from_slice(&call.args[2]);
             let len = s.len() as i64;
             call.out.int(len);
@@ -224,7 +264,13 @@ fn append(call: &mut Call) {
         None => {
             let value = call.args[2].clone();
             call.out.int(value.len() as i64);
-            call.db.insert(key.clone(), Entry { value: Value::Str(value), expires_at: None });
+            call.db.insert(
+                key.clone(),
+                Entry {
+                    value: Value::Str(value),
+                    expires_at: None,
+                },
+            );
         }
     }
 }
@@ -232,18 +278,27 @@ fn append(call: &mut Call) {
 fn strlen(call: &mut Call) {
     match call.db.get(&call.args[1], call.now) {
         None => call.out.int(0),
-        Some(Entry { value: Value::Str(s), .. }) => call.out.int(s.len() as i64),
+        Some(Entry {
+            value: Value::Str(s),
+            ..
+        }) => call.out.int(s.len() as i64),
         Some(_) => call.out.error(WRONGTYPE),
     }
 }
 
 fn del(call: &mut Call) {
-    let n = call.args[1..].iter().filter(|k| call.db.remove(k, call.now).is_some()).count();
+    let n = call.args[1..]
+        .iter()
+        .filter(|k| call.db.remove(k, call.now).is_some())
+        .count();
     call.out.int(n as i64);
 }
 
 fn exists(call: &mut Call) {
-    let n = call.args[1..].iter().filter(|k| call.db.contains(k, call.now)).count();
+    let n = call.args[1..]
+        .iter()
+        .filter(|k| call.db.contains(k, call.now))
+        .count();
     call.out.int(n as i64);
 }
 
@@ -251,25 +306,40 @@ fn mget(call: &mut Call) {
     call.out.array(call.args.len() - 1);
     for key in &call.args[1..] {
         match call.db.get(key, call.now) {
-            Some(Entry { value: Value::Str(s), .. }) => call.out.bulk(s),
+            Some(Entry {
+                value: Value::Str(s),
+                ..
+            }) => call.out.bulk(s),
             _ => call.out.nil(),
         }
     }
 }
 
 fn mset(call: &mut Call) {
-    if call.args.len() % 2 == 0 {
-        return call.out.error("ERR wrong number of arguments for 'mset' command");
+    if call.args.len().is_multiple_of(2) {
+        return call
+            .out
+            .error("ERR wrong number of arguments for 'mset' command");
     }
     for pair in call.args[1..].chunks(2) {
-        call.db.insert(pair[0].clone(), Entry { value: Value::Str(pair[1].clone()), expires_at: None });
+        call.db.insert(
+            pair[0].clone(),
+            Entry {
+                value: Value::Str(pair[1].clone()),
+                expires_at: None,
+            },
+        );
     }
     call.out.ok();
 }
 
 fn keys(call: &mut Call) {
     let pattern = &call.args[1];
-    let found: Vec<&Vec<u8>> = call.db.keys(call.now).filter(|k| glob_match(pattern, k)).collect();
+    let found: Vec<&Vec<u8>> = call
+        .db
+        .keys(call.now)
+        .filter(|k| glob_match(pattern, k))
+        .collect();
     call.out.array(found.len());
     for key in found {
         call.out.bulk(key);
@@ -279,12 +349,21 @@ fn keys(call: &mut Call) {
 /// EXPIRE/PEXPIRE key n [NX|XX|GT|LT]; `unit` is milliseconds per unit.
 fn expire(call: &mut Call, unit: i64) {
     let cmd = if unit == 1 { "pexpire" } else { "expire" };
-    let Some(n) = parse_int(&call.args[2]) else { return call.out.error(NOT_INT) };
-    let Some(at) = n.checked_mul(unit).and_then(|ms| ms.checked_add(call.now as i64)) else {
-        return call.out.error(&format!("ERR invalid expire time in '{cmd}' command"));
+    let Some(n) = parse_int(&call.args[2]) else {
+        return call.out.error(NOT_INT);
+    };
+    let Some(at) = n
+        .checked_mul(unit)
+        .and_then(|ms| ms.checked_add(call.now as i64))
+    else {
+        return call
+            .out
+            .error(&format!("ERR invalid expire time in '{cmd}' command"));
     };
     let key = call.args[1].clone();
-    let Some(entry) = call.db.get(&key, call.now) else { return call.out.int(0) };
+    let Some(entry) = call.db.get(&key, call.now) else {
+        return call.out.int(0);
+    };
     let current = entry.expires_at;
     let allowed = match call.args.get(3).map(|o| o.to_ascii_lowercase()) {
         None => true,
@@ -292,7 +371,11 @@ fn expire(call: &mut Call, unit: i64) {
         Some(o) if o == b"xx" => current.is_some(),
         Some(o) if o == b"gt" => current.is_some_and(|c| at as u64 > c),
         Some(o) if o == b"lt" => current.is_none_or(|c| (at as u64) < c),
-        Some(o) => return call.out.error(&format!("ERR Unsupported option {}", lossy(&o))),
+        Some(o) => {
+            return call
+                .out
+                .error(&format!("ERR Unsupported option {}", lossy(&o)));
+        }
     };
     if !allowed {
         return call.out.int(0);
@@ -309,15 +392,23 @@ fn ttl(call: &mut Call, unit: u64) {
     let now = call.now;
     match call.db.get(&call.args[1], now) {
         None => call.out.int(-2),
-        Some(Entry { expires_at: None, .. }) => call.out.int(-1),
-        Some(Entry { expires_at: Some(t), .. }) => call.out.int(((*t - now + unit / 2) / unit) as i64),
+        Some(Entry {
+            expires_at: None, ..
+        }) => call.out.int(-1),
+        Some(Entry {
+            expires_at: Some(t),
+            ..
+        }) => call.out.int(((*t - now + unit / 2) / unit) as i64),
     }
 }
 
 fn persist(call: &mut Call) {
     let key = call.args[1].clone();
     match call.db.get(&key, call.now) {
-        Some(Entry { expires_at: Some(_), .. }) => {
+        Some(Entry {
+            expires_at: Some(_),
+            ..
+        }) => {
             call.db.set_expiry(&key, None);
             call.out.int(1);
         }
@@ -328,20 +419,38 @@ fn persist(call: &mut Call) {
 fn type_of(call: &mut Call) {
     match call.db.get(&call.args[1], call.now) {
         None => call.out.simple("none"),
-        Some(Entry { value: Value::Str(_), .. }) => call.out.simple("string"),
-        Some(Entry { value: Value::List(_), .. }) => call.out.simple("list"),
+        Some(Entry {
+            value: Value::Str(_),
+            ..
+        }) => call.out.simple("string"),
+        Some(Entry {
+            value: Value::List(_),
+            ..
+        }) => call.out.simple("list"),
     }
 }
 
 fn push(call: &mut Call, front: bool) {
     let key = &call.args[1];
     let list = match call.db.get(key, call.now) {
-        Some(Entry { value: Value::List(l), .. }) => l,
+        Some(Entry {
+            value: Value::List(l),
+            ..
+        }) => l,
         Some(_) => return call.out.error(WRONGTYPE),
         None => {
-            call.db.insert(key.clone(), Entry { value: Value::List(VecDeque::new()), expires_at: None });
+            call.db.insert(
+                key.clone(),
+                Entry {
+                    value: Value::List(VecDeque::new()),
+                    expires_at: None,
+                },
+            );
             match call.db.get(key, call.now) {
-                Some(Entry { value: Value::List(l), .. }) => l,
+                Some(Entry {
+                    value: Value::List(l),
+                    ..
+                }) => l,
                 _ => unreachable!("just inserted a list"),
             }
         }
@@ -360,23 +469,38 @@ fn push(call: &mut Call, front: bool) {
 fn pop(call: &mut Call, front: bool) {
     if call.args.len() > 3 {
         let name = if front { "lpop" } else { "rpop" };
-        return call.out.error(&format!("ERR wrong number of arguments for '{name}' command"));
+        return call.out.error(&format!(
+            "ERR wrong number of arguments for '{name}' command"
+        ));
     }
     let count = match call.args.get(2).map(|c| parse_int(c)) {
         None => None,
         Some(Some(n)) if n >= 0 => Some(n as usize),
-        Some(_) => return call.out.error("ERR value is out of range, must be positive"),
+        Some(_) => {
+            return call
+                .out
+                .error("ERR value is out of range, must be positive");
+        }
     };
     let key = call.args[1].clone();
     let list = match call.db.get(&key, call.now) {
-        Some(Entry { value: Value::List(l), .. }) => l,
+        Some(Entry {
+            value: Value::List(l),
+            ..
+        }) => l,
         Some(_) => return call.out.error(WRONGTYPE),
         None if count.is_some() => return call.out.nil_array(),
         None => return call.out.nil(),
     };
     let take = count.unwrap_or(1).min(list.len());
     let items: Vec<Vec<u8>> = (0..take)
-        .filter_map(|_| if front { list.pop_front() } else { list.pop_back() })
+        .filter_map(|_| {
+            if front {
+                list.pop_front()
+            } else {
+                list.pop_back()
+            }
+        })
         .collect();
     if list.is_empty() {
         call.db.remove(&key, call.now);
@@ -395,13 +519,24 @@ fn lrange(call: &mut Call) {
         return call.out.error(NOT_INT);
     };
     let list = match call.db.get(&call.args[1], call.now) {
-        Some(Entry { value: Value::List(l), .. }) => l,
+        Some(Entry {
+            value: Value::List(l),
+            ..
+        }) => l,
         Some(_) => return call.out.error(WRONGTYPE),
         None => return call.out.array(0),
     };
     let len = list.len() as i64;
-    let start = if start < 0 { (len + start).max(0) } else { start };
-    let stop = if stop < 0 { len + stop } else { stop.min(len - 1) };
+    let start = if start < 0 {
+        (len + start).max(0)
+    } else {
+        start
+    };
+    let stop = if stop < 0 {
+        len + stop
+    } else {
+        stop.min(len - 1)
+    };
     if start > stop || start >= len {
         return call.out.array(0);
     }
@@ -414,7 +549,10 @@ fn lrange(call: &mut Call) {
 fn llen(call: &mut Call) {
     match call.db.get(&call.args[1], call.now) {
         None => call.out.int(0),
-        Some(Entry { value: Value::List(l), .. }) => call.out.int(l.len() as i64),
+        Some(Entry {
+            value: Value::List(l),
+            ..
+        }) => call.out.int(l.len() as i64),
         Some(_) => call.out.error(WRONGTYPE),
     }
 }
@@ -423,12 +561,18 @@ fn llen(call: &mut Call) {
 /// (CLIENT, COMMAND, CONFIG GET, INFO, HELLO), answered so that clients
 /// carry on as they do with Redis.
 fn handshake(call: &mut Call, name: &[u8]) {
-    let sub = call.args.get(1).map(|s| s.to_ascii_lowercase()).unwrap_or_default();
+    let sub = call
+        .args
+        .get(1)
+        .map(|s| s.to_ascii_lowercase())
+        .unwrap_or_default();
     match name {
         b"ping" => match call.args.len() {
             1 => call.out.simple("PONG"),
             2 => call.out.bulk(&call.args[1]),
-            _ => call.out.error("ERR wrong number of arguments for 'ping' command"),
+            _ => call
+                .out
+                .error("ERR wrong number of arguments for 'ping' command"),
         },
         b"echo" => call.out.bulk(&call.args[1]),
         b"select" => match parse_int(&call.args[1]) {
@@ -467,15 +611,26 @@ fn config(call: &mut Call, sub: &[u8]) {
     if sub != b"get" {
         return match sub {
             b"resetstat" => call.out.ok(),
-            _ => call.out.error("ERR CONFIG SET and CONFIG REWRITE are not supported by this service"),
+            _ => call
+                .out
+                .error("ERR CONFIG SET and CONFIG REWRITE are not supported by this service"),
         };
     }
-    const SETTINGS: &[(&str, &str)] =
-        &[("save", ""), ("appendonly", "no"), ("databases", "1"), ("maxmemory", "0"), ("timeout", "0")];
+    const SETTINGS: &[(&str, &str)] = &[
+        ("save", ""),
+        ("appendonly", "no"),
+        ("databases", "1"),
+        ("maxmemory", "0"),
+        ("timeout", "0"),
+    ];
     let mut found = Vec::new();
     for pattern in &call.args[2..] {
         let pattern = pattern.to_ascii_lowercase();
-        found.extend(SETTINGS.iter().filter(|(k, _)| glob_match(&pattern, k.as_bytes())));
+        found.extend(
+            SETTINGS
+                .iter()
+                .filter(|(k, _)| glob_match(&pattern, k.as_bytes())),
+        );
     }
     call.out.array(found.len() * 2);
     for (k, v) in found {
@@ -498,7 +653,9 @@ fn hello(call: &mut Call) {
     if let Some(v) = call.args.get(1)
         && parse_int(v) != Some(2)
     {
-        return call.out.error("NOPROTO this server only speaks RESP2 (HELLO 2)");
+        return call
+            .out
+            .error("NOPROTO this server only speaks RESP2 (HELLO 2)");
     }
     call.out.array(14);
     for (k, v) in [("server", "redis"), ("version", "7.2.0")] {

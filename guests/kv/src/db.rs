@@ -63,7 +63,7 @@ impl Db {
 
     pub fn remove(&mut self, key: &[u8], now: u64) -> Option<Entry> {
         let entry = self.map.remove(key)?;
-        (!entry.expires_at.is_some_and(|t| t <= now)).then_some(entry)
+        entry.expires_at.is_none_or(|t| t > now).then_some(entry)
     }
 
     /// Sets or clears `key`'s deadline. The key must exist.
@@ -85,7 +85,7 @@ impl Db {
     pub fn keys(&self, now: u64) -> impl Iterator<Item = &Vec<u8>> {
         self.map
             .iter()
-            .filter(move |(_, e)| !e.expires_at.is_some_and(|t| t <= now))
+            .filter(move |(_, e)| e.expires_at.is_none_or(|t| t > now))
             .map(|(k, _)| k)
     }
 
@@ -114,6 +114,9 @@ impl Db {
 
 /// Redis-style glob matching for KEYS: `*`, `?`, `[abc]`, `[^a]`, `[a-z]`,
 /// and `\` to escape.
+// Collapsing the escape arm's `if` into its guard would let an unmatched
+// escape fall through to the literal arm.
+#[allow(clippy::collapsible_match)]
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -180,7 +183,10 @@ fn class_match(pattern: &[u8], open: usize, c: u8) -> Option<(bool, usize)> {
             matched |= pattern[i + 1] == c;
             i += 2;
         } else if i + 2 < pattern.len() && pattern[i + 1] == b'-' && pattern[i + 2] != b']' {
-            let (lo, hi) = (pattern[i].min(pattern[i + 2]), pattern[i].max(pattern[i + 2]));
+            let (lo, hi) = (
+                pattern[i].min(pattern[i + 2]),
+                pattern[i].max(pattern[i + 2]),
+            );
             matched |= (lo..=hi).contains(&c);
             i += 3;
         } else {
@@ -211,8 +217,20 @@ mod tests {
     #[test]
     fn expiry_is_lazy_and_swept() {
         let mut db = Db::default();
-        db.insert(b"a".to_vec(), Entry { value: Value::Str(b"1".to_vec()), expires_at: Some(100) });
-        db.insert(b"b".to_vec(), Entry { value: Value::Str(b"2".to_vec()), expires_at: None });
+        db.insert(
+            b"a".to_vec(),
+            Entry {
+                value: Value::Str(b"1".to_vec()),
+                expires_at: Some(100),
+            },
+        );
+        db.insert(
+            b"b".to_vec(),
+            Entry {
+                value: Value::Str(b"2".to_vec()),
+                expires_at: None,
+            },
+        );
         assert!(db.contains(b"a", 99));
         assert_eq!(db.sweep(100, 10), 1);
         assert!(!db.contains(b"a", 50));

@@ -71,7 +71,13 @@ impl Kv {
                     if args.is_empty() {
                         continue;
                     }
-                    let mut call = Call { db: &mut self.db, args: &args, now, conn, out: &mut out };
+                    let mut call = Call {
+                        db: &mut self.db,
+                        args: &args,
+                        now,
+                        conn,
+                        out: &mut out,
+                    };
                     if commands::execute(&mut call) == After::Close {
                         break After::Close;
                     }
@@ -144,14 +150,20 @@ impl Migrate for Service {
 
     fn export_state(format: String) -> Result<Vec<u8>, String> {
         if format != state::FORMAT {
-            return Err(format!("kv cannot export {format}; it exports {}", state::FORMAT));
+            return Err(format!(
+                "kv cannot export {format}; it exports {}",
+                state::FORMAT
+            ));
         }
         Ok(KV.with_borrow(|kv| state::export(&kv.db, &kv.pending)))
     }
 
     fn import_state(format: String, bytes: Vec<u8>) -> Result<(), String> {
         if format != state::FORMAT {
-            return Err(format!("kv cannot import {format}; it imports {}", state::FORMAT));
+            return Err(format!(
+                "kv cannot import {format}; it imports {}",
+                state::FORMAT
+            ));
         }
         let (db, pending) = state::import(&bytes, now_ms())?;
         if db.has_deadlines() {

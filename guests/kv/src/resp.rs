@@ -36,7 +36,9 @@ fn read_int_line(buf: &[u8], at: usize) -> Option<Result<(i64, usize), ()>> {
     if end + 1 >= buf.len() {
         return None;
     }
-    let n = std::str::from_utf8(&buf[at..end]).ok().and_then(|s| s.parse::<i64>().ok());
+    let n = std::str::from_utf8(&buf[at..end])
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok());
     Some(n.map(|n| (n, end + 2)).ok_or(()))
 }
 
@@ -61,7 +63,9 @@ fn parse_multibulk(buf: &[u8]) -> Parsed {
             Some(_) => return Parsed::Error("Protocol error: expected '$'"),
         }
         let (len, start) = match read_int_line(buf, pos + 1) {
-            None if buf.len() - pos > 32 => return Parsed::Error("Protocol error: invalid bulk length"),
+            None if buf.len() - pos > 32 => {
+                return Parsed::Error("Protocol error: invalid bulk length");
+            }
             None => return Parsed::Incomplete,
             Some(Err(())) => return Parsed::Error("Protocol error: invalid bulk length"),
             Some(Ok(v)) => v,
@@ -128,7 +132,8 @@ impl Out {
 
     pub fn bulk(&mut self, data: &[u8]) {
         self.buf.push(b'$');
-        self.buf.extend_from_slice(data.len().to_string().as_bytes());
+        self.buf
+            .extend_from_slice(data.len().to_string().as_bytes());
         self.buf.extend_from_slice(b"\r\n");
         self.buf.extend_from_slice(data);
         self.buf.extend_from_slice(b"\r\n");
@@ -163,7 +168,10 @@ mod tests {
     #[test]
     fn multibulk_whole_and_split() {
         let cmd = b"*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n";
-        assert_eq!(parse(cmd), Parsed::Command(vec![b"GET".to_vec(), b"key".to_vec()], cmd.len()));
+        assert_eq!(
+            parse(cmd),
+            Parsed::Command(vec![b"GET".to_vec(), b"key".to_vec()], cmd.len())
+        );
         for cut in 0..cmd.len() {
             assert_eq!(parse(&cmd[..cut]), Parsed::Incomplete, "cut at {cut}");
         }
@@ -171,8 +179,14 @@ mod tests {
 
     #[test]
     fn inline() {
-        assert_eq!(parse(b"PING\r\n"), Parsed::Command(vec![b"PING".to_vec()], 6));
-        assert_eq!(parse(b"set a  b\n"), Parsed::Command(vec![b"set".to_vec(), b"a".to_vec(), b"b".to_vec()], 9));
+        assert_eq!(
+            parse(b"PING\r\n"),
+            Parsed::Command(vec![b"PING".to_vec()], 6)
+        );
+        assert_eq!(
+            parse(b"set a  b\n"),
+            Parsed::Command(vec![b"set".to_vec(), b"a".to_vec(), b"b".to_vec()], 9)
+        );
         assert_eq!(parse(b"\r\n"), Parsed::Command(vec![], 2));
     }
 

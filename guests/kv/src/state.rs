@@ -88,7 +88,10 @@ pub fn import(state: &[u8], now: u64) -> Result<(Db, HashMap<u64, Vec<u8>>), Str
         conns.insert(id, r.bytes()?.to_vec());
     }
     if r.pos != state.len() {
-        return Err(format!("{} unexpected bytes after the kv/1 state", state.len() - r.pos));
+        return Err(format!(
+            "{} unexpected bytes after the kv/1 state",
+            state.len() - r.pos
+        ));
     }
     Ok((db, conns))
 }
@@ -115,10 +118,14 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn bytes(&mut self) -> Result<&'a [u8], String> {
         let n = self.u32()? as usize;
@@ -133,9 +140,27 @@ mod tests {
     #[test]
     fn round_trip() {
         let mut db = Db::default();
-        db.insert(b"s".to_vec(), Entry { value: Value::Str(b"v".to_vec()), expires_at: Some(5000) });
-        db.insert(b"l".to_vec(), Entry { value: Value::List(VecDeque::from([b"a".to_vec(), b"b".to_vec()])), expires_at: None });
-        db.insert(b"old".to_vec(), Entry { value: Value::Str(b"x".to_vec()), expires_at: Some(10) });
+        db.insert(
+            b"s".to_vec(),
+            Entry {
+                value: Value::Str(b"v".to_vec()),
+                expires_at: Some(5000),
+            },
+        );
+        db.insert(
+            b"l".to_vec(),
+            Entry {
+                value: Value::List(VecDeque::from([b"a".to_vec(), b"b".to_vec()])),
+                expires_at: None,
+            },
+        );
+        db.insert(
+            b"old".to_vec(),
+            Entry {
+                value: Value::Str(b"x".to_vec()),
+                expires_at: Some(10),
+            },
+        );
         let conns = HashMap::from([(7, b"*1\r\n$4\r\nPI".to_vec())]);
         let state = export(&db, &conns);
         let (mut back, back_conns) = import(&state, 100).unwrap();

@@ -78,7 +78,9 @@ pub struct Outbox {
 
 /// Why [`Outbox::send`] refused bytes.
 #[derive(Debug, thiserror::Error)]
-#[error("output buffer limit of {limit} bytes exceeded ({queued} bytes unsent): the client is not reading")]
+#[error(
+    "output buffer limit of {limit} bytes exceeded ({queued} bytes unsent): the client is not reading"
+)]
 pub struct Overflow {
     pub queued: usize,
     pub limit: usize,
@@ -142,8 +144,15 @@ pub async fn spawn(
         limits,
     });
     let id = info.id;
-    let outbox = Outbox { tx, shared: shared.clone() };
-    if service.event(Event::Connected { info, outbox }).await.is_err() {
+    let outbox = Outbox {
+        tx,
+        shared: shared.clone(),
+    };
+    if service
+        .event(Event::Connected { info, outbox })
+        .await
+        .is_err()
+    {
         return; // the service is shutting down
     }
     let (reader, writer) = stream.into_split();
@@ -197,7 +206,12 @@ async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &Se
     let _ = service.event(Event::ReadClosed(id)).await;
 }
 
-async fn write_loop(id: u64, mut writer: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>, shared: &Shared) {
+async fn write_loop(
+    id: u64,
+    mut writer: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    shared: &Shared,
+) {
     let resume_mark = shared.limits.max_output_buffer / 2;
     let mut batch = Vec::new();
     let mut single;
@@ -241,7 +255,11 @@ async fn write_loop(id: u64, mut writer: OwnedWriteHalf, mut rx: mpsc::Unbounded
 /// Most bytes coalesced into one write.
 const MAX_BATCH: usize = 256 * 1024;
 
-fn gather<'a>(first: [Bytes; 2], rx: &mut mpsc::UnboundedReceiver<Bytes>, batch: &'a mut Vec<u8>) -> &'a [u8] {
+fn gather<'a>(
+    first: [Bytes; 2],
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    batch: &'a mut Vec<u8>,
+) -> &'a [u8] {
     batch.clear();
     for b in first {
         batch.extend_from_slice(&b);

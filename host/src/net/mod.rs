@@ -58,7 +58,10 @@ pub fn name_listeners(specs: &mut [ListenSpec]) -> Result<()> {
     }
     for (i, spec) in specs.iter().enumerate() {
         if specs[..i].iter().any(|s| s.name == spec.name) {
-            bail!("two listeners are named `{}`; give each --listen a distinct NAME=", spec.name);
+            bail!(
+                "two listeners are named `{}`; give each --listen a distinct NAME=",
+                spec.name
+            );
         }
     }
     Ok(())
@@ -80,11 +83,16 @@ pub async fn bind_all(specs: &[ListenSpec]) -> Result<Vec<Listener>> {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
                 "cannot listen on {} ({}): the address is already in use; stop the process \
                  using it or choose another with --listen {}=ADDR (port 0 picks a free port)",
-                spec.addr, spec.name, spec.name
+                spec.addr,
+                spec.name,
+                spec.name
             ),
             Err(e) => bail!("cannot listen on {} ({}): {e}", spec.addr, spec.name),
         };
-        bound.push(Listener { name: spec.name.as_str().into(), listener });
+        bound.push(Listener {
+            name: spec.name.as_str().into(),
+            listener,
+        });
     }
     Ok(bound)
 }
@@ -129,6 +137,15 @@ pub async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
             listener: listener.name.to_string(),
             peer: peer.to_string(),
         };
-        conn::spawn(stream, info, ctx.service.clone(), ctx.limits, &ctx.shutdown, &ctx.tracker, permit).await;
+        conn::spawn(
+            stream,
+            info,
+            ctx.service.clone(),
+            ctx.limits,
+            &ctx.shutdown,
+            &ctx.tracker,
+            permit,
+        )
+        .await;
     }
 }

@@ -65,7 +65,8 @@ impl Program {
         let loaded = runtime.load(path)?;
         let mut linker = Linker::<StoreData>::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
-        Service::add_to_linker::<_, HasSelf<_>>(&mut linker, |data| data).map_err(anyhow::Error::from)?;
+        Service::add_to_linker::<_, HasSelf<_>>(&mut linker, |data| data)
+            .map_err(anyhow::Error::from)?;
         let not_a_service = || {
             format!(
                 "{} is not a wasmhost service: it does not match the world \
@@ -105,7 +106,11 @@ pub struct Instance {
 
 impl Instance {
     /// Instantiates `program` with nothing called yet.
-    pub async fn new(program: Arc<Program>, service: Arc<str>, limits: &InstanceLimits) -> Result<Instance> {
+    pub async fn new(
+        program: Arc<Program>,
+        service: Arc<str>,
+        limits: &InstanceLimits,
+    ) -> Result<Instance> {
         let engine = program.pre.engine();
         let mut store = Store::new(engine, StoreData::new(service, limits.max_memory));
         store.limiter(|data| &mut data.limits);
@@ -151,7 +156,8 @@ impl Instance {
     pub async fn init(&mut self, config: &[(String, String)]) -> Result<Result<(), String>> {
         self.arm(self.limits.event_timeout);
         let handler = self.bindings.wasmhost_service_handler();
-        handler.call_init(&mut self.store, config)
+        handler
+            .call_init(&mut self.store, config)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -159,7 +165,8 @@ impl Instance {
     pub async fn on_connect(&mut self, info: &ConnInfo) -> Result<()> {
         self.arm(self.limits.event_timeout);
         let handler = self.bindings.wasmhost_service_handler();
-        handler.call_on_connect(&mut self.store, info)
+        handler
+            .call_on_connect(&mut self.store, info)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -167,7 +174,8 @@ impl Instance {
     pub async fn on_data(&mut self, conn: u64, data: &[u8]) -> Result<()> {
         self.arm(self.limits.event_timeout);
         let handler = self.bindings.wasmhost_service_handler();
-        handler.call_on_data(&mut self.store, conn, data)
+        handler
+            .call_on_data(&mut self.store, conn, data)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -175,7 +183,8 @@ impl Instance {
     pub async fn on_close(&mut self, conn: u64) -> Result<()> {
         self.arm(self.limits.event_timeout);
         let handler = self.bindings.wasmhost_service_handler();
-        handler.call_on_close(&mut self.store, conn)
+        handler
+            .call_on_close(&mut self.store, conn)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -183,7 +192,8 @@ impl Instance {
     pub async fn on_timer(&mut self, token: u64) -> Result<()> {
         self.arm(self.limits.event_timeout);
         let handler = self.bindings.wasmhost_service_handler();
-        handler.call_on_timer(&mut self.store, token)
+        handler
+            .call_on_timer(&mut self.store, token)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -191,7 +201,8 @@ impl Instance {
     pub async fn importable(&mut self) -> Result<Vec<String>> {
         self.arm(self.limits.event_timeout);
         let migrate = self.bindings.wasmhost_service_migrate();
-        migrate.call_importable(&mut self.store)
+        migrate
+            .call_importable(&mut self.store)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -199,7 +210,8 @@ impl Instance {
     pub async fn exportable(&mut self) -> Result<Vec<String>> {
         self.arm(self.limits.event_timeout);
         let migrate = self.bindings.wasmhost_service_migrate();
-        migrate.call_exportable(&mut self.store)
+        migrate
+            .call_exportable(&mut self.store)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -207,7 +219,8 @@ impl Instance {
     pub async fn export_state(&mut self, format: &str) -> Result<Result<Vec<u8>, String>> {
         self.arm(self.limits.state_timeout);
         let migrate = self.bindings.wasmhost_service_migrate();
-        migrate.call_export_state(&mut self.store, format)
+        migrate
+            .call_export_state(&mut self.store, format)
             .await
             .map_err(anyhow::Error::from)
     }
@@ -215,7 +228,8 @@ impl Instance {
     pub async fn import_state(&mut self, format: &str, state: &[u8]) -> Result<Result<(), String>> {
         self.arm(self.limits.state_timeout);
         let migrate = self.bindings.wasmhost_service_migrate();
-        migrate.call_import_state(&mut self.store, format, state)
+        migrate
+            .call_import_state(&mut self.store, format, state)
             .await
             .map_err(anyhow::Error::from)
     }

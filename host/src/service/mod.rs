@@ -35,7 +35,10 @@ pub const MAX_TIMERS: usize = 1 << 20;
 
 /// Something that happened to a connection.
 pub enum Event {
-    Connected { info: ConnInfo, outbox: Outbox },
+    Connected {
+        info: ConnInfo,
+        outbox: Outbox,
+    },
     Data(u64, Bytes),
     /// The connection's reader stopped: end of stream, error, or closing.
     ReadClosed(u64),
@@ -92,7 +95,10 @@ pub async fn start_fresh(program: Arc<Program>, spec: &ServiceSpec) -> Result<In
 }
 
 /// Spawns the actor around an initialised instance.
-pub fn spawn(instance: Instance, spec: ServiceSpec) -> (ServiceHandle, tokio::task::JoinHandle<Result<()>>) {
+pub fn spawn(
+    instance: Instance,
+    spec: ServiceSpec,
+) -> (ServiceHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let actor = Actor {
         spec,
@@ -224,9 +230,16 @@ impl Actor {
     }
 
     fn send(&mut self, id: u64, data: Vec<u8>) {
-        let Some(conn) = self.conns.get(&id) else { return };
+        let Some(conn) = self.conns.get(&id) else {
+            return;
+        };
         if let Err(overflow) = conn.outbox.send(data) {
-            tracing::warn!(service = &*self.spec.name, conn = id, peer = conn.info.peer, "closing connection: {overflow}");
+            tracing::warn!(
+                service = &*self.spec.name,
+                conn = id,
+                peer = conn.info.peer,
+                "closing connection: {overflow}"
+            );
             let conn = self.conns.remove(&id).expect("present");
             conn.outbox.abort();
             self.closing.push_back(id);
@@ -237,7 +250,11 @@ impl Actor {
         if let Some(key) = self.timer_keys.get(&token) {
             self.timers.reset(key, delay);
         } else if self.timer_keys.len() >= MAX_TIMERS {
-            tracing::warn!(service = &*self.spec.name, token, "set-timer refused: {MAX_TIMERS} timers already armed");
+            tracing::warn!(
+                service = &*self.spec.name,
+                token,
+                "set-timer refused: {MAX_TIMERS} timers already armed"
+            );
         } else {
             let key = self.timers.insert(token, delay);
             self.timer_keys.insert(token, key);
@@ -271,7 +288,11 @@ impl Actor {
                 .context("the restarted service trapped again in on-connect")?;
             self.apply_effects();
         }
-        tracing::info!(service = &*self.spec.name, "service restarted in {:?}", started.elapsed());
+        tracing::info!(
+            service = &*self.spec.name,
+            "service restarted in {:?}",
+            started.elapsed()
+        );
         Ok(())
     }
 
