@@ -10,5 +10,5 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub use exports::wasmhost::service::{handler, migrate};
 pub use self::wasmhost::service::types::{ConnInfo, LogLevel};
+pub use exports::wasmhost::service::{handler, migrate};

@@ -24,6 +24,85 @@ pub enum Command {
     /// Serve a component (a WebAssembly component of the world
     /// wasmhost:service/service) on one or more TCP listeners.
     Serve(ServeArgs),
+    /// Replace a running service's component live, carrying its state over.
+    ///
+    /// The new component is compiled, type-checked and instantiated while the
+    /// old one keeps serving. Then, between two events, the old version
+    /// exports its state in the first format of the new version's
+    /// `importable()` that the old version's `exportable()` offers, the new
+    /// version imports it (and, unless --no-validate, proves it can export
+    /// it again), and every later event goes to the new version.
+    /// Connections, timers and buffered bytes are untouched. On any failure
+    /// the old version keeps serving with its state and this exits non-zero.
+    Swap(SwapArgs),
+    /// Show a running service: component, generation, counters, swap history.
+    Status(StatusArgs),
+    /// Swap back to the previous generation's component, with its state.
+    ///
+    /// Works when the running version can export a format the previous one
+    /// imports; refused, with the reason, otherwise.
+    Rollback(RollbackArgs),
+}
+
+/// How to reach a running service.
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// The service's name, as given to `serve --name`.
+    #[arg(long, default_value = "default")]
+    pub name: String,
+
+    /// The service's control socket [default: $XDG_RUNTIME_DIR/wasmhost/NAME.sock,
+    /// else /tmp/wasmhost-UID/NAME.sock].
+    #[arg(long, value_name = "PATH", env = "WASMHOST_CONTROL")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct SwapArgs {
+    /// The new component.
+    pub new: PathBuf,
+
+    /// Start the new version with `init` instead of importing the state
+    /// (for a version with no state format in common); every open
+    /// connection is announced to it with `on-connect`. The state is lost.
+    #[arg(long)]
+    pub fresh: bool,
+
+    /// Skip checking that the new version can export the state it just
+    /// imported (shortens the pause by one export).
+    #[arg(long)]
+    pub no_validate: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// Skip checking that the previous version can export the state it imports.
+    #[arg(long)]
+    pub no_validate: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 #[derive(Args, Debug)]
@@ -47,10 +126,20 @@ pub struct ServeArgs {
     #[arg(short, long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
     pub config: Vec<(String, String)>,
 
-    /// The service's name: it tags the service's log lines and (with swap)
-    /// names its control socket.
+    /// The service's name: it tags the service's log lines and names its
+    /// control socket, so several services can run side by side.
     #[arg(long, default_value = "default")]
     pub name: String,
+
+    /// The control socket for `swap`, `status` and `rollback` (mode 0600;
+    /// other users are refused) [default: $XDG_RUNTIME_DIR/wasmhost/NAME.sock,
+    /// else /tmp/wasmhost-UID/NAME.sock].
+    #[arg(long, value_name = "PATH", env = "WASMHOST_CONTROL")]
+    pub control: Option<PathBuf>,
+
+    /// Run without a control socket (the service cannot be swapped).
+    #[arg(long, conflicts_with = "control")]
+    pub no_control: bool,
 
     /// Most connections open at once; further clients wait in the listen
     /// backlog until one closes.

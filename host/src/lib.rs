@@ -6,8 +6,10 @@
 //! actor task per service ([`service`]) on a shared wasmtime engine
 //! ([`engine`]). [`serve`] ties them together.
 
+pub mod admin;
 pub mod bindings;
 pub mod cli;
+pub mod control;
 pub mod engine;
 pub mod net;
 pub mod serve;

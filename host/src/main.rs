@@ -21,6 +21,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Swap(args) => wasmhost::admin::swap(args).await,
+            Command::Status(args) => wasmhost::admin::status(args).await,
+            Command::Rollback(args) => wasmhost::admin::rollback(args).await,
         }
     });
     match result {
@@ -43,28 +46,35 @@ fn init_tracing() {
 
 async fn serve(args: ServeArgs) -> Result<()> {
     raise_fd_limit();
-    let opts = serve_options(args);
+    let opts = serve_options(args)?;
+    let mut signals = wasmhost::shutdown::ShutdownSignals::install()?;
     let server = Server::start(opts).await?;
     for (name, addr) in server.addrs() {
         eprintln!("listening on {name} {addr}");
     }
+    if let Some(path) = server.control_path() {
+        eprintln!("control socket {}", path.display());
+    }
     server
         .run(async {
-            match wasmhost::shutdown::signal_received().await {
-                Ok(sig) => tracing::info!("{sig} received"),
-                Err(e) => tracing::error!("cannot wait for signals: {e}"),
-            }
+            let sig = signals.received().await;
+            tracing::info!("{sig} received");
         })
         .await
 }
 
-fn serve_options(args: ServeArgs) -> ServeOptions {
+fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
+    let control = match args.no_control {
+        true => None,
+        false => Some(wasmhost::control::socket_path(args.control, &args.name)?),
+    };
     let cache_dir = if args.no_cache {
         None
     } else {
         args.cache_dir.or_else(engine::default_cache_dir)
     };
-    ServeOptions {
+    Ok(ServeOptions {
+        control,
         guest: args.guest,
         name: args.name,
         listen: args.listen,
@@ -81,7 +91,7 @@ fn serve_options(args: ServeArgs) -> ServeOptions {
         },
         cache_dir,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
-    }
+    })
 }
 
 /// Each connection is a file descriptor: raise the soft limit to the hard

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::control::server::{ControlCtx, ControlSocket};
 use crate::engine::Runtime;
 use crate::net::{self, AcceptCtx, ConnLimits, ListenSpec};
 use crate::service::{self, InstanceLimits, Program, ServiceHandle, ServiceSpec};
@@ -35,11 +36,14 @@ pub struct ServeOptions {
     pub cache_dir: Option<PathBuf>,
     /// How long shutdown waits for connections to flush.
     pub shutdown_timeout: Duration,
+    /// The control socket's path; `None` runs without one.
+    pub control: Option<PathBuf>,
 }
 
 /// A started service: listeners bound, instance initialised, accepting.
 pub struct Server {
     addrs: Vec<(Arc<str>, SocketAddr)>,
+    control: Option<PathBuf>,
     service: ServiceHandle,
     actor: tokio::task::JoinHandle<Result<()>>,
     shutdown: CancellationToken,
@@ -53,8 +57,12 @@ impl Server {
         let mut specs = opts.listen.clone();
         net::name_listeners(&mut specs)?;
         let listeners = net::bind_all(&specs).await?;
+        let control = match &opts.control {
+            Some(path) => Some(ControlSocket::bind(path).await?),
+            None => None,
+        };
         let runtime = Runtime::new(opts.cache_dir.clone())?;
-        let path = opts.guest.clone();
+        let path = std::path::absolute(&opts.guest).unwrap_or_else(|_| opts.guest.clone());
         let rt = runtime.clone();
         let program = tokio::task::spawn_blocking(move || Program::prepare(&rt, &path))
             .await
@@ -70,10 +78,35 @@ impl Server {
             name: opts.name.as_str().into(),
             config: opts.config.clone(),
             limits: opts.instance_limits.clone(),
+            listeners: listeners
+                .iter()
+                .map(|l| {
+                    (
+                        l.name.to_string(),
+                        l.listener
+                            .local_addr()
+                            .expect("bound socket has an address"),
+                    )
+                })
+                .collect(),
         };
         let instance = service::start_fresh(program, &spec).await?;
+        let (name, limits) = (spec.name.clone(), spec.limits.clone());
         let (service, actor) = service::spawn(instance, spec);
-        Ok(Server::accept_on(listeners, service, actor, &opts))
+        let mut server = Server::accept_on(listeners, service.clone(), actor, &opts);
+        if let Some(socket) = control {
+            server.control = Some(socket.path().to_path_buf());
+            let ctx = ControlCtx {
+                runtime,
+                service,
+                name,
+                limits,
+            };
+            server
+                .tracker
+                .spawn(socket.serve(ctx, server.shutdown.clone()));
+        }
+        Ok(server)
     }
 
     fn accept_on(
@@ -103,6 +136,7 @@ impl Server {
         }
         Server {
             addrs,
+            control: None,
             service,
             actor,
             shutdown,
@@ -114,6 +148,11 @@ impl Server {
     /// The bound addresses, with their listener names.
     pub fn addrs(&self) -> &[(Arc<str>, SocketAddr)] {
         &self.addrs
+    }
+
+    /// The control socket's path, if there is one.
+    pub fn control_path(&self) -> Option<&std::path::Path> {
+        self.control.as_deref()
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, flushes and

@@ -1,14 +1,28 @@
-//! The shutdown signal: SIGINT or SIGTERM.
+//! The shutdown signals: SIGINT and SIGTERM.
 
 use anyhow::Result;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// Resolves on the first SIGINT or SIGTERM.
-pub async fn signal_received() -> Result<&'static str> {
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    })
+/// SIGINT and SIGTERM handlers. Create them before announcing readiness:
+/// from then on the signals are caught instead of killing the process.
+pub struct ShutdownSignals {
+    int: Signal,
+    term: Signal,
+}
+
+impl ShutdownSignals {
+    pub fn install() -> Result<ShutdownSignals> {
+        Ok(ShutdownSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolves on the first SIGINT or SIGTERM; returns its name.
+    pub async fn received(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
 }

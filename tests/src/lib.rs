@@ -73,6 +73,16 @@ pub struct Served {
     output: Arc<Output>,
     /// Bound addresses by listener name, from `listening on NAME ADDR`.
     pub addrs: Vec<(String, SocketAddr)>,
+    /// Its control socket, in a temporary directory of its own.
+    pub control: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// What a finished `wasmhost` command printed.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 impl Served {
@@ -86,10 +96,14 @@ impl Served {
 
     /// Starts `wasmhost serve PATH ARGS...` expecting `listeners` lines.
     pub fn start_raw(path: &Path, args: &[&str], listeners: usize) -> Served {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let control = dir.path().join("control.sock");
         let mut child = Command::new(wasmhost_bin())
             .arg("serve")
             .arg(path)
             .args(args)
+            .arg("--control")
+            .arg(&control)
             .arg("--cache-dir")
             .arg(test_cache_dir())
             .env("WASMHOST_LOG", "info")
@@ -114,6 +128,8 @@ impl Served {
             child: Some(child),
             output,
             addrs: Vec::new(),
+            control,
+            _dir: dir,
         };
         served.wait_for_output(
             |text| text.matches("listening on ").count() >= listeners,
@@ -168,6 +184,28 @@ impl Served {
         }
     }
 
+    /// Runs `wasmhost COMMAND ARGS... --control <this server's socket>`,
+    /// e.g. `served.command("swap", &[path])`.
+    pub fn command(&self, command: &str, args: &[&str]) -> Finished {
+        let mut all = vec![command];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--control", self.control.to_str().expect("utf-8 path")]);
+        run(&all)
+    }
+
+    /// Runs `wasmhost swap GUEST.wasm` against this server and asserts it
+    /// committed; returns the report (stdout).
+    pub fn swap_to(&self, guest_name: &str) -> String {
+        let out = self.command("swap", &[guest(guest_name).to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "swap to {guest_name} failed: {}\n{}",
+            out.stderr,
+            self.stderr()
+        );
+        out.stdout
+    }
+
     /// Sends SIGTERM and waits for the exit status (at most 30 s).
     pub fn terminate(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().expect("running");
@@ -205,15 +243,31 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
 /// Runs `wasmhost ARGS...` to completion (at most 120 s) and returns its
 /// exit status and stderr.
 pub fn run_wasmhost(args: &[&str]) -> (ExitStatus, String) {
-    let mut child = Command::new(wasmhost_bin())
-        .args(args)
+    let out = run(args);
+    (out.status, out.stderr)
+}
+
+/// Runs `wasmhost ARGS...` to completion (at most 120 s).
+pub fn run(args: &[&str]) -> Finished {
+    run_command(Command::new(wasmhost_bin()).args(args))
+}
+
+/// Runs a prepared command to completion (at most 120 s).
+pub fn run_command(command: &mut Command) -> Finished {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting wasmhost");
+    let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    let reader = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
+    let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
     let status = wait_timeout(&mut child, Duration::from_secs(120));
-    (status, reader.join().expect("stderr reader"))
+    Finished {
+        status,
+        stdout: out.join().expect("stdout reader"),
+        stderr: err.join().expect("stderr reader"),
+    }
 }

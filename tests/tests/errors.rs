@@ -7,11 +7,13 @@ use wasmhost_tests::{guest, run_wasmhost, test_cache_dir};
 
 fn serve_fails(path: &str, extra: &[&str]) -> String {
     let cache = test_cache_dir();
+    // No control socket: these servers must not meet at the default path.
     let mut args = vec![
         "serve",
         path,
         "--listen",
         "127.0.0.1:0",
+        "--no-control",
         "--cache-dir",
         cache.to_str().unwrap(),
     ];
@@ -104,6 +106,7 @@ fn address_in_use_says_what_to_do() {
         echo.to_str().unwrap(),
         "--listen",
         &addr,
+        "--no-control",
         "--cache-dir",
         cache.to_str().unwrap(),
     ]);

@@ -87,7 +87,7 @@ async fn kv_import_rejects_bad_state_and_formats() {
         .await
         .unwrap()
         .unwrap_err();
-    assert!(err.contains("bad magic"), "{err}");
+    assert!(err.contains("not a kv/1 state (bad magic)"), "{err}");
     let err = new
         .import_state("kv/1", b"KV/1\x05\0\0\0\0\0\0\0")
         .await
@@ -95,9 +95,9 @@ async fn kv_import_rejects_bad_state_and_formats() {
         .unwrap_err();
     assert!(err.contains("truncated"), "{err}");
     let err = new.import_state("kv/9", b"").await.unwrap().unwrap_err();
-    assert!(err.contains("cannot import kv/9"), "{err}");
+    assert!(err.contains("handles [kv/1], not kv/9"), "{err}");
     let err = new.export_state("json").await.unwrap().unwrap_err();
-    assert!(err.contains("cannot export json"), "{err}");
+    assert!(err.contains("handles [kv/1], not json"), "{err}");
 }
 
 #[tokio::test]

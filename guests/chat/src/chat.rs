@@ -24,6 +24,9 @@ pub struct User {
     pub registered: bool,
     /// Bytes received after the last line ending.
     pub pending: Vec<u8>,
+    /// IRCv3 capabilities the client enabled (chat-v2: `server-time`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caps: Vec<String>,
 }
 
 impl User {
@@ -46,6 +49,9 @@ pub struct HistoryLine {
     /// The sender's prefix, `nick!user@host`.
     pub from: String,
     pub text: String,
+    /// When it was sent, Unix milliseconds (chat-v2, format chat/2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -83,6 +89,10 @@ pub struct Chat {
     /// import).
     #[serde(skip)]
     pub nicks: HashMap<String, ConnId>,
+    /// Wall-clock time of the current event, Unix milliseconds (set by the
+    /// caller; chat-v2 stamps history with it).
+    #[serde(skip)]
+    pub now_ms: u64,
 }
 
 impl Default for Chat {
@@ -93,11 +103,25 @@ impl Default for Chat {
             users: BTreeMap::new(),
             channels: BTreeMap::new(),
             nicks: HashMap::new(),
+            now_ms: 0,
         }
     }
 }
 
+/// Whether this build is chat-v2.
+const V2: bool = cfg!(feature = "v2");
+
 impl Chat {
+    /// The same state without what chat/1 cannot carry (timestamps, caps).
+    pub fn to_v1(&self) -> Chat {
+        let mut v1 = self.clone();
+        v1.users.values_mut().for_each(|u| u.caps.clear());
+        for channel in v1.channels.values_mut() {
+            channel.history.iter_mut().for_each(|h| h.time = None);
+        }
+        v1
+    }
+
     pub fn rebuild_nicks(&mut self) {
         self.nicks = self
             .users
@@ -213,6 +237,7 @@ impl Chat {
             "TOPIC" => self.topic(conn, p, out),
             "MODE" => self.mode(conn, p, out),
             "WHO" => self.who(conn, p, out),
+            "LIST" if V2 => self.list(conn, out),
             other => self.reply(conn, "421", &format!("{other} :Unknown command"), out),
         }
     }
@@ -221,11 +246,18 @@ impl Chat {
         let nick = self.users[&conn].nick_or_star().to_string();
         match p.first().map(|s| s.to_ascii_uppercase()).as_deref() {
             Some("LS") | Some("LIST") => {
-                out.line(conn, format!(":{} CAP {nick} LS :", self.server))
+                let caps = if V2 { "server-time" } else { "" };
+                out.line(conn, format!(":{} CAP {nick} LS :{caps}", self.server))
             }
             Some("REQ") => {
                 let caps = p.get(1).cloned().unwrap_or_default();
-                out.line(conn, format!(":{} CAP {nick} NAK :{caps}", self.server));
+                if V2 && caps.split(' ').all(|c| c == "server-time") {
+                    let user = self.users.get_mut(&conn).expect("connected");
+                    user.caps = vec!["server-time".into()];
+                    out.line(conn, format!(":{} CAP {nick} ACK :{caps}", self.server));
+                } else {
+                    out.line(conn, format!(":{} CAP {nick} NAK :{caps}", self.server));
+                }
             }
             _ => {}
         }
@@ -360,9 +392,44 @@ impl Chat {
         }
         self.names(conn, channel, out);
         self.reply(conn, "366", &format!("{name} :End of /NAMES list"), out);
+        let tagged = self
+            .users
+            .get(&conn)
+            .is_some_and(|u| u.caps.iter().any(|c| c == "server-time"));
         for h in &channel.history {
-            out.line(conn, format!(":{} PRIVMSG {name} :{}", h.from, h.text));
+            let line = match h.time {
+                // IRCv3 server-time for clients that asked, else in the text.
+                Some(t) if tagged => format!(
+                    "@time={} :{} PRIVMSG {name} :{}",
+                    iso_time(t),
+                    h.from,
+                    h.text
+                ),
+                Some(t) => format!(
+                    ":{} PRIVMSG {name} :[{}] {}",
+                    h.from,
+                    iso_time(t)[..19].replace('T', " "),
+                    h.text
+                ),
+                None => format!(":{} PRIVMSG {name} :{}", h.from, h.text),
+            };
+            out.line(conn, line);
         }
+    }
+
+    /// LIST (chat-v2): every channel with its member count and topic.
+    fn list(&mut self, conn: ConnId, out: &mut Outbox) {
+        self.reply(conn, "321", "Channel :Users  Name", out);
+        for c in self.channels.values() {
+            let topic = c.topic.as_deref().unwrap_or("");
+            self.reply(
+                conn,
+                "322",
+                &format!("{} {} :{topic}", c.name, c.members.len()),
+                out,
+            );
+        }
+        self.reply(conn, "323", ":End of /LIST", out);
     }
 
     fn names(&self, conn: ConnId, channel: &Channel, out: &mut Outbox) {
@@ -475,6 +542,7 @@ impl Chat {
         out: &mut Outbox,
     ) {
         let limit = self.history_limit;
+        let time = V2.then_some(self.now_ms);
         match self.channels.get_mut(&irc::fold(target)) {
             Some(c) if c.members.contains(&conn) => {
                 for &to in c.members.iter().filter(|&&m| m != conn) {
@@ -484,6 +552,7 @@ impl Chat {
                     c.history.push_back(HistoryLine {
                         from: prefix.to_string(),
                         text: text.to_string(),
+                        time,
                     });
                     while c.history.len() > limit {
                         c.history.pop_front();
@@ -559,5 +628,40 @@ impl Chat {
             }
         }
         self.reply(conn, "315", &format!("{mask} :End of WHO list"), out);
+    }
+}
+
+/// `2026-11-25T14:00:05.123Z` for Unix milliseconds `ms`.
+pub fn iso_time(ms: u64) -> String {
+    let (days, rem) = ((ms / 86_400_000) as i64, ms % 86_400_000);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, s, milli) = (
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+}
+
+#[cfg(test)]
+mod time_tests {
+    #[test]
+    fn iso_time() {
+        assert_eq!(super::iso_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::iso_time(1_795_615_205_123),
+            "2026-11-25T14:00:05.123Z"
+        );
+        assert_eq!(super::iso_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
     }
 }

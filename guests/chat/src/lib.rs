@@ -5,6 +5,15 @@
 //! `wasmhost`), `history` (messages replayed on JOIN per channel, default
 //! 50).
 //!
+//! Built with the `v2` feature it is chat-v2: history lines carry the time
+//! they were sent (replayed with IRCv3 `server-time` tags to clients that
+//! ask with `CAP REQ :server-time`, else as `[time]` in the text), and LIST
+//! answers 321/322/323. It imports `chat/2` and `chat/1` and exports both
+//! (`chat/1` without the timestamps, so a rollback to chat works).
+//!
+//! `chat/2` is `chat/1` plus `"time"` (Unix milliseconds) in history
+//! entries and `"caps"` (a list of strings) in users, both optional.
+//!
 //! State format `chat/1` is JSON (UTF-8):
 //!
 //! ```text
@@ -30,7 +39,16 @@ use wasmhost::service::host;
 
 use chat::{Chat, Outbox};
 
-const FORMAT: &str = "chat/1";
+const CHAT1: &str = "chat/1";
+const CHAT2: &str = "chat/2";
+
+fn formats() -> Vec<String> {
+    if cfg!(feature = "v2") {
+        vec![CHAT2.into(), CHAT1.into()]
+    } else {
+        vec![CHAT1.into()]
+    }
+}
 
 thread_local! {
     static CHAT: RefCell<Chat> = RefCell::new(Chat::default());
@@ -49,7 +67,14 @@ fn flush(out: Outbox) {
 
 fn with_chat(f: impl FnOnce(&mut Chat, &mut Outbox)) {
     let mut out = Outbox::default();
-    CHAT.with_borrow_mut(|chat| f(chat, &mut out));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    CHAT.with_borrow_mut(|chat| {
+        chat.now_ms = now;
+        f(chat, &mut out)
+    });
     flush(out);
 }
 
@@ -94,26 +119,39 @@ impl Handler for Service {
 
 impl Migrate for Service {
     fn importable() -> Vec<String> {
-        vec![FORMAT.into()]
+        formats()
     }
 
     fn exportable() -> Vec<String> {
-        vec![FORMAT.into()]
+        formats()
     }
 
     fn export_state(format: String) -> Result<Vec<u8>, String> {
-        if format != FORMAT {
-            return Err(format!("chat cannot export {format}; it exports {FORMAT}"));
+        if !formats().contains(&format) {
+            return Err(format!(
+                "this chat cannot export {format}; it exports [{}]",
+                formats().join(", ")
+            ));
         }
-        CHAT.with_borrow(|chat| serde_json::to_vec(chat).map_err(|e| e.to_string()))
+        CHAT.with_borrow(|chat| {
+            let json = if format == CHAT1 {
+                serde_json::to_vec(&chat.to_v1())
+            } else {
+                serde_json::to_vec(chat)
+            };
+            json.map_err(|e| e.to_string())
+        })
     }
 
     fn import_state(format: String, state: Vec<u8>) -> Result<(), String> {
-        if format != FORMAT {
-            return Err(format!("chat cannot import {format}; it imports {FORMAT}"));
+        if !formats().contains(&format) {
+            return Err(format!(
+                "this chat cannot import {format}; it imports [{}]",
+                formats().join(", ")
+            ));
         }
         let mut chat: Chat =
-            serde_json::from_slice(&state).map_err(|e| format!("invalid chat/1 state: {e}"))?;
+            serde_json::from_slice(&state).map_err(|e| format!("invalid {format} state: {e}"))?;
         chat.rebuild_nicks();
         CHAT.set(chat);
         Ok(())
@@ -167,7 +205,9 @@ mod tests {
             "{to_bob:?}"
         );
         assert!(
-            to_bob.iter().any(|l| l.ends_with("PRIVMSG #rust :hi all")),
+            to_bob
+                .iter()
+                .any(|l| l.contains("PRIVMSG #rust :") && l.ends_with("hi all")),
             "{to_bob:?}"
         );
         assert!(

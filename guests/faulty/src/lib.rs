@@ -8,6 +8,15 @@
 //! * `loop`  spins forever (the host's CPU deadline must interrupt it);
 //! * `trap`  panics, which traps the instance;
 //! * `grow`  allocates memory until the host's memory limit stops it.
+//!
+//! Its plain build imports and exports no state format. Three feature
+//! builds pose as a new version of kv (they import `kv/1`) and fail a swap
+//! on purpose:
+//!
+//! * `reject-state`: `import-state` returns an error;
+//! * `trap-import`:  `import-state` traps;
+//! * `trap-export`:  `import-state` succeeds, `export-state` traps (the
+//!   host's validation step catches it).
 
 wit_bindgen::generate!({ path: "../../guest-wit", world: "service" });
 
@@ -88,21 +97,45 @@ impl Handler for Service {
     fn on_timer(_token: u64) {}
 }
 
+/// Whether this is one of the builds that pose as a new kv.
+const POSES_AS_KV: bool = cfg!(any(
+    feature = "reject-state",
+    feature = "trap-import",
+    feature = "trap-export"
+));
+
 impl Migrate for Service {
     fn importable() -> Vec<String> {
-        Vec::new()
+        if POSES_AS_KV {
+            vec!["kv/1".into()]
+        } else {
+            Vec::new()
+        }
     }
 
     fn exportable() -> Vec<String> {
-        Vec::new()
+        if POSES_AS_KV {
+            vec!["kv/1".into()]
+        } else {
+            Vec::new()
+        }
     }
 
     fn export_state(format: String) -> Result<Vec<u8>, String> {
+        if cfg!(feature = "trap-export") {
+            panic!("trap-export: trapping in export-state as built to");
+        }
         Err(format!("faulty exports no state ({format})"))
     }
 
     fn import_state(format: String, _state: Vec<u8>) -> Result<(), String> {
-        Err(format!("faulty imports no state ({format})"))
+        if cfg!(feature = "trap-import") {
+            panic!("trap-import: trapping in import-state as built to");
+        }
+        if cfg!(feature = "trap-export") {
+            return Ok(());
+        }
+        Err(format!("this build rejects every state (offered {format})"))
     }
 }
 

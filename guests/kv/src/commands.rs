@@ -6,10 +6,10 @@ use std::collections::VecDeque;
 use crate::db::{Db, Entry, Value, glob_match};
 use crate::resp::Out;
 
-const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
-const NOT_INT: &str = "ERR value is not an integer or out of range";
+pub const WRONGTYPE: &str = "WRONGTYPE Operation against a key holding the wrong kind of value";
+pub const NOT_INT: &str = "ERR value is not an integer or out of range";
 const SYNTAX: &str = "ERR syntax error";
-const OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub const OVERFLOW: &str = "ERR increment or decrement would overflow";
 
 /// What the connection does after a command.
 #[derive(Debug, PartialEq)]
@@ -40,6 +40,16 @@ fn arity(name: &[u8]) -> Option<i32> {
         b"set" | b"mset" | b"lpush" | b"rpush" | b"expire" | b"pexpire" => -3,
         b"del" | b"exists" | b"mget" | b"lpop" | b"rpop" | b"client" | b"config" => -2,
         b"ping" | b"quit" | b"command" | b"info" | b"hello" | b"flushall" | b"flushdb" => -1,
+        #[cfg(feature = "v2")]
+        b"hget" => 3,
+        #[cfg(feature = "v2")]
+        b"hgetall" | b"hlen" => 2,
+        #[cfg(feature = "v2")]
+        b"hincrby" => 4,
+        #[cfg(feature = "v2")]
+        b"hset" => -4,
+        #[cfg(feature = "v2")]
+        b"hdel" => -3,
         _ => return None,
     })
 }
@@ -92,6 +102,10 @@ pub fn execute(call: &mut Call) -> After {
         b"rpop" => pop(call, false),
         b"lrange" => lrange(call),
         b"llen" => llen(call),
+        #[cfg(feature = "v2")]
+        b"hset" | b"hget" | b"hdel" | b"hgetall" | b"hlen" | b"hincrby" => {
+            crate::hashes::execute(call, &name)
+        }
         _ => handshake(call, &name),
     }
     After::Continue
@@ -427,6 +441,10 @@ fn type_of(call: &mut Call) {
             value: Value::List(_),
             ..
         }) => call.out.simple("list"),
+        Some(Entry {
+            value: Value::Hash(_),
+            ..
+        }) => call.out.simple("hash"),
     }
 }
 
@@ -605,7 +623,7 @@ fn handshake(call: &mut Call, name: &[u8]) {
 }
 
 /// How many commands `arity` knows.
-const COMMAND_COUNT: i64 = 41;
+const COMMAND_COUNT: i64 = if cfg!(feature = "v2") { 47 } else { 41 };
 
 fn config(call: &mut Call, sub: &[u8]) {
     if sub != b"get" {

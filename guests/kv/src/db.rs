@@ -3,11 +3,17 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
-/// A stored value.
+/// A stored value. Hashes exist only in kv-v2 (the `v2` feature); kv
+/// never creates one.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     Str(Vec<u8>),
     List(VecDeque<Vec<u8>>),
+    Hash(HashMap<Vec<u8>, Vec<u8>>),
+}
+
+fn is_hash(entry: &Entry) -> bool {
+    matches!(entry.value, Value::Hash(_))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -25,11 +31,25 @@ pub struct Db {
     /// (deadline, key) for every deadline ever set; stale pairs (the key's
     /// deadline changed or it was deleted) are skipped when popped.
     deadlines: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
+    /// How many keys hold a hash (kv-v2 can export `kv/1` only at zero).
+    hashes: usize,
 }
 
 impl Db {
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// How many keys hold a hash (expired ones included until swept).
+    pub fn hash_count(&self) -> usize {
+        self.hashes
+    }
+
+    /// Counts a removed entry out.
+    fn forget(&mut self, entry: &Entry) {
+        if is_hash(entry) {
+            self.hashes -= 1;
+        }
     }
 
     /// Whether any key has a deadline (so the sweep timer is needed).
@@ -44,7 +64,8 @@ impl Db {
             Some(e) => e.expires_at.is_some_and(|t| t <= now),
         };
         if expired {
-            self.map.remove(key);
+            let entry = self.map.remove(key).expect("present");
+            self.forget(&entry);
             return None;
         }
         self.map.get_mut(key)
@@ -58,11 +79,17 @@ impl Db {
         if let Some(t) = entry.expires_at {
             self.deadlines.push(Reverse((t, key.clone())));
         }
-        self.map.insert(key, entry);
+        if is_hash(&entry) {
+            self.hashes += 1;
+        }
+        if let Some(old) = self.map.insert(key, entry) {
+            self.forget(&old);
+        }
     }
 
     pub fn remove(&mut self, key: &[u8], now: u64) -> Option<Entry> {
         let entry = self.map.remove(key)?;
+        self.forget(&entry);
         entry.expires_at.is_none_or(|t| t > now).then_some(entry)
     }
 
@@ -79,6 +106,7 @@ impl Db {
     pub fn clear(&mut self) {
         self.map.clear();
         self.deadlines.clear();
+        self.hashes = 0;
     }
 
     /// Live keys, in no particular order.
@@ -104,7 +132,8 @@ impl Db {
             }
             let Reverse((t, key)) = self.deadlines.pop().expect("peeked");
             if self.map.get(&key).is_some_and(|e| e.expires_at == Some(t)) {
-                self.map.remove(&key);
+                let entry = self.map.remove(&key).expect("present");
+                self.forget(&entry);
                 removed += 1;
             }
         }

@@ -3,9 +3,15 @@
 //! Strings, lists and expiry, with the handshake commands that Redis clients
 //! and tools send. The whole state (keys, expiries, and each connection's
 //! unparsed bytes) moves to another version as `kv/1` (see `state.rs`).
+//!
+//! Built with the `v2` feature it is kv-v2: hashes (HSET, HGET, HDEL,
+//! HGETALL, HLEN, HINCRBY) and the state format `kv/2`; it imports `kv/2`
+//! and `kv/1`, and exports `kv/1` too while no key holds a hash.
 
 mod commands;
 mod db;
+#[cfg(feature = "v2")]
+mod hashes;
 mod resp;
 mod state;
 
@@ -141,31 +147,19 @@ impl Handler for Service {
 
 impl Migrate for Service {
     fn importable() -> Vec<String> {
-        vec![state::FORMAT.into()]
+        state::importable()
     }
 
     fn exportable() -> Vec<String> {
-        vec![state::FORMAT.into()]
+        KV.with_borrow(|kv| state::exportable(&kv.db))
     }
 
     fn export_state(format: String) -> Result<Vec<u8>, String> {
-        if format != state::FORMAT {
-            return Err(format!(
-                "kv cannot export {format}; it exports {}",
-                state::FORMAT
-            ));
-        }
-        Ok(KV.with_borrow(|kv| state::export(&kv.db, &kv.pending)))
+        KV.with_borrow(|kv| state::export(&kv.db, &kv.pending, &format))
     }
 
     fn import_state(format: String, bytes: Vec<u8>) -> Result<(), String> {
-        if format != state::FORMAT {
-            return Err(format!(
-                "kv cannot import {format}; it imports {}",
-                state::FORMAT
-            ));
-        }
-        let (db, pending) = state::import(&bytes, now_ms())?;
+        let (db, pending) = state::import(&bytes, &format, now_ms())?;
         if db.has_deadlines() {
             host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
         }

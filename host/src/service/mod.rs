@@ -8,19 +8,23 @@
 //! timers) which the actor carries out after each call.
 
 mod instance;
+mod report;
 mod state;
+mod swap;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::time::{DelayQueue, delay_queue};
 
-pub use instance::{Instance, InstanceLimits, Program};
+pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
+pub use report::{ComponentInfo, StatusReport, SwapRecord, SwapReport};
 pub use state::Effect;
+pub use swap::{Prepared, SwapKind, SwapOptions, prepare};
 
 use crate::bindings::ConnInfo;
 use crate::net::conn::Outbox;
@@ -47,6 +51,14 @@ pub enum Event {
 enum Msg {
     Event(Event),
     Shutdown(oneshot::Sender<()>),
+    Status(oneshot::Sender<StatusReport>),
+    /// The previous generation's program and the current generation number.
+    Previous(oneshot::Sender<Option<(Arc<Program>, u64)>>),
+    Swap(
+        Box<Prepared>,
+        SwapOptions,
+        oneshot::Sender<Result<SwapReport, String>>,
+    ),
 }
 
 /// The service actor is gone (it has shut down).
@@ -65,6 +77,29 @@ impl ServiceHandle {
         self.tx.send(Msg::Event(event)).await.map_err(|_| Stopped)
     }
 
+    pub async fn status(&self) -> Result<StatusReport, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Status(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// The previous generation's program (for rollback), with the current
+    /// generation number.
+    pub async fn previous(&self) -> Result<Option<(Arc<Program>, u64)>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Previous(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+
+    /// Swaps in a prepared instance at the next update point. The error
+    /// says why the swap was aborted; the old version is then still live.
+    pub async fn swap(&self, prepared: Prepared, opts: SwapOptions) -> Result<SwapReport, String> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Swap(Box::new(prepared), opts, tx);
+        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
+        rx.await.map_err(|_| Stopped.to_string())?
+    }
+
     /// Closes every connection (after flushing what the service sent),
     /// delivering `on-close` for each, and stops the actor.
     pub async fn shutdown(&self) {
@@ -80,6 +115,8 @@ pub struct ServiceSpec {
     pub name: Arc<str>,
     pub config: Vec<(String, String)>,
     pub limits: InstanceLimits,
+    /// Bound listeners, for `status`.
+    pub listeners: Vec<(String, std::net::SocketAddr)>,
 }
 
 /// Starts a fresh instance of `program` and calls `init`. Errors here mean
@@ -102,6 +139,11 @@ pub fn spawn(
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
     let actor = Actor {
         spec,
+        generation: 1,
+        started: SystemTime::now(),
+        generation_started: SystemTime::now(),
+        previous: None,
+        history: VecDeque::new(),
         instance,
         rx,
         conns: HashMap::new(),
@@ -128,6 +170,15 @@ struct Conn {
 
 struct Actor {
     spec: ServiceSpec,
+    /// Counts generations: 1 at start, +1 for each committed swap.
+    generation: u64,
+    started: SystemTime,
+    generation_started: SystemTime,
+    /// The program of the generation before this one, kept compiled for
+    /// rollback (at most two generations: the current and this one).
+    previous: Option<Arc<Program>>,
+    /// The most recent swaps, newest last.
+    history: VecDeque<SwapRecord>,
     instance: Instance,
     rx: mpsc::Receiver<Msg>,
     conns: HashMap<u64, Conn>,
@@ -149,6 +200,17 @@ impl Actor {
                         self.close_all().await?;
                         let _ = done.send(());
                         return Ok(());
+                    }
+                    Some(Msg::Status(reply)) => {
+                        let _ = reply.send(self.status());
+                    }
+                    Some(Msg::Previous(reply)) => {
+                        let previous = self.previous.clone().map(|p| (p, self.generation));
+                        let _ = reply.send(previous);
+                    }
+                    Some(Msg::Swap(prepared, opts, reply)) => {
+                        let result = self.swap(*prepared, opts).await?;
+                        let _ = reply.send(result);
                     }
                     None => return Ok(()),
                 },
@@ -199,6 +261,11 @@ impl Actor {
             self.recover(trap).await?;
         }
         self.apply_effects();
+        self.deliver_closes().await
+    }
+
+    /// Delivers `on-close` for the connections that effects closed.
+    async fn deliver_closes(&mut self) -> Result<()> {
         while let Some(id) = self.closing.pop_front() {
             let result = self.instance.on_close(id).await;
             if let Err(trap) = result {
@@ -210,7 +277,12 @@ impl Actor {
     }
 
     fn apply_effects(&mut self) {
-        for effect in self.instance.take_effects() {
+        let effects = self.instance.take_effects();
+        self.apply(effects);
+    }
+
+    fn apply(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
             match effect {
                 Effect::Send(id, data) => self.send(id, data),
                 Effect::Close(id) => {

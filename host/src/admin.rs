@@ -1,0 +1,205 @@
+//! The client commands `swap`, `status` and `rollback`: send one request
+//! over the service's control socket and print the answer, for people or
+//! (with `--json`) for scripts.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cli::{ControlArgs, RollbackArgs, StatusArgs, SwapArgs};
+use crate::control::{self, client, protocol::Request, protocol::Response};
+use crate::service::{StatusReport, SwapReport};
+
+fn socket(args: &ControlArgs) -> Result<std::path::PathBuf> {
+    control::socket_path(args.control.clone(), &args.name)
+}
+
+pub async fn swap(args: SwapArgs) -> Result<()> {
+    let path = std::path::absolute(&args.new)
+        .with_context(|| format!("bad path {}", args.new.display()))?;
+    if !path.exists() {
+        bail!("cannot read component {}: no such file", path.display());
+    }
+    if !args.json {
+        eprintln!(
+            "swapping `{}` to {} (compiling, then transferring state)...",
+            args.control.name,
+            path.display()
+        );
+    }
+    let request = Request::Swap {
+        path,
+        fresh: args.fresh,
+        no_validate: args.no_validate,
+    };
+    let report = swapped(
+        client::request(&socket(&args.control)?, request).await?,
+        "swap aborted",
+    )?;
+    print_swap(&report, args.json)
+}
+
+pub async fn rollback(args: RollbackArgs) -> Result<()> {
+    let request = Request::Rollback {
+        no_validate: args.no_validate,
+    };
+    let report = swapped(
+        client::request(&socket(&args.control)?, request).await?,
+        "rollback aborted",
+    )?;
+    print_swap(&report, args.json)
+}
+
+pub async fn status(args: StatusArgs) -> Result<()> {
+    match client::request(&socket(&args.control)?, Request::Status).await? {
+        Response::Status(report) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&report)?)
+        }
+        Response::Status(report) => print!("{}", format_status(&report)),
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
+}
+
+fn swapped(response: Response, what: &str) -> Result<Box<SwapReport>> {
+    match response {
+        Response::Swapped(report) => Ok(report),
+        Response::Error { message } if message.starts_with("rollback refused") => {
+            bail!("{message}")
+        }
+        Response::Error { message } => {
+            bail!("{what}, the running version keeps serving: {message}")
+        }
+        other => bail!("unexpected reply: {other:?}"),
+    }
+}
+
+fn print_swap(report: &SwapReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        for warning in &report.warnings {
+            eprintln!("warning: {warning}");
+        }
+        print!("{}", format_swap(report));
+    }
+    Ok(())
+}
+
+fn file_name(path: &str) -> &str {
+    Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(path)
+}
+
+/// Microseconds for people: `412 µs`, `3.2 ms`.
+fn us(v: u64) -> String {
+    if v < 10_000 {
+        format!("{v} µs")
+    } else {
+        format!("{:.1} ms", v as f64 / 1000.0)
+    }
+}
+
+pub fn format_swap(r: &SwapReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} committed for `{}`: generation {} -> {}",
+        r.kind, r.service, r.generation_from, r.generation_to
+    );
+    let _ = writeln!(s, "  from    {} ({})", r.from.path, r.from.short_hash());
+    let cache = if r.from_cache {
+        "from cache"
+    } else {
+        "compiled"
+    };
+    let _ = writeln!(
+        s,
+        "  to      {} ({}), {cache} in {}",
+        r.to.path,
+        r.to.short_hash(),
+        us(r.compile_us)
+    );
+    match &r.format {
+        Some(f) => {
+            let _ = writeln!(s, "  state   {f}, {} bytes", r.state_bytes);
+        }
+        None => {
+            let _ = writeln!(s, "  state   none (started fresh)");
+        }
+    }
+    let _ = writeln!(
+        s,
+        "  pause   {} (export {}, import {}, validate {}, host {})",
+        us(r.pause_us),
+        us(r.export_us),
+        us(r.import_us),
+        us(r.validate_us),
+        us(r.host_us)
+    );
+    let _ = writeln!(s, "  kept    {} connections", r.connections);
+    s
+}
+
+pub fn format_status(r: &StatusReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "service      {}", r.service);
+    let _ = writeln!(
+        s,
+        "component    {} ({})",
+        r.component.path,
+        r.component.short_hash()
+    );
+    let _ = writeln!(
+        s,
+        "generation   {} (for {:.0} s; up {:.0} s)",
+        r.generation, r.generation_uptime_s, r.uptime_s
+    );
+    for l in &r.listeners {
+        let _ = writeln!(s, "listening    {} {}", l.name, l.addr);
+    }
+    let _ = writeln!(
+        s,
+        "connections  {} open, {} since start",
+        r.connections, r.connections_total
+    );
+    let _ = writeln!(
+        s,
+        "events       {} served, {} traps, {} timers armed",
+        r.events, r.traps, r.timers
+    );
+    if let Some(p) = &r.previous {
+        let _ = writeln!(
+            s,
+            "previous     {} ({}) (wasmhost rollback)",
+            p.path,
+            p.short_hash()
+        );
+    }
+    if r.swaps.is_empty() {
+        let _ = writeln!(s, "swaps        none");
+    } else {
+        let _ = writeln!(s, "swaps        (newest last)");
+    }
+    for w in &r.swaps {
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(w.at_unix_ms),
+        );
+        let format = w.format.as_deref().unwrap_or("-");
+        let _ = writeln!(
+            s,
+            "  {when} {:<8} {} -> {}  {format} {} bytes, pause {}: {}",
+            w.kind,
+            file_name(&w.from.path),
+            file_name(&w.to.path),
+            w.state_bytes,
+            us(w.pause_us),
+            w.outcome
+        );
+    }
+    s
+}

@@ -1,0 +1,115 @@
+//! The control protocol: versioned request and response messages, framed
+//! as a 4-byte big-endian length followed by that many bytes of JSON.
+//!
+//! Every request carries the protocol version; a host answers a version it
+//! does not speak with an error instead of guessing. A malformed or
+//! oversized frame gets an error reply and changes nothing.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::service::{StatusReport, SwapReport};
+
+/// The protocol version this host speaks.
+pub const VERSION: u32 = 1;
+
+/// Largest frame accepted, in bytes. Requests are small (a path, a few
+/// flags); status replies grow with the swap history, which is capped.
+pub const MAX_FRAME: usize = 1 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RequestFrame {
+    pub version: u32,
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+pub enum Request {
+    /// The service's state: component, generation, counters, swap history.
+    Status,
+    /// Replace the running component with the one at `path`.
+    Swap {
+        /// Absolute path, readable by the serving process.
+        path: PathBuf,
+        /// Start the new version fresh (`init`), dropping the state, when
+        /// there is no common format (or even when there is one).
+        #[serde(default)]
+        fresh: bool,
+        /// Skip the check that the new version can export the state it
+        /// imported.
+        #[serde(default)]
+        no_validate: bool,
+    },
+    /// Swap back to the previous generation's component.
+    Rollback {
+        #[serde(default)]
+        no_validate: bool,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResponseFrame {
+    pub version: u32,
+    #[serde(flatten)]
+    pub response: Response,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Response {
+    Status(Box<StatusReport>),
+    Swapped(Box<SwapReport>),
+    Error { message: String },
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection closed")]
+    Closed,
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME} bytes")]
+    TooLarge(usize),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub async fn read_frame<T, R>(reader: &mut R) -> Result<T, FrameError>
+where
+    T: for<'de> Deserialize<'de>,
+    R: AsyncRead + Unpin,
+{
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+pub async fn write_frame<T, W>(writer: &mut W, message: &T) -> Result<(), FrameError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    let body = serde_json::to_vec(message)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    writer.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    writer.write_all(&body).await?;
+    writer.flush().await?;
+    Ok(())
+}

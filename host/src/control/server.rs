@@ -1,0 +1,258 @@
+//! The control socket's server side, run by `wasmhost serve`.
+
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+
+use super::protocol::{self, FrameError, Request, RequestFrame, Response, ResponseFrame, VERSION};
+use crate::engine::Runtime;
+use crate::service::{self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions};
+
+/// What request handlers need.
+#[derive(Clone)]
+pub struct ControlCtx {
+    pub runtime: Runtime,
+    pub service: ServiceHandle,
+    pub name: Arc<str>,
+    pub limits: InstanceLimits,
+}
+
+/// A bound control socket; the file is removed when this is dropped.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl ControlSocket {
+    /// Binds `path` (mode 0600), creating its directory (mode 0700) if
+    /// needed. Refuses a path where another service is listening, and a
+    /// directory that others can write to or that belongs to another user.
+    pub async fn bind(path: &Path) -> Result<ControlSocket> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        prepare_dir(dir)?;
+        if UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another wasmhost is already using the control socket {}; stop it, or give this \
+                 service another --name (or --control PATH)",
+                path.display()
+            );
+        }
+        match std::fs::remove_file(path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed a stale control socket"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => bail!(
+                "cannot remove the stale control socket {}: {e}",
+                path.display()
+            ),
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("cannot create the control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers requests until `shutdown`.
+    pub async fn serve(self, ctx: ControlCtx, shutdown: CancellationToken) {
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("control socket accept failed: {e}");
+                        continue;
+                    }
+                },
+            };
+            let ctx = ctx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = handle_client(stream, &ctx).await {
+                    tracing::debug!("control client: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Creates `dir` with mode 0700 if missing; refuses one that another user
+/// owns or that others may write to.
+fn prepare_dir(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        bail!(
+            "refusing the control directory {}: it belongs to uid {}, not to this user (uid {me}); \
+             remove it or pass --control PATH",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        bail!(
+            "refusing the control directory {}: others may write to it (mode {:o}); chmod 700 it or pass --control PATH",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+async fn handle_client(mut stream: UnixStream, ctx: &ControlCtx) -> Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    let me = nix::unistd::geteuid().as_raw();
+    if peer != me {
+        tracing::warn!(
+            peer_uid = peer,
+            "refused a control request from another user"
+        );
+        let message = format!(
+            "permission denied: this service's control socket belongs to uid {me}; requests from uid {peer} are refused"
+        );
+        reply(&mut stream, Response::Error { message }).await?;
+        return Ok(());
+    }
+    loop {
+        let frame: RequestFrame = match protocol::read_frame(&mut stream).await {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => return Ok(()),
+            Err(e @ (FrameError::TooLarge(_) | FrameError::Malformed(_))) => {
+                // The stream cannot be trusted to be in step any more.
+                reply(
+                    &mut stream,
+                    Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let response = if frame.version != VERSION {
+            Response::Error {
+                message: format!(
+                    "unsupported control protocol version {} (this host speaks {VERSION})",
+                    frame.version
+                ),
+            }
+        } else {
+            handle(frame.request, ctx).await
+        };
+        reply(&mut stream, response).await?;
+    }
+}
+
+async fn reply(stream: &mut UnixStream, response: Response) -> Result<()> {
+    protocol::write_frame(
+        stream,
+        &ResponseFrame {
+            version: VERSION,
+            response,
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+async fn handle(request: Request, ctx: &ControlCtx) -> Response {
+    let result = match request {
+        Request::Status => ctx
+            .service
+            .status()
+            .await
+            .map(|s| Response::Status(Box::new(s)))
+            .map_err(|e| e.to_string()),
+        Request::Swap {
+            path,
+            fresh,
+            no_validate,
+        } => swap(ctx, &path, fresh, !no_validate).await,
+        Request::Rollback { no_validate } => rollback(ctx, !no_validate).await,
+    };
+    result.unwrap_or_else(|message| Response::Error { message })
+}
+
+async fn swap(
+    ctx: &ControlCtx,
+    path: &Path,
+    fresh: bool,
+    validate: bool,
+) -> Result<Response, String> {
+    let runtime = ctx.runtime.clone();
+    let owned = path.to_path_buf();
+    let program = tokio::task::spawn_blocking(move || Program::prepare(&runtime, &owned))
+        .await
+        .map_err(|e| format!("compiling panicked: {e}"))?
+        .map_err(|e| format!("{e:#}"))?;
+    let opts = SwapOptions {
+        kind: SwapKind::Swap,
+        fresh,
+        validate,
+        expect_generation: None,
+    };
+    run_swap(ctx, program, opts, true).await
+}
+
+async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> {
+    let previous = ctx.service.previous().await.map_err(|e| e.to_string())?;
+    let Some((program, generation)) = previous else {
+        return Err("nothing to roll back to: this service has not been swapped yet".into());
+    };
+    let opts = SwapOptions {
+        kind: SwapKind::Rollback,
+        fresh: false,
+        validate,
+        expect_generation: Some(generation),
+    };
+    run_swap(ctx, program, opts, false).await.map_err(|why| {
+        if why.starts_with("no state format in common") {
+            format!(
+                "rollback refused: {why}. Rolling back now would lose the state; if that is what you want, \
+                 `wasmhost swap --fresh` the previous component"
+            )
+        } else {
+            why
+        }
+    })
+}
+
+async fn run_swap(
+    ctx: &ControlCtx,
+    program: Arc<Program>,
+    opts: SwapOptions,
+    compiled: bool,
+) -> Result<Response, String> {
+    let prepared = service::prepare(program, ctx.name.clone(), &ctx.limits, compiled)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let report = ctx.service.swap(prepared, opts).await?;
+    Ok(Response::Swapped(Box::new(report)))
+}

@@ -1,0 +1,145 @@
+//! What `status` and `swap` report, as serialisable data (the control
+//! socket sends it as JSON; the CLI prints it).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Actor, Program};
+
+/// Most swap records kept for `status`.
+pub const HISTORY_LEN: usize = 100;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ComponentInfo {
+    pub path: String,
+    /// Hex SHA-256 of the component file.
+    pub hash: String,
+}
+
+impl ComponentInfo {
+    pub fn of(program: &Program) -> ComponentInfo {
+        ComponentInfo {
+            path: program.path.display().to_string(),
+            hash: program.hash.clone(),
+        }
+    }
+
+    pub fn short_hash(&self) -> &str {
+        &self.hash[..self.hash.len().min(12)]
+    }
+}
+
+/// The outcome of one committed swap.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwapReport {
+    pub service: String,
+    /// `swap`, `fresh` or `rollback`.
+    pub kind: String,
+    pub generation_from: u64,
+    pub generation_to: u64,
+    pub from: ComponentInfo,
+    pub to: ComponentInfo,
+    /// The negotiated state format; `None` for a fresh swap.
+    pub format: Option<String>,
+    pub state_bytes: usize,
+    /// Reading and compiling the new component (before the pause).
+    pub compile_us: u64,
+    pub from_cache: bool,
+    /// Instantiating the new component (before the pause).
+    pub instantiate_us: u64,
+    /// The time no event was served.
+    pub pause_us: u64,
+    /// Parts of the pause spent in the guests.
+    pub export_us: u64,
+    pub import_us: u64,
+    pub validate_us: u64,
+    /// The rest of the pause: negotiation and the host's own work.
+    pub host_us: u64,
+    pub connections: usize,
+    pub warnings: Vec<String>,
+}
+
+/// One entry of the swap history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SwapRecord {
+    /// Wall-clock time of the swap, Unix milliseconds.
+    pub at_unix_ms: u64,
+    pub kind: String,
+    pub from: ComponentInfo,
+    pub to: ComponentInfo,
+    pub format: Option<String>,
+    pub state_bytes: usize,
+    pub pause_us: u64,
+    /// `committed`, or `aborted: <why>`.
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub service: String,
+    pub component: ComponentInfo,
+    pub generation: u64,
+    pub uptime_s: f64,
+    pub generation_uptime_s: f64,
+    pub listeners: Vec<ListenerInfo>,
+    pub connections: usize,
+    pub connections_total: u64,
+    pub events: u64,
+    pub traps: u64,
+    pub timers: usize,
+    /// The component `rollback` would return to.
+    pub previous: Option<ComponentInfo>,
+    /// The most recent swaps, oldest first.
+    pub swaps: Vec<SwapRecord>,
+}
+
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+}
+
+pub fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+impl Actor {
+    pub(super) fn status(&self) -> StatusReport {
+        let since = |t: SystemTime| t.elapsed().unwrap_or_default().as_secs_f64();
+        StatusReport {
+            service: self.spec.name.to_string(),
+            component: ComponentInfo::of(&self.instance.program),
+            generation: self.generation,
+            uptime_s: since(self.started),
+            generation_uptime_s: since(self.generation_started),
+            listeners: self
+                .spec
+                .listeners
+                .iter()
+                .map(|(name, addr)| ListenerInfo {
+                    name: name.clone(),
+                    addr: addr.to_string(),
+                })
+                .collect(),
+            connections: self.conns.len(),
+            connections_total: self.stats.connections_total,
+            events: self.stats.events,
+            traps: self.stats.traps,
+            timers: self.timer_keys.len(),
+            previous: self.previous.as_deref().map(ComponentInfo::of),
+            swaps: self.history.iter().cloned().collect(),
+        }
+    }
+
+    pub(super) fn record(&mut self, record: SwapRecord) {
+        if self.history.len() == HISTORY_LEN {
+            self.history.pop_front();
+        }
+        self.history.push_back(record);
+    }
+}

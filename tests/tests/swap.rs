@@ -1,0 +1,439 @@
+//! Live swap under load with real clients: state carried over, no reply
+//! lost, no connection closed; failed swaps change nothing; rollback.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use redis::Connection;
+use wasmhost_tests::irc::IrcClient;
+use wasmhost_tests::{Served, guest};
+
+fn connect(server: &Served) -> Connection {
+    let client = redis::Client::open(format!("redis://{}/", server.addr())).unwrap();
+    client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .unwrap()
+}
+
+fn status_json(server: &Served) -> String {
+    let out = server.command("status", &["--json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    out.stdout
+}
+
+/// One client's steady stream of commands, each reply checked. Returns how
+/// many rounds it completed.
+fn client_loop(
+    mut c: Connection,
+    id: usize,
+    stop: Arc<AtomicBool>,
+    progress: Arc<AtomicU64>,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut round: u64 = 0;
+    while !stop.load(Ordering::Relaxed) && round < 1_000_000 {
+        assert!(Instant::now() < deadline, "client {id}: load ran too long");
+        let key = format!("k:{id}:{round}");
+        let reply: String = redis::cmd("SET")
+            .arg(&key)
+            .arg(round)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(reply, "OK", "client {id} round {round}");
+        let back: u64 = redis::cmd("GET").arg(&key).query(&mut c).unwrap();
+        assert_eq!(back, round, "client {id} round {round}");
+        let n: u64 = redis::cmd("INCR")
+            .arg(format!("count:{id}"))
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(n, round + 1, "client {id} round {round}");
+        let len: u64 = redis::cmd("RPUSH")
+            .arg(format!("list:{id}"))
+            .arg(round)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(len, round + 1, "client {id} round {round}");
+        round += 1;
+        progress.fetch_add(1, Ordering::Relaxed);
+    }
+    round
+}
+
+/// Waits until the clients together have done `more` rounds beyond now.
+fn wait_progress(progress: &AtomicU64, more: u64) {
+    let target = progress.load(Ordering::Relaxed) + more;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while progress.load(Ordering::Relaxed) < target {
+        assert!(Instant::now() < deadline, "clients stopped making progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
+    const CLIENTS: usize = 50;
+    let server = Served::start("kv", &[]);
+    let mut setup = connect(&server);
+    let _: () = redis::cmd("SET")
+        .arg("before")
+        .arg("swap")
+        .arg("EX")
+        .arg(3600)
+        .query(&mut setup)
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let (c, stop, progress) = (connect(&server), stop.clone(), progress.clone());
+            std::thread::spawn(move || client_loop(c, id, stop, progress))
+        })
+        .collect();
+
+    wait_progress(&progress, 500);
+    let report = server.swap_to("kv-v2");
+    assert!(report.contains("generation 1 -> 2"), "{report}");
+    assert!(report.contains("state   kv/1"), "{report}");
+    assert!(
+        report.contains(&format!("kept    {} connections", CLIENTS + 1)),
+        "{report}"
+    );
+    wait_progress(&progress, 200);
+    // kv-v2 is live: hashes work (on a separate connection, then removed so
+    // kv can come back).
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("v")
+        .query(&mut setup)
+        .unwrap();
+    let _: () = redis::cmd("HDEL")
+        .arg("h")
+        .arg("f")
+        .query(&mut setup)
+        .unwrap();
+    for i in 0..20 {
+        let next = if i % 2 == 0 { "kv" } else { "kv-v2" };
+        let report = server.swap_to(next);
+        assert!(
+            report.contains(&format!("generation {} -> {}", i + 2, i + 3)),
+            "{report}"
+        );
+        wait_progress(&progress, 100);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds: Vec<u64> = clients
+        .into_iter()
+        .map(|t| t.join().expect("client thread"))
+        .collect();
+
+    // Everything written before and during the swaps reads back.
+    let mut check = connect(&server);
+    for (id, &n) in rounds.iter().enumerate() {
+        assert!(n > 0, "client {id} made no progress");
+        let mut pipe = redis::pipe();
+        for round in 0..n {
+            pipe.cmd("GET").arg(format!("k:{id}:{round}"));
+        }
+        let values: Vec<u64> = pipe.query(&mut check).unwrap();
+        assert_eq!(values, (0..n).collect::<Vec<_>>(), "client {id}");
+        let count: u64 = redis::cmd("GET")
+            .arg(format!("count:{id}"))
+            .query(&mut check)
+            .unwrap();
+        assert_eq!(count, n);
+        let len: u64 = redis::cmd("LLEN")
+            .arg(format!("list:{id}"))
+            .query(&mut check)
+            .unwrap();
+        assert_eq!(len, n);
+    }
+    let before: String = redis::cmd("GET").arg("before").query(&mut setup).unwrap();
+    assert_eq!(before, "swap");
+    let ttl: i64 = redis::cmd("TTL").arg("before").query(&mut setup).unwrap();
+    assert!(ttl > 3500, "expiry carried over: {ttl}");
+    let status = status_json(&server);
+    assert!(status.contains("\"generation\": 22"), "{status}");
+    assert_eq!(
+        status.matches("\"outcome\": \"committed\"").count(),
+        21,
+        "{status}"
+    );
+    assert!(status.contains("\"traps\": 0"), "{status}");
+}
+
+#[test]
+fn a_command_split_across_a_swap_is_answered() {
+    let server = Served::start("kv", &[]);
+    let mut conn = TcpStream::connect(server.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n$5\r\nwh")
+        .unwrap();
+    // Make sure the first half has reached the service before the swap.
+    let mut probe = connect(&server);
+    let _: String = redis::cmd("PING").query(&mut probe).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    server.swap_to("kv-v2");
+    conn.write_all(b"ole\r\n*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n")
+        .unwrap();
+    let expected = b"+OK\r\n$5\r\nwhole\r\n";
+    let mut got = vec![0; expected.len()];
+    conn.read_exact(&mut got).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected)
+    );
+}
+
+#[test]
+fn failed_swaps_leave_the_old_version_serving_with_its_state() {
+    let server = Served::start("kv", &[]);
+    let mut c = connect(&server);
+    let _: () = redis::cmd("SET")
+        .arg("keep")
+        .arg("me")
+        .query(&mut c)
+        .unwrap();
+    let _: () = redis::cmd("RPUSH")
+        .arg("list")
+        .arg("a")
+        .arg("b")
+        .query(&mut c)
+        .unwrap();
+    let junk = tempfile::Builder::new().suffix(".wasm").tempfile().unwrap();
+    std::fs::write(junk.path(), b"not wasm at all").unwrap();
+    let cases: [(&str, &str); 5] = [
+        (
+            &guest("reject-state").display().to_string(),
+            "rejected the kv/1 state: this build rejects every state",
+        ),
+        (
+            &guest("trap-import").display().to_string(),
+            "trapped in import-state(kv/1)",
+        ),
+        (
+            &guest("trap-export").display().to_string(),
+            "validation failed: the new version trapped exporting the kv/1 state",
+        ),
+        (
+            &guest("echo").display().to_string(),
+            "no state format in common: the new version imports [echo/1], the running version exports [kv/1]",
+        ),
+        (
+            &junk.path().display().to_string(),
+            "is not a WebAssembly file",
+        ),
+    ];
+    for (path, cause) in cases {
+        let out = server.command("swap", &[path]);
+        assert_eq!(out.status.code(), Some(1), "swap to {path}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .contains("swap aborted, the running version keeps serving"),
+            "{}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.contains(cause),
+            "swap to {path}: expected {cause:?} in {}",
+            out.stderr
+        );
+        // Same connection, same state.
+        let v: String = redis::cmd("GET").arg("keep").query(&mut c).unwrap();
+        assert_eq!(v, "me");
+        let l: Vec<String> = redis::cmd("LRANGE")
+            .arg("list")
+            .arg(0)
+            .arg(-1)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(l, vec!["a", "b"]);
+    }
+    let out = server.command("swap", &["/nonexistent/new.wasm"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("no such file"), "{}", out.stderr);
+    let status = status_json(&server);
+    assert!(status.contains("\"generation\": 1"), "{status}");
+    assert_eq!(
+        status.matches("\"outcome\": \"aborted: ").count(),
+        4,
+        "{status}"
+    );
+    assert!(status.contains("\"traps\": 0"), "{status}");
+}
+
+#[test]
+fn an_old_version_that_traps_in_export_is_restarted_and_the_swap_aborted() {
+    // trap-export imports anything and traps when asked to export: as the
+    // running version it cannot hand its state over. The host cannot keep
+    // a trapped instance, so it restarts it fresh and says so.
+    let server = Served::start("trap-export", &[]);
+    let out = server.command("swap", &[guest("kv").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("the running version trapped in export-state(kv/1)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("restarted with fresh state"),
+        "{}",
+        out.stderr
+    );
+    let mut conn = TcpStream::connect(server.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    conn.write_all(b"hello\n").unwrap();
+    let mut reply = [0u8; 8];
+    conn.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"1 hello\n");
+}
+
+#[test]
+fn rollback_is_refused_while_kv_v2_holds_hashes_and_allowed_without() {
+    let server = Served::start("kv", &[]);
+    let out = server.command("rollback", &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("nothing to roll back to"),
+        "{}",
+        out.stderr
+    );
+
+    let mut c = connect(&server);
+    let _: () = redis::cmd("SET").arg("s").arg("1").query(&mut c).unwrap();
+    server.swap_to("kv-v2");
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("v")
+        .arg("g")
+        .arg("w")
+        .query(&mut c)
+        .unwrap();
+    let out = server.command("rollback", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr
+            .contains("rollback refused: no state format in common"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("exports [kv/2]"), "{}", out.stderr);
+    assert!(out.stderr.contains("imports [kv/1]"), "{}", out.stderr);
+    // Still kv-v2, with the hash.
+    let v: String = redis::cmd("HGET").arg("h").arg("g").query(&mut c).unwrap();
+    assert_eq!(v, "w");
+
+    let _: () = redis::cmd("DEL").arg("h").query(&mut c).unwrap();
+    let out = server.command("rollback", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("rollback committed"), "{}", out.stdout);
+    assert!(out.stdout.contains("kv.wasm"), "{}", out.stdout);
+    let v: String = redis::cmd("GET").arg("s").query(&mut c).unwrap();
+    assert_eq!(v, "1");
+    // kv again: no hashes.
+    let e = redis::cmd("HGET")
+        .arg("h")
+        .arg("f")
+        .query::<String>(&mut c)
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown command"), "{e}");
+    let status = status_json(&server);
+    assert!(status.contains("\"generation\": 3"), "{status}");
+    assert!(status.contains("\"kind\": \"rollback\""), "{status}");
+}
+
+#[test]
+fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
+    const MESSAGES: usize = 400;
+    let server = Served::start("chat", &["--config", "history=1000"]);
+    let addr = server.addr();
+    let mut alice = IrcClient::register(addr, "alice");
+    let mut bob = IrcClient::register(addr, "bob");
+    let mut carol = IrcClient::register(addr, "carol");
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.send("JOIN #rust");
+        let nick = c.nick.clone();
+        c.expect(&format!(" 366 {nick} #rust "));
+    }
+    alice.sync("joined");
+    bob.sync("joined");
+    carol.send("TOPIC #rust :before the swap");
+    carol.sync("topic");
+
+    // Alice talks steadily (about 200 ms in all) while the service is
+    // swapped to chat-v2, once bob has seen the first messages.
+    let talker = std::thread::spawn(move || {
+        for i in 0..MESSAGES {
+            alice.send(&format!("PRIVMSG #rust :message {i}"));
+            if i % 4 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        alice
+    });
+    bob.expect("PRIVMSG #rust :message 20");
+    let report = server.swap_to("chat-v2");
+    assert!(report.contains("state   chat/1"), "{report}");
+    let mut alice = talker.join().unwrap();
+
+    for listener in [&mut bob, &mut carol] {
+        listener.expect(&format!("PRIVMSG #rust :message {}", MESSAGES - 1));
+        let got: Vec<&String> = listener
+            .seen
+            .iter()
+            .filter(|l| l.contains("PRIVMSG #rust :message "))
+            .collect();
+        let expected: Vec<String> = (0..MESSAGES)
+            .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
+            .collect();
+        assert_eq!(
+            got,
+            expected.iter().collect::<Vec<_>>(),
+            "{} saw each message exactly once, in order",
+            listener.nick
+        );
+    }
+
+    // Still registered and joined under chat-v2; LIST is new in v2.
+    bob.send("PRIVMSG alice :still there?");
+    alice.expect(":bob!bob@127.0.0.1 PRIVMSG alice :still there?");
+    carol.send("NAMES #rust");
+    carol.expect(" 353 carol = #rust :alice bob carol");
+    carol.send("LIST");
+    carol.expect(" 322 carol #rust 3 :before the swap");
+    // History kept: a newcomer gets every message (history=1000).
+    let mut dave = IrcClient::register(addr, "dave");
+    dave.send("JOIN #rust");
+    dave.expect(" 332 dave #rust :before the swap");
+    let replay = dave.sync("history");
+    let history: Vec<&String> = replay
+        .iter()
+        .filter(|l| l.contains("PRIVMSG #rust :"))
+        .collect();
+    assert_eq!(history.len(), MESSAGES, "{history:#?}");
+    // chat-v2 stamps what it receives: messages before the swap replay as
+    // they were, later ones with their time. Both kinds prove the swap
+    // happened while alice was talking.
+    let stamped = history
+        .iter()
+        .filter(|l| l.contains("PRIVMSG #rust :[20"))
+        .count();
+    assert!(
+        stamped > 0 && stamped < MESSAGES,
+        "{stamped} of {MESSAGES} stamped"
+    );
+    // Back to chat: chat-v2 still exports chat/1.
+    let out = server.command("rollback", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("state   chat/1"), "{}", out.stdout);
+    bob.send("PRIVMSG #rust :after rollback");
+    alice.expect(":bob!bob@127.0.0.1 PRIVMSG #rust :after rollback");
+}
