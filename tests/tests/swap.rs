@@ -352,8 +352,7 @@ fn rollback_is_refused_while_kv_v2_holds_hashes_and_allowed_without() {
 
 #[test]
 fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
-    const MESSAGES: usize = 400;
-    let server = Served::start("chat", &["--config", "history=1000"]);
+    let server = Served::start("chat", &["--config", "history=100000"]);
     let addr = server.addr();
     let mut alice = IrcClient::register(addr, "alice");
     let mut bob = IrcClient::register(addr, "bob");
@@ -368,30 +367,39 @@ fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
     carol.send("TOPIC #rust :before the swap");
     carol.sync("topic");
 
-    // Alice talks steadily (about 200 ms in all) while the service is
-    // swapped to chat-v2, once bob has seen the first messages.
+    // Alice talks steadily from before the swap until 100 messages after
+    // it (at most 20,000 messages).
+    let swapped = Arc::new(AtomicBool::new(false));
+    let done = swapped.clone();
     let talker = std::thread::spawn(move || {
-        for i in 0..MESSAGES {
-            alice.send(&format!("PRIVMSG #rust :message {i}"));
-            if i % 4 == 0 {
-                std::thread::sleep(Duration::from_millis(2));
+        let mut after = 0;
+        let mut sent = 0;
+        while after < 100 && sent < 20_000 {
+            alice.send(&format!("PRIVMSG #rust :message {sent}"));
+            sent += 1;
+            if done.load(Ordering::Relaxed) {
+                after += 1;
+            }
+            if sent % 5 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
-        alice
+        (alice, sent)
     });
     bob.expect("PRIVMSG #rust :message 20");
     let report = server.swap_to("chat-v2");
+    swapped.store(true, Ordering::Relaxed);
     assert!(report.contains("state   chat/1"), "{report}");
-    let mut alice = talker.join().unwrap();
+    let (mut alice, messages) = talker.join().unwrap();
 
     for listener in [&mut bob, &mut carol] {
-        listener.expect(&format!("PRIVMSG #rust :message {}", MESSAGES - 1));
+        listener.expect(&format!("PRIVMSG #rust :message {}", messages - 1));
         let got: Vec<&String> = listener
             .seen
             .iter()
             .filter(|l| l.contains("PRIVMSG #rust :message "))
             .collect();
-        let expected: Vec<String> = (0..MESSAGES)
+        let expected: Vec<String> = (0..messages)
             .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
             .collect();
         assert_eq!(
@@ -409,7 +417,7 @@ fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
     carol.expect(" 353 carol = #rust :alice bob carol");
     carol.send("LIST");
     carol.expect(" 322 carol #rust 3 :before the swap");
-    // History kept: a newcomer gets every message (history=1000).
+    // History kept: a newcomer gets every message.
     let mut dave = IrcClient::register(addr, "dave");
     dave.send("JOIN #rust");
     dave.expect(" 332 dave #rust :before the swap");
@@ -418,7 +426,7 @@ fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
         .iter()
         .filter(|l| l.contains("PRIVMSG #rust :"))
         .collect();
-    assert_eq!(history.len(), MESSAGES, "{history:#?}");
+    assert_eq!(history.len(), messages, "{history:#?}");
     // chat-v2 stamps what it receives: messages before the swap replay as
     // they were, later ones with their time. Both kinds prove the swap
     // happened while alice was talking.
@@ -427,8 +435,8 @@ fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
         .filter(|l| l.contains("PRIVMSG #rust :[20"))
         .count();
     assert!(
-        stamped > 0 && stamped < MESSAGES,
-        "{stamped} of {MESSAGES} stamped"
+        stamped > 0 && stamped < messages,
+        "{stamped} of {messages} stamped"
     );
     // Back to chat: chat-v2 still exports chat/1.
     let out = server.command("rollback", &[]);

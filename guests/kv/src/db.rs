@@ -27,7 +27,9 @@ pub struct Entry {
 /// periodic sweep.
 #[derive(Default)]
 pub struct Db {
-    map: HashMap<Vec<u8>, Entry>,
+    /// foldhash: several times faster than SipHash in wasm, and seeded
+    /// per instance, so clients cannot predict collisions.
+    map: HashMap<Vec<u8>, Entry, foldhash::fast::RandomState>,
     /// (deadline, key) for every deadline ever set; stale pairs (the key's
     /// deadline changed or it was deleted) are skipped when popped.
     deadlines: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
@@ -36,6 +38,14 @@ pub struct Db {
 }
 
 impl Db {
+    /// An empty keyspace with room for `keys` keys (for imports).
+    pub fn with_capacity(keys: usize) -> Db {
+        Db {
+            map: HashMap::with_capacity_and_hasher(keys, Default::default()),
+            ..Db::default()
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.map.len()
     }

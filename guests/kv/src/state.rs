@@ -111,8 +111,10 @@ pub fn import(state: &[u8], format: &str, now: u64) -> Result<(Db, HashMap<u64, 
     if r.take(4)? != magic {
         return Err(format!("not a {format} state (bad magic)"));
     }
-    let mut db = Db::default();
-    for _ in 0..r.u64()? {
+    let nkeys = r.u64()?;
+    // Every key takes at least 17 bytes of state: never reserve more.
+    let mut db = Db::with_capacity((nkeys as usize).min(state.len() / 17));
+    for _ in 0..nkeys {
         let key = r.bytes()?.to_vec();
         let expires_at = Some(r.u64()?).filter(|&t| t != 0);
         let value = match r.u8()? {

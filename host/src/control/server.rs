@@ -236,7 +236,7 @@ async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> 
         if why.starts_with("no state format in common") {
             format!(
                 "rollback refused: {why}. Rolling back now would lose the state; if that is what you want, \
-                 `wasmhost swap --fresh` the previous component"
+                 run `wasmhost swap --fresh` with the previous component"
             )
         } else {
             why

@@ -137,6 +137,7 @@ pub fn spawn(
     spec: ServiceSpec,
 ) -> (ServiceHandle, tokio::task::JoinHandle<Result<()>>) {
     let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    swap::start_reaper();
     let actor = Actor {
         spec,
         generation: 1,

@@ -9,7 +9,7 @@
 //! switch. Any failure aborts: the old instance stays live with its state
 //! and the new one is dropped with everything it did.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
@@ -185,9 +185,15 @@ impl Actor {
             0
         } else {
             let Some(format) = &format else {
+                let (target, advice) = match opts.kind {
+                    SwapKind::Rollback => ("the previous version", ""),
+                    SwapKind::Swap => (
+                        "the new version",
+                        "; use --fresh to start the new version without the state",
+                    ),
+                };
                 return Ok(Err(format!(
-                    "no state format in common: the new version imports [{}], the running version exports [{}] \
-                     now; use --fresh to start the new version without the state",
+                    "no state format in common: {target} imports [{}], the running version exports [{}] now{advice}",
                     importable.join(", "),
                     exportable.join(", ")
                 )));
@@ -283,7 +289,7 @@ impl Actor {
     }
 
     /// Makes `new` the live instance; returns the old program. The old
-    /// instance is dropped on a blocking thread, so unmapping its memory
+    /// instance is dropped on the reaper thread, so unmapping its memory
     /// is not part of the pause.
     fn commit(&mut self, new: Instance, fresh: bool) -> Arc<Program> {
         self.apply_effects(); // anything the old instance recorded while exporting
@@ -294,11 +300,13 @@ impl Actor {
         }
         let old = std::mem::replace(&mut self.instance, new);
         self.apply_effects(); // what the new instance recorded while importing
-        self.previous = Some(old.program.clone());
+        // The generation before the previous one is no longer needed; its
+        // compiled code is unmapped off the actor too.
+        let older = self.previous.replace(old.program.clone());
         self.generation += 1;
         self.generation_started = SystemTime::now();
         let program = old.program.clone();
-        tokio::task::spawn_blocking(move || drop(old));
+        reap(Box::new((old, older)));
         program
     }
 }
@@ -345,4 +353,33 @@ async fn import(
             root(&trap)
         )),
     }
+}
+
+/// Drops `garbage` on a long-lived background thread: freeing a store
+/// (its memory, its fiber stack) or a program (its compiled code) means
+/// unmapping memory, which takes time the actor should spend serving.
+fn reap(garbage: Box<dyn Send>) {
+    if let Err(mpsc::SendError(garbage)) = reaper().lock().expect("reaper lock").send(garbage) {
+        drop(garbage); // the reaper is gone: drop it here
+    }
+}
+
+type Garbage = Box<dyn Send>;
+
+/// The reaper thread's queue, started on first use ([`start_reaper`]
+/// starts it early, so the first swap does not pay for the thread).
+fn reaper() -> &'static Mutex<mpsc::Sender<Garbage>> {
+    static REAPER: OnceLock<Mutex<mpsc::Sender<Garbage>>> = OnceLock::new();
+    REAPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<Garbage>();
+        std::thread::Builder::new()
+            .name("wasmhost-reaper".into())
+            .spawn(move || rx.into_iter().for_each(drop))
+            .expect("spawning the reaper thread");
+        Mutex::new(tx)
+    })
+}
+
+pub fn start_reaper() {
+    reaper();
 }
