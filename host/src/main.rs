@@ -13,7 +13,14 @@ use wasmhost::{ServeOptions, Server, engine, net, service};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    let threads = match &cli.command {
+        Command::Serve(args) => args
+            .threads
+            .map_or_else(wasmhost::cli::default_threads, usize::from),
+        _ => 1,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .thread_name("wasmhost")
         .build()

@@ -147,6 +147,11 @@ impl Served {
         served
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// The first listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0].1

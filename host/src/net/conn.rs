@@ -165,8 +165,24 @@ pub async fn spawn(
     });
 }
 
+/// The smallest read buffer.
+const MIN_READ: usize = 4096;
+
+/// Doubles the read size after a read that filled the buffer, halves it
+/// after one that used under a quarter; between [`MIN_READ`] and `max`.
+fn next_read_size(current: usize, read: usize, max: usize) -> usize {
+    if read >= current {
+        (current * 2).min(max)
+    } else if read < current / 4 {
+        (current / 2).max(MIN_READ.min(max))
+    } else {
+        current
+    }
+}
+
 async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &ServiceHandle) {
     let stop = &shared.stop_reading;
+    let mut read_size = MIN_READ.min(shared.limits.read_chunk);
     loop {
         // Backpressure: wait until the client has read enough of its
         // replies, and the service has caught up with this connection.
@@ -185,11 +201,13 @@ async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &Se
             break;
         }
         // Allocate only when there is something to read, so an idle
-        // connection holds no read buffer.
-        let mut buf = BytesMut::with_capacity(shared.limits.read_chunk);
+        // connection holds no read buffer; size it by what recent reads
+        // brought, so small requests do not cost a large allocation.
+        let mut buf = BytesMut::with_capacity(read_size);
         match reader.try_read_buf(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                read_size = next_read_size(read_size, n, shared.limits.read_chunk);
                 shared.unprocessed.fetch_add(n, Ordering::AcqRel);
                 if service.event(Event::Data(id, buf.freeze())).await.is_err() {
                     break;
@@ -271,4 +289,19 @@ fn gather<'a>(
         }
     }
     batch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_size_adapts_within_bounds() {
+        assert_eq!(next_read_size(4096, 4096, 65536), 8192);
+        assert_eq!(next_read_size(65536, 65536, 65536), 65536);
+        assert_eq!(next_read_size(16384, 100, 65536), 8192);
+        assert_eq!(next_read_size(4096, 10, 65536), 4096);
+        assert_eq!(next_read_size(8192, 3000, 65536), 8192);
+        assert_eq!(next_read_size(1024, 10, 1024), 1024);
+    }
 }

@@ -1,0 +1,102 @@
+//! echo guest vs a native tokio echo server, at 1, 50 and 1,000
+//! connections, with the bench's closed-loop load generator.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Result;
+use wasmhost_bench::chart::grouped_bars;
+use wasmhost_bench::loadgen::{EchoLoad, LoadResult, run_echo};
+use wasmhost_bench::procs::echo_native;
+use wasmhost_bench::report::Section;
+use wasmhost_tests::Served;
+
+use super::{Benchmark, Ctx, median, thousands};
+
+pub struct EchoVsTokio;
+
+const MESSAGE: usize = 64;
+
+fn load(ctx: &Ctx, addr: SocketAddr, connections: usize) -> Result<LoadResult> {
+    let load = EchoLoad {
+        addr,
+        connections,
+        message_size: MESSAGE,
+        duration: Duration::from_secs(if ctx.quick { 1 } else { 3 }),
+        max_messages: 50_000_000,
+    };
+    ctx.rt.block_on(run_echo(&load))
+}
+
+impl Benchmark for EchoVsTokio {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+
+    fn run(&self, ctx: &Ctx) -> Result<Section> {
+        let host = Served::start("echo", &[]);
+        let native = echo_native()?;
+        let rounds = if ctx.quick { 1 } else { 2 };
+        let mut s = Section::new("echo guest vs native tokio echo server");
+        let _ = writeln!(
+            s.body,
+            "Closed loop: each connection sends {MESSAGE} bytes and waits for them to come back. {} s per run, \
+             {rounds} rounds alternating; medians. Ratio = wasmhost / native.\n",
+            if ctx.quick { 1 } else { 3 }
+        );
+        let _ = writeln!(
+            s.body,
+            "| connections | wasmhost msg/s | native msg/s | ratio | wasmhost p50 / p99 ms | native p50 / p99 ms |\n|---|---|---|---|---|---|"
+        );
+        let mut cats = Vec::new();
+        let (mut ours_series, mut theirs_series) = (Vec::new(), Vec::new());
+        for conns in [1usize, 50, 1000] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                ours.push(load(ctx, host.addr(), conns)?);
+                theirs.push(load(ctx, native.addr, conns)?);
+            }
+            let rate = |v: &[LoadResult]| median(v.iter().map(LoadResult::per_second).collect());
+            let pct = |v: &[LoadResult], p| median(v.iter().map(|r| r.percentile_ms(p)).collect());
+            let (a, b) = (rate(&ours), rate(&theirs));
+            let _ = writeln!(
+                s.body,
+                "| {conns} | {} | {} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} |",
+                thousands(a),
+                thousands(b),
+                a / b,
+                pct(&ours, 50.0),
+                pct(&ours, 99.0),
+                pct(&theirs, 50.0),
+                pct(&theirs, 99.0)
+            );
+            s.target(
+                &format!("echo throughput vs native tokio, {conns} conn."),
+                ">= 70%",
+                format!("{:.0}%", a / b * 100.0),
+                a / b >= 0.7,
+            );
+            s.headline.push((
+                format!("echo vs native tokio, {conns} connections"),
+                format!("{:.0}% of native msg/s", a / b * 100.0),
+            ));
+            cats.push(format!("{conns} conn."));
+            ours_series.push(a);
+            theirs_series.push(b);
+        }
+        let (path, file) = ctx.out.chart_path("echo");
+        grouped_bars(
+            &path,
+            "echo: round trips per second",
+            "messages/s",
+            &cats,
+            &[
+                ("wasmhost echo".into(), ours_series),
+                ("native tokio".into(), theirs_series),
+            ],
+        )?;
+        s.charts.push((file, "echo throughput".into()));
+        Ok(s)
+    }
+}

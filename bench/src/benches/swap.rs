@@ -1,0 +1,230 @@
+//! Swap pause against state size: kv with 1 thousand to 1 million keys,
+//! repeated swaps between kv and kv-v2, while a client measures the worst
+//! latency it sees.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use wasmhost::control::client;
+use wasmhost::control::protocol::{Request, Response};
+use wasmhost::service::SwapReport;
+use wasmhost_bench::chart::grouped_bars;
+use wasmhost_bench::report::Section;
+use wasmhost_tests::{Served, guest};
+
+use super::{Benchmark, Ctx, median, percentile};
+
+pub struct SwapPause;
+
+/// Loads keys `from..to` with pipelined SETs (16-byte values).
+fn load_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
+    let mut c = TcpStream::connect(addr)?;
+    let mut reply = vec![0u8; 5 * 10_000];
+    let mut i = from;
+    while i < to {
+        let end = (i + 10_000).min(to);
+        let mut batch = Vec::with_capacity(64 * 10_000);
+        for k in i..end {
+            let (key, value) = (format!("key:{k:010}"), format!("value:{k:010}"));
+            write!(
+                batch,
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                key.len(),
+                value.len()
+            )?;
+        }
+        c.write_all(&batch)?;
+        let n = (end - i) as usize * 5;
+        c.read_exact(&mut reply[..n])?;
+        if !reply[..n].chunks(5).all(|r| r == b"+OK\r\n") {
+            bail!("a SET failed while loading keys");
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+/// A client that PINGs without pause and keeps (start, latency) of each.
+struct Probe {
+    stop: Arc<AtomicBool>,
+    samples: Arc<Mutex<Vec<(Instant, Duration)>>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Probe {
+    fn start(addr: SocketAddr) -> Result<Probe> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let (s, v) = (stop.clone(), samples.clone());
+        let mut c = TcpStream::connect(addr)?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(Duration::from_secs(120)))?;
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(1800);
+            let mut pong = [0u8; 7];
+            while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let t = Instant::now();
+                c.write_all(b"PING\r\n")?;
+                c.read_exact(&mut pong)?;
+                v.lock().unwrap().push((t, t.elapsed()));
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Ok(())
+        });
+        Ok(Probe {
+            stop,
+            samples,
+            thread: Some(thread),
+        })
+    }
+
+    /// The worst latency of a PING sent in `[from, to]`.
+    fn worst_between(&self, from: Instant, to: Instant) -> Duration {
+        let samples = self.samples.lock().unwrap();
+        samples
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= to)
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn swap(ctx: &Ctx, host: &Served, to: &str) -> Result<SwapReport> {
+    let request = Request::Swap {
+        path: guest(to),
+        fresh: false,
+        no_validate: false,
+    };
+    match ctx.rt.block_on(client::request(&host.control, request))? {
+        Response::Swapped(report) => Ok(*report),
+        Response::Error { message } => bail!("swap failed: {message}"),
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.3}", us / 1000.0)
+}
+
+impl Benchmark for SwapPause {
+    fn name(&self) -> &'static str {
+        "swap"
+    }
+
+    fn run(&self, ctx: &Ctx) -> Result<Section> {
+        let host = Served::start(
+            "kv",
+            &["--max-memory", "4GiB", "--state-timeout-ms", "120000"],
+        );
+        let probe = Probe::start(host.addr())?;
+        let sizes: &[(u64, usize)] = if ctx.quick {
+            &[(1_000, 10), (25_000, 5)]
+        } else {
+            &[(1_000, 30), (25_000, 20), (100_000, 10), (1_000_000, 4)]
+        };
+        let mut s = Section::new("Swap pause vs state size (kv <-> kv-v2)");
+        let _ = writeln!(
+            s.body,
+            "Keys `key:NNNNNNNNNN` with 16-byte values; swaps alternate kv -> kv-v2 -> kv with validation on (the \
+             default). The pause is the time the service served no event; *host* is the pause minus the guests' \
+             export, import and validation. *Worst client* is the slowest PING of a client pinging throughout.\n"
+        );
+        let _ = writeln!(
+            s.body,
+            "| keys | state bytes | swaps | pause p50 / p99 ms | export p50 ms | import p50 ms | validate p50 ms | host p50 / p99 µs | worst client ms |\n|---|---|---|---|---|---|---|---|---|"
+        );
+        let mut loaded = 0;
+        let mut next = "kv-v2";
+        let mut host_p99_max: f64 = 0.0;
+        let (mut cats, mut exp, mut imp, mut val, mut hst) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        for &(keys, swaps) in sizes {
+            load_keys(host.addr(), loaded, keys).context("loading keys")?;
+            loaded = keys;
+            let mut reports = Vec::new();
+            let mut worst = Duration::ZERO;
+            for _ in 0..swaps {
+                let t = Instant::now();
+                reports.push(swap(ctx, &host, next)?);
+                worst = worst.max(probe.worst_between(t, Instant::now()));
+                next = if next == "kv" { "kv-v2" } else { "kv" };
+            }
+            let col = |f: fn(&SwapReport) -> u64| {
+                reports.iter().map(|r| f(r) as f64).collect::<Vec<f64>>()
+            };
+            let (pause, host_us) = (col(|r| r.pause_us), col(|r| r.host_us));
+            let bytes = reports[0].state_bytes;
+            let _ = writeln!(
+                s.body,
+                "| {keys} | {bytes} | {swaps} | {} / {} | {} | {} | {} | {:.0} / {:.0} | {:.2} |",
+                ms(median(pause.clone())),
+                ms(percentile(pause.clone(), 99.0)),
+                ms(median(col(|r| r.export_us))),
+                ms(median(col(|r| r.import_us))),
+                ms(median(col(|r| r.validate_us))),
+                median(host_us.clone()),
+                percentile(host_us.clone(), 99.0),
+                worst.as_secs_f64() * 1000.0
+            );
+            let p99 = percentile(pause.clone(), 99.0);
+            if bytes <= 1 << 20 {
+                s.target(
+                    &format!("swap pause p99, {keys} keys ({bytes} B state)"),
+                    "< 1 ms (states up to 1 MB)",
+                    format!("{} ms", ms(p99)),
+                    p99 < 1000.0,
+                );
+            }
+            host_p99_max = host_p99_max.max(percentile(host_us, 99.0));
+            s.headline.push((
+                format!("swap pause p50 / p99, {keys} keys"),
+                format!("{} / {} ms", ms(median(pause)), ms(p99)),
+            ));
+            cats.push(format!("{keys} keys"));
+            exp.push(median(col(|r| r.export_us)) / 1000.0);
+            imp.push(median(col(|r| r.import_us)) / 1000.0);
+            val.push(median(col(|r| r.validate_us)) / 1000.0);
+            hst.push(median(col(|r| r.host_us)) / 1000.0);
+        }
+        s.target(
+            "swap host overhead p99 (pause - guest calls)",
+            "< 100 µs at any size",
+            format!("{host_p99_max:.0} µs (worst size)"),
+            host_p99_max < 100.0,
+        );
+        s.headline.push((
+            "swap host overhead p99 (worst size)".into(),
+            format!("{host_p99_max:.0} µs"),
+        ));
+        let (path, file) = ctx.out.chart_path("swap");
+        grouped_bars(
+            &path,
+            "swap pause split (median, ms)",
+            "ms",
+            &cats,
+            &[
+                ("export".into(), exp),
+                ("import".into(), imp),
+                ("validate".into(), val),
+                ("host".into(), hst),
+            ],
+        )?;
+        s.charts.push((file, "swap pause split".into()));
+        Ok(s)
+    }
+}
