@@ -202,10 +202,14 @@ impl Actor {
                 Ok(state) => state,
                 Err(why) => return Ok(Err(why)),
             };
-            if let Err(why) = import(&mut new, format, &state, opts.validate, &mut t).await {
-                return Ok(Err(why));
-            }
-            state.len()
+            let validated = match import(&mut new, format, &state, opts.validate, &mut t).await {
+                Ok(validated) => validated,
+                Err(why) => return Ok(Err(why)),
+            };
+            let len = state.len();
+            // Freeing megabytes can mean unmapping them: not in the pause.
+            reap(Box::new((state, validated)));
+            len
         };
         let connections = self.conns.len();
         let old_program = self.commit(new, opts.fresh);
@@ -319,7 +323,7 @@ async fn import(
     state: &[u8],
     validate: bool,
     t: &mut Timings,
-) -> Result<(), String> {
+) -> Result<Option<Vec<u8>>, String> {
     let began = Instant::now();
     let result = new.import_state(format, state).await;
     t.import = began.elapsed();
@@ -338,13 +342,13 @@ async fn import(
         }
     }
     if !validate {
-        return Ok(());
+        return Ok(None);
     }
     let began = Instant::now();
     let result = new.export_state(format).await;
     t.validate = began.elapsed();
     match result {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(exported)) => Ok(Some(exported)),
         Ok(Err(msg)) => Err(format!(
             "validation failed: the new version cannot export the {format} state it imported: {msg}"
         )),
@@ -359,12 +363,18 @@ async fn import(
 /// (its memory, its fiber stack) or a program (its compiled code) means
 /// unmapping memory, which takes time the actor should spend serving.
 fn reap(garbage: Box<dyn Send>) {
-    if let Err(mpsc::SendError(garbage)) = reaper().lock().expect("reaper lock").send(garbage) {
-        drop(garbage); // the reaper is gone: drop it here
+    let item = (Instant::now(), garbage);
+    if let Err(mpsc::SendError(item)) = reaper().lock().expect("reaper lock").send(item) {
+        drop(item); // the reaper is gone: drop it here
     }
 }
 
-type Garbage = Box<dyn Send>;
+type Garbage = (Instant, Box<dyn Send>);
+
+/// How long the reaper waits before freeing: unmapping takes the
+/// process's memory-map lock, which would stall the new instance's page
+/// faults if it overlapped the end of the pause.
+const REAP_DELAY: Duration = Duration::from_millis(100);
 
 /// The reaper thread's queue, started on first use ([`start_reaper`]
 /// starts it early, so the first swap does not pay for the thread).
@@ -374,7 +384,12 @@ fn reaper() -> &'static Mutex<mpsc::Sender<Garbage>> {
         let (tx, rx) = mpsc::channel::<Garbage>();
         std::thread::Builder::new()
             .name("wasmhost-reaper".into())
-            .spawn(move || rx.into_iter().for_each(drop))
+            .spawn(move || {
+                for (queued, garbage) in rx {
+                    std::thread::sleep(REAP_DELAY.saturating_sub(queued.elapsed()));
+                    drop(garbage);
+                }
+            })
             .expect("spawning the reaper thread");
         Mutex::new(tx)
     })
