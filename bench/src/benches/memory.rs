@@ -23,15 +23,20 @@ pub struct Memory;
 /// one is live on the server); returns them, still open.
 fn open_idle(addr: SocketAddr, n: usize) -> Result<Vec<TcpStream>> {
     let mut conns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let c = TcpStream::connect(addr).context("connecting (raise the open-file limit?)")?;
-        c.set_read_timeout(Some(Duration::from_secs(30)))?;
-        conns.push(c);
-    }
-    for c in &mut conns {
-        c.write_all(b"x")?;
-        let mut b = [0u8; 1];
-        c.read_exact(&mut b)?;
+    // In batches, so the listen backlog never overflows (an overflow costs
+    // a one-second SYN retry).
+    while conns.len() < n {
+        let start = conns.len();
+        for _ in start..n.min(start + 256) {
+            let c = TcpStream::connect(addr).context("connecting (raise the open-file limit?)")?;
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            conns.push(c);
+        }
+        for c in &mut conns[start..] {
+            c.write_all(b"x")?;
+            let mut b = [0u8; 1];
+            c.read_exact(&mut b)?;
+        }
     }
     Ok(conns)
 }

@@ -181,19 +181,22 @@ fn next_read_size(current: usize, read: usize, max: usize) -> usize {
 }
 
 async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &ServiceHandle) {
-    let stop = &shared.stop_reading;
+    // One long-lived future (not one per read): creating and dropping
+    // them showed up in profiles.
+    let stopped = shared.stop_reading.cancelled();
+    tokio::pin!(stopped);
     let mut read_size = MIN_READ.min(shared.limits.read_chunk);
     loop {
         // Backpressure: wait until the client has read enough of its
         // replies, and the service has caught up with this connection.
         while shared.must_wait() {
             tokio::select! {
-                _ = stop.cancelled() => break,
+                _ = &mut stopped => break,
                 _ = shared.wake_reader.notified() => {}
             }
         }
         let ready = tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = &mut stopped => break,
             ready = reader.readable() => ready,
         };
         if let Err(e) = ready {
@@ -233,9 +236,11 @@ async fn write_loop(
     let resume_mark = shared.limits.max_output_buffer / 2;
     let mut batch = Vec::new();
     let mut single;
+    let aborted = shared.abort.cancelled();
+    tokio::pin!(aborted);
     loop {
         let first = tokio::select! {
-            _ = shared.abort.cancelled() => return,
+            _ = &mut aborted => return,
             msg = rx.recv() => msg,
         };
         let Some(first) = first else { break };
@@ -251,7 +256,7 @@ async fn write_loop(
         };
         let len = data.len();
         let written = tokio::select! {
-            _ = shared.abort.cancelled() => return,
+            _ = &mut aborted => return,
             r = writer.write_all(data) => r,
         };
         batch.clear();
