@@ -133,9 +133,9 @@ impl Benchmark for SwapPause {
         );
         let probe = Probe::start(host.addr())?;
         let sizes: &[(u64, usize)] = if ctx.quick {
-            &[(1_000, 10), (25_000, 5)]
+            &[(1_000, 10), (20_000, 5)]
         } else {
-            &[(1_000, 30), (25_000, 20), (100_000, 10), (1_000_000, 4)]
+            &[(1_000, 30), (20_000, 20), (100_000, 10), (1_000_000, 4)]
         };
         let mut s = Section::new("Swap pause vs state size (kv <-> kv-v2)");
         let _ = writeln!(
