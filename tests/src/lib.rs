@@ -78,6 +78,24 @@ pub struct Served {
     _dir: tempfile::TempDir,
 }
 
+/// A `redis` client connection to a served kv guest.
+pub fn redis_connect(server: &Served) -> redis::Connection {
+    let client = redis::Client::open(format!("redis://{}/", server.addr())).expect("redis url");
+    client
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .expect("redis connection")
+}
+
+/// Reads exactly `expected.len()` bytes from `conn` and compares them.
+pub fn expect_reply(conn: &mut impl std::io::Read, expected: &[u8]) {
+    let mut got = vec![0; expected.len()];
+    conn.read_exact(&mut got).expect("reply");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expected)
+    );
+}
+
 /// What a finished `wasmhost` command printed.
 pub struct Finished {
     pub status: ExitStatus,

@@ -5,16 +5,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use redis::{Commands, Connection, RedisResult, Value};
-use wasmhost_tests::Served;
-
-fn connect(server: &Served) -> Connection {
-    let url = format!("redis://{}/", server.addr());
-    let client = redis::Client::open(url).unwrap();
-    client
-        .get_connection_with_timeout(Duration::from_secs(10))
-        .unwrap()
-}
+use redis::{Commands, RedisResult, Value};
+use wasmhost_tests::{Served, expect_reply, redis_connect};
 
 fn err_text<T: std::fmt::Debug>(r: RedisResult<T>) -> String {
     let e = r.expect_err("expected an error reply");
@@ -24,7 +16,7 @@ fn err_text<T: std::fmt::Debug>(r: RedisResult<T>) -> String {
 #[test]
 fn strings_and_counters() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     assert_eq!(redis::cmd("PING").query::<String>(&mut c).unwrap(), "PONG");
     assert_eq!(
         redis::cmd("PING")
@@ -173,7 +165,7 @@ fn strings_and_counters() {
 #[test]
 fn lists() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     assert_eq!(
         redis::cmd("RPUSH")
             .arg("l")
@@ -242,7 +234,7 @@ fn lists() {
 #[test]
 fn errors_match_redis() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     let _: () = c.set("s", "text").unwrap();
     let _: () = redis::cmd("RPUSH").arg("l").arg("x").query(&mut c).unwrap();
     let e = err_text(redis::cmd("GET").query::<String>(&mut c));
@@ -296,7 +288,7 @@ fn errors_match_redis() {
 #[test]
 fn expiry() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     let _: () = redis::cmd("SET")
         .arg("short")
         .arg("v")
@@ -404,7 +396,7 @@ fn expiry() {
 #[test]
 fn pipelining() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     let mut pipe = redis::pipe();
     for i in 0..500 {
         pipe.cmd("SET").arg(format!("k{i}")).arg(i).ignore();
@@ -417,16 +409,6 @@ fn pipelining() {
         assert_eq!(*r, i as i64 + 1);
     }
     assert_eq!(results[500], 500);
-}
-
-/// Reads exactly `expected.len()` bytes and compares.
-fn expect_reply(conn: &mut TcpStream, expected: &[u8]) {
-    let mut got = vec![0; expected.len()];
-    conn.read_exact(&mut got).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(expected)
-    );
 }
 
 #[test]
@@ -469,7 +451,7 @@ fn protocol_error_closes_only_that_connection() {
     let server = Served::start("kv", &[]);
     let mut bad = TcpStream::connect(server.addr()).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut good = connect(&server);
+    let mut good = redis_connect(&server);
     bad.write_all(b"*1\r\n+PING\r\n").unwrap();
     let mut reply = String::new();
     bad.read_to_string(&mut reply).unwrap();
@@ -483,7 +465,7 @@ fn protocol_error_closes_only_that_connection() {
 #[test]
 fn handshake_commands_clients_send() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     let _: () = redis::cmd("CLIENT")
         .arg("SETNAME")
         .arg("test")

@@ -9,14 +9,7 @@ use std::time::{Duration, Instant};
 
 use redis::Connection;
 use wasmhost_tests::irc::IrcClient;
-use wasmhost_tests::{Served, guest};
-
-fn connect(server: &Served) -> Connection {
-    let client = redis::Client::open(format!("redis://{}/", server.addr())).unwrap();
-    client
-        .get_connection_with_timeout(Duration::from_secs(10))
-        .unwrap()
-}
+use wasmhost_tests::{Served, expect_reply, guest, redis_connect};
 
 fn status_json(server: &Served) -> String {
     let out = server.command("status", &["--json"]);
@@ -76,7 +69,7 @@ fn wait_progress(progress: &AtomicU64, more: u64) {
 fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
     const CLIENTS: usize = 50;
     let server = Served::start("kv", &[]);
-    let mut setup = connect(&server);
+    let mut setup = redis_connect(&server);
     let _: () = redis::cmd("SET")
         .arg("before")
         .arg("swap")
@@ -89,7 +82,7 @@ fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
     let progress = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|id| {
-            let (c, stop, progress) = (connect(&server), stop.clone(), progress.clone());
+            let (c, stop, progress) = (redis_connect(&server), stop.clone(), progress.clone());
             std::thread::spawn(move || client_loop(c, id, stop, progress))
         })
         .collect();
@@ -132,7 +125,7 @@ fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
         .collect();
 
     // Everything written before and during the swaps reads back.
-    let mut check = connect(&server);
+    let mut check = redis_connect(&server);
     for (id, &n) in rounds.iter().enumerate() {
         assert!(n > 0, "client {id} made no progress");
         let mut pipe = redis::pipe();
@@ -175,25 +168,19 @@ fn a_command_split_across_a_swap_is_answered() {
     conn.write_all(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n$5\r\nwh")
         .unwrap();
     // Make sure the first half has reached the service before the swap.
-    let mut probe = connect(&server);
+    let mut probe = redis_connect(&server);
     let _: String = redis::cmd("PING").query(&mut probe).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     server.swap_to("kv-v2");
     conn.write_all(b"ole\r\n*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n")
         .unwrap();
-    let expected = b"+OK\r\n$5\r\nwhole\r\n";
-    let mut got = vec![0; expected.len()];
-    conn.read_exact(&mut got).unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&got),
-        String::from_utf8_lossy(expected)
-    );
+    expect_reply(&mut conn, b"+OK\r\n$5\r\nwhole\r\n");
 }
 
 #[test]
 fn failed_swaps_leave_the_old_version_serving_with_its_state() {
     let server = Served::start("kv", &[]);
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     let _: () = redis::cmd("SET")
         .arg("keep")
         .arg("me")
@@ -306,7 +293,7 @@ fn rollback_is_refused_while_kv_v2_holds_hashes_and_allowed_without() {
         out.stderr
     );
 
-    let mut c = connect(&server);
+    let mut c = redis_connect(&server);
     let _: () = redis::cmd("SET").arg("s").arg("1").query(&mut c).unwrap();
     server.swap_to("kv-v2");
     let _: () = redis::cmd("HSET")

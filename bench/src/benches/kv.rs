@@ -25,7 +25,12 @@ struct Row {
     p99_ms: f64,
 }
 
-fn redis_benchmark(addr: SocketAddr, requests: u64, pipeline: u32) -> Result<Vec<Row>> {
+fn redis_benchmark(
+    addr: SocketAddr,
+    tests: &str,
+    requests: u64,
+    pipeline: u32,
+) -> Result<Vec<Row>> {
     let out = Command::new("redis-benchmark")
         .args([
             "-h",
@@ -33,7 +38,7 @@ fn redis_benchmark(addr: SocketAddr, requests: u64, pipeline: u32) -> Result<Vec
             "-p",
             &addr.port().to_string(),
             "-t",
-            TESTS,
+            tests,
             "-c",
             "50",
         ])
@@ -121,8 +126,8 @@ impl Benchmark for KvVsRedis {
             let mut ours = Vec::new();
             let mut theirs = Vec::new();
             for _ in 0..rounds {
-                ours.push(redis_benchmark(host.addr(), requests, pipeline)?);
-                theirs.push(redis_benchmark(redis.addr, requests, pipeline)?);
+                ours.push(redis_benchmark(host.addr(), TESTS, requests, pipeline)?);
+                theirs.push(redis_benchmark(redis.addr, TESTS, requests, pipeline)?);
             }
             let (ours, theirs) = (medians(&ours), medians(&theirs));
             for (a, b) in ours.iter().zip(&theirs) {
@@ -195,7 +200,12 @@ fn profile(host: &Served, ctx: &Ctx) -> Result<Option<String>> {
         .stderr(std::process::Stdio::null())
         .spawn()?;
     std::thread::sleep(std::time::Duration::from_millis(300));
-    redis_benchmark_get(host.addr(), if ctx.quick { 20_000 } else { 200_000 })?;
+    redis_benchmark(
+        host.addr(),
+        "get",
+        if ctx.quick { 20_000 } else { 200_000 },
+        1,
+    )?;
     nix_interrupt(rec.id());
     rec.wait()?;
     let report = Command::new("perf")
@@ -224,26 +234,6 @@ fn profile(host: &Served, ctx: &Ctx) -> Result<Option<String>> {
         })
         .collect();
     Ok(Some(top))
-}
-
-fn redis_benchmark_get(addr: SocketAddr, requests: u64) -> Result<()> {
-    let status = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &addr.port().to_string(),
-            "-t",
-            "get",
-            "-c",
-            "50",
-            "-q",
-        ])
-        .args(["-n", &requests.to_string()])
-        .stdout(std::process::Stdio::null())
-        .status()?;
-    anyhow::ensure!(status.success(), "redis-benchmark failed");
-    Ok(())
 }
 
 fn nix_interrupt(pid: u32) {
