@@ -116,14 +116,20 @@ impl Served {
     pub fn start_raw(path: &Path, args: &[&str], listeners: usize) -> Served {
         let dir = tempfile::tempdir().expect("temporary directory");
         let control = dir.path().join("control.sock");
-        let mut child = Command::new(wasmhost_bin())
+        let mut command = Command::new(wasmhost_bin());
+        command
             .arg("serve")
             .arg(path)
             .args(args)
             .arg("--control")
-            .arg(&control)
-            .arg("--cache-dir")
-            .arg(test_cache_dir())
+            .arg(&control);
+        if !args
+            .iter()
+            .any(|a| *a == "--cache-dir" || *a == "--no-cache")
+        {
+            command.arg("--cache-dir").arg(test_cache_dir());
+        }
+        let mut child = command
             .env("WASMHOST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -182,3 +182,25 @@ fn a_second_service_cannot_take_a_live_socket_and_clients_say_what_is_wrong() {
         out.stderr
     );
 }
+
+#[test]
+fn a_control_directory_others_can_write_to_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.path().join("svc.sock");
+    let out = wasmhost_tests::run(&[
+        "serve",
+        guest("echo").to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        socket.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("others may write to it (mode 777)"),
+        "{}",
+        out.stderr
+    );
+    assert!(!socket.exists());
+}

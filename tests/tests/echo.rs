@@ -79,3 +79,30 @@ fn sigterm_flushes_and_exits_zero() {
     assert!(rest.is_empty());
     assert!(stderr.contains("SIGTERM received"), "{stderr}");
 }
+
+#[test]
+fn the_second_start_loads_the_component_from_the_compile_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = cache.path().to_str().unwrap();
+    let first = Served::start("echo", &["--cache-dir", dir]);
+    assert!(
+        first.stderr().contains("cached=false"),
+        "{}",
+        first.stderr()
+    );
+    drop(first);
+    let entries = std::fs::read_dir(cache.path()).unwrap().count();
+    assert_eq!(entries, 1, "one compiled component in the cache");
+    let second = Served::start("echo", &["--cache-dir", dir]);
+    assert!(
+        second.stderr().contains("cached=true"),
+        "{}",
+        second.stderr()
+    );
+    let third = Served::start("echo", &["--no-cache"]);
+    assert!(
+        third.stderr().contains("cached=false"),
+        "{}",
+        third.stderr()
+    );
+}

@@ -94,8 +94,9 @@ impl ControlSocket {
     }
 }
 
-/// Creates `dir` with mode 0700 if missing; refuses one that another user
-/// owns or that others may write to.
+/// Creates `dir` with mode 0700 if missing; refuses one that another
+/// (non-root) user owns, or that others may write to unless it is sticky
+/// like /tmp.
 fn prepare_dir(dir: &Path) -> Result<()> {
     if !dir.exists() {
         std::fs::DirBuilder::new()
@@ -107,7 +108,9 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     let meta =
         std::fs::metadata(dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
     let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != me {
+    // Ours, or root's (like /run/user or /tmp): another user's directory
+    // could be swapped out from under us.
+    if meta.uid() != me && meta.uid() != 0 {
         bail!(
             "refusing the control directory {}: it belongs to uid {}, not to this user (uid {me}); \
              remove it or pass --control PATH",
