@@ -35,7 +35,7 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    wasmhost_bench::procs::raise_fd_limit();
+    wasmhost::net::raise_fd_limit();
     std::fs::create_dir_all(&args.out)?;
     let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now())
         .to_string()

@@ -108,11 +108,3 @@ pub fn rss_bytes(pid: u32) -> Result<u64> {
         .parse()?;
     Ok(kb * 1024)
 }
-
-/// Raises this process's open-file limit to its hard limit.
-pub fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
-}

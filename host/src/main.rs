@@ -52,7 +52,7 @@ fn init_tracing() {
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
-    raise_fd_limit();
+    net::raise_fd_limit();
     let opts = serve_options(args)?;
     let mut signals = wasmhost::shutdown::ShutdownSignals::install()?;
     let server = Server::start(opts).await?;
@@ -99,16 +99,4 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
         cache_dir,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
     })
-}
-
-/// Each connection is a file descriptor: raise the soft limit to the hard
-/// one so `--max-connections` is not capped by a small default.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
-        && soft < hard
-        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
-    {
-        tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
-    }
 }

@@ -126,7 +126,6 @@ fn requests_from_another_user_are_refused() {
             .arg("--control")
             .arg(&control),
     );
-    let _ = &as_root;
     assert_eq!(as_root.status.code(), Some(1), "{}", as_root.stdout);
     assert!(
         as_root.stderr.contains("permission denied")

@@ -235,16 +235,7 @@ async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> 
         validate,
         expect_generation: Some(generation),
     };
-    run_swap(ctx, program, opts, false).await.map_err(|why| {
-        if why.starts_with("no state format in common") {
-            format!(
-                "rollback refused: {why}. Rolling back now would lose the state; if that is what you want, \
-                 run `wasmhost swap --fresh` with the previous component"
-            )
-        } else {
-            why
-        }
-    })
+    run_swap(ctx, program, opts, false).await
 }
 
 async fn run_swap(

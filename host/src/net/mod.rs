@@ -149,3 +149,15 @@ pub async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
         .await;
     }
 }
+
+/// Each connection is a file descriptor: raises the soft open-file limit to
+/// the hard one, so `--max-connections` is not capped by a small default.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+    }
+}

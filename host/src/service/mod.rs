@@ -234,13 +234,13 @@ impl Actor {
                 self.after_call(result).await
             }
             Event::Data(id, data) => {
-                if !self.conns.contains_key(&id) {
+                let Some(conn) = self.conns.get(&id) else {
                     return Ok(()); // closed by the service; drop late bytes
-                }
+                };
+                // The table does not change during the call: effects are
+                // applied after it.
                 let result = self.instance.on_data(id, &data).await;
-                if let Some(conn) = self.conns.get(&id) {
-                    conn.outbox.consumed(data.len());
-                }
+                conn.outbox.consumed(data.len());
                 self.after_call(result).await
             }
             Event::ReadClosed(id) => {

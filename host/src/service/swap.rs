@@ -185,18 +185,18 @@ impl Actor {
             0
         } else {
             let Some(format) = &format else {
-                let (target, advice) = match opts.kind {
-                    SwapKind::Rollback => ("the previous version", ""),
-                    SwapKind::Swap => (
-                        "the new version",
-                        "; use --fresh to start the new version without the state",
+                let (imports, exports) = (importable.join(", "), exportable.join(", "));
+                return Ok(Err(match opts.kind {
+                    SwapKind::Swap => format!(
+                        "no state format in common: the new version imports [{imports}], the running version \
+                         exports [{exports}] now; use --fresh to start the new version without the state"
                     ),
-                };
-                return Ok(Err(format!(
-                    "no state format in common: {target} imports [{}], the running version exports [{}] now{advice}",
-                    importable.join(", "),
-                    exportable.join(", ")
-                )));
+                    SwapKind::Rollback => format!(
+                        "rollback refused: no state format in common: the previous version imports [{imports}], \
+                         the running version exports [{exports}] now. Rolling back now would lose the state; if \
+                         that is what you want, run `wasmhost swap --fresh` with the previous component"
+                    ),
+                }));
             };
             let state = match self.export(format, &mut t).await? {
                 Ok(state) => state,
