@@ -1,4 +1,4 @@
-//! The client commands `swap`, `status` and `rollback`: send one request
+//! The client commands `swap`, `status`, `rollback` and `upgrade`: send one request
 //! over the service's control socket and print the answer, for people or
 //! (with `--json`) for scripts.
 
@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::{ControlArgs, RollbackArgs, StatusArgs, SwapArgs};
+use crate::cli::{ControlArgs, RollbackArgs, StatusArgs, SwapArgs, UpgradeArgs};
 use crate::control::{self, client, protocol::Request, protocol::Response};
 use crate::service::{StatusReport, SwapReport};
 
@@ -48,6 +48,34 @@ pub async fn rollback(args: RollbackArgs) -> Result<()> {
         client::request(&socket(&args.control)?, request).await?,
         "rollback aborted",
     )?;
+    print_swap(&report, args.json)
+}
+
+pub async fn upgrade(args: UpgradeArgs) -> Result<()> {
+    let absolute = |p: &Option<std::path::PathBuf>| -> Result<Option<std::path::PathBuf>> {
+        match p {
+            Some(p) if !p.exists() => bail!("{} does not exist", p.display()),
+            Some(p) => Ok(Some(std::path::absolute(p)?)),
+            None => Ok(None),
+        }
+    };
+    let request = Request::Upgrade {
+        binary: absolute(&args.binary)?,
+        component: absolute(&args.component)?,
+        timeout_ms: args.timeout_ms,
+    };
+    if !args.json {
+        eprintln!(
+            "upgrading `{}`: starting the new host process, then handing over the service...",
+            args.control.name
+        );
+    }
+    let response = client::request(&socket(&args.control)?, request).await?;
+    let report = match response {
+        Response::Swapped(report) => report,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply: {other:?}"),
+    };
     print_swap(&report, args.json)
 }
 
@@ -132,22 +160,35 @@ pub fn format_swap(r: &SwapReport) -> String {
             let _ = writeln!(s, "  state   none (started fresh)");
         }
     }
+    let p = &r.pause;
+    let pause = if r.upgrade.is_some() { "blackout" } else { "pause" };
+    let transfer = match r.upgrade {
+        Some(_) => format!(", transfer {}", us(p.transfer_us)),
+        None => String::new(),
+    };
     let _ = writeln!(
         s,
-        "  pause   {} (export {}, import {}, validate {}, host {})",
-        us(r.pause_us),
-        us(r.export_us),
-        us(r.import_us),
-        us(r.validate_us),
-        us(r.host_us)
+        "  {pause:<7} {} (export {}{transfer}, import {}, validate {}, host {})",
+        us(p.pause_us),
+        us(p.export_us),
+        us(p.import_us),
+        us(p.validate_us),
+        us(p.host_us)
     );
     let _ = writeln!(s, "  kept    {} connections", r.connections);
+    if let Some(u) = &r.upgrade {
+        let _ = writeln!(
+            s,
+            "  process {} -> {} ({}), {} listeners, {} timers, {} bytes unread and {} unsent moved",
+            u.old_pid, u.new_pid, u.binary, u.listeners, u.timers, u.unread_bytes, u.unsent_bytes
+        );
+    }
     s
 }
 
 pub fn format_status(r: &StatusReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "service      {}", r.service);
+    let _ = writeln!(s, "service      {} (pid {})", r.service, r.pid);
     let _ = writeln!(
         s,
         "component    {} ({})",

@@ -42,6 +42,52 @@ pub enum Command {
     /// Works when the running version can export a format the previous one
     /// imports; refused, with the reason, otherwise.
     Rollback(RollbackArgs),
+    /// Replace the running host process with a new one, keeping every
+    /// connection open.
+    ///
+    /// The running host starts the new binary with its own arguments; the
+    /// new process loads and instantiates the component and says it is
+    /// ready to receive. Then, between two events, the running host stops
+    /// accepting and reading, and hands over every listener (the control
+    /// socket too), every live connection with the bytes read but not yet
+    /// processed and the bytes not yet written, every armed timer, the
+    /// counters, the swap history and the guest's state (exported in a
+    /// format the new component imports, as in `swap`). The new process
+    /// checks and imports it all and answers READY; only then does the old
+    /// process close its copies and exit, and the new one serves. If the new
+    /// process fails at any step or is not ready within --timeout-ms, it is
+    /// killed and the old process serves on with everything; this command
+    /// then says which step failed and exits 1.
+    ///
+    /// `kill -USR2 <pid>` of `wasmhost serve` does the same with the
+    /// defaults.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UpgradeArgs {
+    /// The new wasmhost binary [default: the file now at the path the
+    /// running host was started from, so replacing that file and upgrading
+    /// runs the new build].
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    /// Load this component in the new process instead of the running one
+    /// (the state moves by the usual format negotiation).
+    #[arg(long, value_name = "PATH")]
+    pub component: Option<PathBuf>,
+
+    /// How long the new process may take from its start to READY
+    /// (loading, instantiating, receiving, importing).
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// How to reach a running service.

@@ -15,5 +15,6 @@ pub mod net;
 pub mod serve;
 pub mod service;
 pub mod shutdown;
+pub mod upgrade;
 
-pub use serve::{ServeOptions, Server};
+pub use serve::{Launch, ServeOptions, Server};

@@ -1,18 +1,29 @@
 //! The `wasmhost` binary: parse the command line, set up logging and the
 //! runtime, and call the library.
 
+use std::os::fd::{BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wasmhost::cli::{Cli, Command, ServeArgs};
-use wasmhost::{ServeOptions, Server, engine, net, service};
+use wasmhost::shutdown::{HostSignal, Signals};
+use wasmhost::upgrade::{self, UpgradeOptions};
+use wasmhost::{Launch, ServeOptions, Server, engine, net, service};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // Before any thread starts: the environment is not to be changed later.
+    let handoff = match take_handoff_fd() {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let threads = match &cli.command {
         Command::Serve(args) => args
             .threads
@@ -27,10 +38,11 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(args, handoff).await,
             Command::Swap(args) => wasmhost::admin::swap(args).await,
             Command::Status(args) => wasmhost::admin::status(args).await,
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,
+            Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
         }
     });
     match result {
@@ -51,21 +63,65 @@ fn init_tracing() {
         .init();
 }
 
-async fn serve(args: ServeArgs) -> Result<()> {
+/// The handoff channel's descriptor, when a host upgrade started this
+/// process (`WASMHOST_UPGRADE_FD`); removed from the environment so that
+/// nothing this process starts inherits the name of a descriptor it does
+/// not have.
+fn take_handoff_fd() -> Result<Option<OwnedFd>> {
+    let Some(value) = std::env::var_os(upgrade::FD_ENV) else {
+        return Ok(None);
+    };
+    // SAFETY: called at the start of main, before any other thread exists.
+    unsafe { std::env::remove_var(upgrade::FD_ENV) };
+    let fd: RawFd = value
+        .to_str()
+        .and_then(|v| v.parse().ok())
+        .filter(|&fd| fd > 2)
+        .with_context(|| format!("{} is not a descriptor number: {value:?}", upgrade::FD_ENV))?;
+    // SAFETY: the old host process passed this descriptor to us on exec;
+    // nothing else in this process knows of it. Check it is open first.
+    nix::fcntl::fcntl(unsafe { BorrowedFd::borrow_raw(fd) }, nix::fcntl::FcntlArg::F_GETFD)
+        .with_context(|| format!("{}={fd} is not an open descriptor", upgrade::FD_ENV))?;
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+async fn serve(args: ServeArgs, handoff: Option<OwnedFd>) -> Result<()> {
     net::raise_fd_limit();
     let opts = serve_options(args)?;
-    let mut signals = wasmhost::shutdown::ShutdownSignals::install()?;
-    let server = Server::start(opts).await?;
+    let mut signals = Signals::install()?;
+    let launch = Launch::current()?;
+    let server = match handoff {
+        Some(fd) => upgrade::receive(opts, launch, fd).await?,
+        None => Server::start(opts, launch).await?,
+    };
     for (name, addr) in server.addrs() {
         eprintln!("listening on {name} {addr}");
     }
     if let Some(path) = server.control_path() {
         eprintln!("control socket {}", path.display());
     }
+    eprintln!("serving as pid {}", std::process::id());
+    let upgrader = server.upgrader();
     server
-        .run(async {
-            let sig = signals.received().await;
-            tracing::info!("{sig} received");
+        .run(async move {
+            loop {
+                match signals.next().await {
+                    HostSignal::Shutdown(sig) => {
+                        tracing::info!("{sig} received");
+                        return;
+                    }
+                    HostSignal::Upgrade => {
+                        tracing::info!("SIGUSR2 received: upgrading the host");
+                        let upgrader = upgrader.clone();
+                        tokio::spawn(async move {
+                            match upgrade::upgrade(&upgrader, UpgradeOptions::default()).await {
+                                Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
+                                Err(e) => tracing::error!("{e}"),
+                            }
+                        });
+                    }
+                }
+            }
         })
         .await
 }

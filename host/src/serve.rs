@@ -3,8 +3,10 @@
 //! Start-up is all or nothing: listeners are bound, the component is
 //! compiled and type-checked, and `init` is called before the first
 //! connection is accepted; any failure returns an error and leaves nothing
-//! running.
+//! running. A process started by a host upgrade assembles the same server
+//! from what the old process handed over (`crate::upgrade::receive`).
 
+use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,8 +21,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::control::server::{ControlCtx, ControlSocket};
 use crate::engine::Runtime;
-use crate::net::{self, AcceptCtx, ConnLimits, ListenSpec};
-use crate::service::{self, InstanceLimits, Program, ServiceHandle, ServiceSpec};
+use crate::net::{self, AcceptCtx, ConnLimits, FreezeSwitch, ListenSpec};
+use crate::service::{
+    self, Ended, Exclusive, Instance, InstanceLimits, Program, ServiceHandle, ServiceSpec, Start,
+};
+use crate::upgrade::Upgrader;
 
 /// Everything `serve` needs.
 #[derive(Clone, Debug)]
@@ -40,20 +45,53 @@ pub struct ServeOptions {
     pub control: Option<PathBuf>,
 }
 
+/// How this process was started: what a host upgrade starts again.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    /// The binary's path, read at start-up (if the file is replaced later,
+    /// an upgrade starts the file now at that path).
+    pub exe: PathBuf,
+    /// The arguments after the program name.
+    pub args: Vec<OsString>,
+}
+
+impl Launch {
+    /// This process's binary and arguments.
+    pub fn current() -> Result<Launch> {
+        let exe = std::env::current_exe().context("cannot tell which binary this process runs")?;
+        Ok(Launch {
+            exe,
+            args: std::env::args_os().skip(1).collect(),
+        })
+    }
+}
+
 /// A started service: listeners bound, instance initialised, accepting.
 pub struct Server {
     addrs: Vec<(Arc<str>, SocketAddr)>,
     control: Option<PathBuf>,
     service: ServiceHandle,
-    actor: tokio::task::JoinHandle<Result<()>>,
+    actor: tokio::task::JoinHandle<Result<Ended>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     shutdown_timeout: Duration,
+    upgrader: Upgrader,
+}
+
+/// The parts a server is assembled from, fresh or handed over.
+pub(crate) struct Parts {
+    pub runtime: Runtime,
+    pub instance: Instance,
+    pub spec: ServiceSpec,
+    pub start: Start,
+    pub control: Option<ControlSocket>,
+    /// The first connection id to hand out.
+    pub next_id: u64,
 }
 
 impl Server {
     /// Starts the service described by `opts`.
-    pub async fn start(opts: ServeOptions) -> Result<Server> {
+    pub async fn start(opts: ServeOptions, launch: Launch) -> Result<Server> {
         let mut specs = opts.listen.clone();
         net::name_listeners(&mut specs)?;
         let listeners = net::bind_all(&specs).await?;
@@ -63,17 +101,7 @@ impl Server {
         };
         let runtime = Runtime::new(opts.cache_dir.clone())?;
         let path = std::path::absolute(&opts.guest).unwrap_or_else(|_| opts.guest.clone());
-        let rt = runtime.clone();
-        let program = tokio::task::spawn_blocking(move || Program::prepare(&rt, &path))
-            .await
-            .context("compiling the component panicked")??;
-        tracing::info!(
-            component = %program.path.display(),
-            hash = program.short_hash(),
-            cached = program.from_cache,
-            "component ready in {:?}",
-            program.compile_time
-        );
+        let program = load_program(&runtime, &path).await?;
         let spec = ServiceSpec {
             name: opts.name.as_str().into(),
             config: opts.config.clone(),
@@ -81,68 +109,79 @@ impl Server {
             listeners: listeners
                 .iter()
                 .map(|l| {
-                    (
-                        l.name.to_string(),
-                        l.listener
-                            .local_addr()
-                            .expect("bound socket has an address"),
-                    )
+                    let addr = l.listener.local_addr().expect("bound socket has an address");
+                    (l.name.to_string(), addr)
                 })
                 .collect(),
         };
         let instance = service::start_fresh(program, &spec).await?;
-        let (name, limits) = (spec.name.clone(), spec.limits.clone());
-        let (service, actor) = service::spawn(instance, spec);
-        let mut server = Server::accept_on(listeners, service.clone(), actor, &opts);
-        if let Some(socket) = control {
-            server.control = Some(socket.path().to_path_buf());
-            let ctx = ControlCtx {
-                runtime,
-                service,
-                name,
-                limits,
-            };
-            server
-                .tracker
-                .spawn(socket.serve(ctx, server.shutdown.clone()));
-        }
-        Ok(server)
+        let parts = Parts {
+            runtime,
+            instance,
+            spec,
+            start: Start::fresh(listeners),
+            control,
+            next_id: 1,
+        };
+        Ok(Server::assemble(parts, &opts, launch))
     }
 
-    fn accept_on(
-        listeners: Vec<net::Listener>,
-        service: ServiceHandle,
-        actor: tokio::task::JoinHandle<Result<()>>,
-        opts: &ServeOptions,
-    ) -> Server {
+    /// Spawns the service actor (which starts serving `parts.start`) and
+    /// the control socket.
+    pub(crate) fn assemble(parts: Parts, opts: &ServeOptions, launch: Launch) -> Server {
+        let (service, mailbox) = service::mailbox();
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let ctx = AcceptCtx {
+        let net = AcceptCtx {
             service: service.clone(),
             limits: opts.conn_limits,
             permits: Arc::new(Semaphore::new(opts.max_connections)),
-            next_id: Arc::new(AtomicU64::new(1)),
+            next_id: Arc::new(AtomicU64::new(parts.next_id)),
             shutdown: shutdown.clone(),
+            freeze: FreezeSwitch::default(),
             tracker: tracker.clone(),
         };
-        let mut addrs = Vec::new();
-        for listener in listeners {
-            let addr = listener
-                .listener
-                .local_addr()
-                .expect("bound socket has an address");
-            addrs.push((listener.name.clone(), addr));
-            tracker.spawn(net::accept_loop(listener, ctx.clone()));
+        let addrs = parts
+            .spec
+            .listeners
+            .iter()
+            .map(|(name, addr)| (Arc::from(name.as_str()), *addr))
+            .collect();
+        let (name, limits) = (parts.spec.name.clone(), parts.spec.limits.clone());
+        let actor = service::spawn(parts.instance, parts.spec, mailbox, net, parts.start);
+        let upgrader = Upgrader {
+            service: service.clone(),
+            name: name.clone(),
+            launch,
+            control: parts.control.as_ref().map(ControlSocket::handoff),
+            exclusive: Exclusive::default(),
+        };
+        let control = parts.control.as_ref().map(|s| s.path().to_path_buf());
+        if let Some(socket) = parts.control {
+            let ctx = ControlCtx {
+                runtime: parts.runtime,
+                service: service.clone(),
+                name,
+                limits,
+                upgrader: upgrader.clone(),
+            };
+            tracker.spawn(socket.serve(ctx, shutdown.clone(), tracker.clone()));
         }
         Server {
             addrs,
-            control: None,
+            control,
             service,
             actor,
             shutdown,
             tracker,
             shutdown_timeout: opts.shutdown_timeout,
+            upgrader,
         }
+    }
+
+    /// What runs a host upgrade of this server (for SIGUSR2).
+    pub fn upgrader(&self) -> Upgrader {
+        self.upgrader.clone()
     }
 
     /// The bound addresses, with their listener names.
@@ -156,23 +195,39 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, flushes and
-    /// closes every connection. Returns an error if the service failed.
+    /// closes every connection; or until the service was handed to a new
+    /// host process, then lets the connections it was closing finish.
+    /// Returns an error if the service failed.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let failed = tokio::select! {
+        let ended = tokio::select! {
             _ = shutdown => None,
             result = &mut self.actor => Some(result),
         };
         self.shutdown.cancel();
-        if let Some(result) = failed {
-            self.tracker.close();
-            return match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(anyhow::anyhow!("the service actor panicked: {e}")),
-            };
+        let ended = match ended {
+            Some(ended) => ended,
+            None => {
+                tracing::info!("shutting down: closing connections");
+                self.service.shutdown().await;
+                self.flush().await;
+                (&mut self.actor).await
+            }
+        };
+        match ended {
+            Ok(Ok(Ended::Stopped)) => Ok(()),
+            Ok(Ok(Ended::HandedOff)) => {
+                self.flush().await;
+                tracing::info!("the new host process serves the service; this one exits");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("the service actor panicked: {e}")),
         }
-        tracing::info!("shutting down: closing connections");
-        self.service.shutdown().await;
+    }
+
+    /// Waits (up to the shutdown timeout) for connection tasks to write
+    /// what they have.
+    async fn flush(&self) {
         self.tracker.close();
         if tokio::time::timeout(self.shutdown_timeout, self.tracker.wait())
             .await
@@ -183,9 +238,22 @@ impl Server {
                 self.shutdown_timeout
             );
         }
-        match self.actor.await {
-            Ok(result) => result,
-            Err(e) => Err(anyhow::anyhow!("the service actor panicked: {e}")),
-        }
     }
+}
+
+/// Reads, compiles (or loads from the cache) and type-checks a component,
+/// off the async threads.
+pub(crate) async fn load_program(runtime: &Runtime, path: &std::path::Path) -> Result<Arc<Program>> {
+    let (rt, owned) = (runtime.clone(), path.to_path_buf());
+    let program = tokio::task::spawn_blocking(move || Program::prepare(&rt, &owned))
+        .await
+        .context("compiling the component panicked")??;
+    tracing::info!(
+        component = %program.path.display(),
+        hash = program.short_hash(),
+        cached = program.from_cache,
+        "component ready in {:?}",
+        program.compile_time
+    );
+    Ok(program)
 }

@@ -1,28 +1,41 @@
-//! The shutdown signals: SIGINT and SIGTERM.
+//! The signals `wasmhost serve` acts on: SIGINT and SIGTERM (shut down),
+//! SIGUSR2 (host upgrade with the defaults).
 
 use anyhow::Result;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-/// SIGINT and SIGTERM handlers. Create them before announcing readiness:
-/// from then on the signals are caught instead of killing the process.
-pub struct ShutdownSignals {
-    int: Signal,
-    term: Signal,
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostSignal {
+    /// SIGINT or SIGTERM: drain and exit.
+    Shutdown(&'static str),
+    /// SIGUSR2: hand the service to a new host process.
+    Upgrade,
 }
 
-impl ShutdownSignals {
-    pub fn install() -> Result<ShutdownSignals> {
-        Ok(ShutdownSignals {
+/// The handlers. Create them before announcing readiness: from then on the
+/// signals are caught instead of killing the process.
+pub struct Signals {
+    int: Signal,
+    term: Signal,
+    usr2: Signal,
+}
+
+impl Signals {
+    pub fn install() -> Result<Signals> {
+        Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
-    /// Resolves on the first SIGINT or SIGTERM; returns its name.
-    pub async fn received(&mut self) -> &'static str {
+    /// Resolves on the next signal.
+    pub async fn next(&mut self) -> HostSignal {
         tokio::select! {
-            _ = self.int.recv() => "SIGINT",
-            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => HostSignal::Shutdown("SIGINT"),
+            _ = self.term.recv() => HostSignal::Shutdown("SIGTERM"),
+            _ = self.usr2.recv() => HostSignal::Upgrade,
         }
     }
 }

@@ -49,6 +49,22 @@ pub enum Request {
         #[serde(default)]
         no_validate: bool,
     },
+    /// Hand the service to a new host process (`wasmhost upgrade`).
+    Upgrade {
+        /// The new binary [default: the path the host started from].
+        #[serde(default)]
+        binary: Option<PathBuf>,
+        /// Another component for the new process [default: the running one].
+        #[serde(default)]
+        component: Option<PathBuf>,
+        /// How long the new process may take to be ready.
+        #[serde(default = "default_upgrade_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_upgrade_timeout_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,16 +1,21 @@
 //! The control socket's server side, run by `wasmhost serve`.
 
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::protocol::{self, FrameError, Request, RequestFrame, Response, ResponseFrame, VERSION};
 use crate::engine::Runtime;
 use crate::service::{self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions};
+use crate::upgrade::{self, UpgradeOptions, Upgrader};
 
 /// What request handlers need.
 #[derive(Clone)]
@@ -19,17 +24,39 @@ pub struct ControlCtx {
     pub service: ServiceHandle,
     pub name: Arc<str>,
     pub limits: InstanceLimits,
+    pub upgrader: Upgrader,
 }
 
-/// A bound control socket; the file is removed when this is dropped.
+/// A bound control socket; the file is removed when this is dropped,
+/// unless the socket was handed to a new host process.
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
+    handed_over: Arc<AtomicBool>,
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if !self.handed_over.load(Ordering::Acquire) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What a host upgrade needs of the control socket: its descriptor and
+/// path to send, and a way to keep the file when this process exits.
+#[derive(Clone)]
+pub struct ControlHandoff {
+    pub path: PathBuf,
+    /// Valid while the control socket's task runs (until shutdown).
+    pub fd: RawFd,
+    handed_over: Arc<AtomicBool>,
+}
+
+impl ControlHandoff {
+    /// The new process owns the socket now: do not remove its file.
+    pub fn hand_over(&self) {
+        self.handed_over.store(true, Ordering::Release);
     }
 }
 
@@ -64,6 +91,17 @@ impl ControlSocket {
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
+            handed_over: Arc::default(),
+        })
+    }
+
+    /// A control socket handed over by the previous host process.
+    pub fn adopt(listener: std::os::unix::net::UnixListener, path: &Path) -> Result<ControlSocket> {
+        listener.set_nonblocking(true)?;
+        Ok(ControlSocket {
+            listener: UnixListener::from_std(listener)?,
+            path: path.to_path_buf(),
+            handed_over: Arc::default(),
         })
     }
 
@@ -71,8 +109,17 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Answers requests until `shutdown`.
-    pub async fn serve(self, ctx: ControlCtx, shutdown: CancellationToken) {
+    pub fn handoff(&self) -> ControlHandoff {
+        ControlHandoff {
+            path: self.path.clone(),
+            fd: self.listener.as_raw_fd(),
+            handed_over: self.handed_over.clone(),
+        }
+    }
+
+    /// Answers requests until `shutdown`; each client's task is tracked,
+    /// so a reply in progress is finished before the process exits.
+    pub async fn serve(self, ctx: ControlCtx, shutdown: CancellationToken, tracker: TaskTracker) {
         loop {
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -85,7 +132,7 @@ impl ControlSocket {
                 },
             };
             let ctx = ctx.clone();
-            tokio::spawn(async move {
+            tracker.spawn(async move {
                 if let Err(e) = handle_client(stream, &ctx).await {
                     tracing::debug!("control client: {e}");
                 }
@@ -199,6 +246,20 @@ async fn handle(request: Request, ctx: &ControlCtx) -> Response {
             no_validate,
         } => swap(ctx, &path, fresh, !no_validate).await,
         Request::Rollback { no_validate } => rollback(ctx, !no_validate).await,
+        Request::Upgrade {
+            binary,
+            component,
+            timeout_ms,
+        } => {
+            let opts = UpgradeOptions {
+                binary,
+                component,
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            upgrade::upgrade(&ctx.upgrader, opts)
+                .await
+                .map(|report| Response::Swapped(Box::new(report)))
+        }
     };
     result.unwrap_or_else(|message| Response::Error { message })
 }
@@ -209,6 +270,7 @@ async fn swap(
     fresh: bool,
     validate: bool,
 ) -> Result<Response, String> {
+    let _running = ctx.upgrader.exclusive.begin("swap")?;
     let runtime = ctx.runtime.clone();
     let owned = path.to_path_buf();
     let program = tokio::task::spawn_blocking(move || Program::prepare(&runtime, &owned))
@@ -225,6 +287,7 @@ async fn swap(
 }
 
 async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> {
+    let _running = ctx.upgrader.exclusive.begin("rollback")?;
     let previous = ctx.service.previous().await.map_err(|e| e.to_string())?;
     let Some((program, generation)) = previous else {
         return Err("nothing to roll back to: this service has not been swapped yet".into());

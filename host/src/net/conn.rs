@@ -16,9 +16,11 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::AcceptCtx;
 use crate::service::{Event, ServiceHandle};
 
 /// Per-connection limits.
@@ -62,6 +64,16 @@ impl Shared {
     /// replies are counted against the output limit before more is read.
     fn max_unprocessed(&self) -> usize {
         2 * self.limits.read_chunk
+    }
+
+    /// `n` queued bytes were written: wake the reader if that brought the
+    /// queue down to the resume mark.
+    fn written(&self, n: usize) {
+        let resume_mark = self.limits.max_output_buffer / 2;
+        let before = self.queued.fetch_sub(n, Ordering::AcqRel);
+        if before - n <= resume_mark && before > resume_mark {
+            self.wake_reader.notify_one();
+        }
     }
 
     fn must_wait(&self) -> bool {
@@ -123,45 +135,192 @@ impl Outbox {
     }
 }
 
+impl Shared {
+    fn new(limits: ConnLimits, shutdown: &CancellationToken) -> Arc<Shared> {
+        Arc::new(Shared {
+            queued: AtomicUsize::new(0),
+            unprocessed: AtomicUsize::new(0),
+            wake_reader: Notify::new(),
+            stop_reading: shutdown.child_token(),
+            abort: CancellationToken::new(),
+            limits,
+        })
+    }
+}
+
+/// A connection whose task stopped for a freeze (host upgrade): the socket
+/// with every byte the service sent that was not written yet. The kernel
+/// still holds what the client sent and nobody read, so nothing is lost
+/// while it is parked; [`adopt`] starts serving it again, in this process
+/// or in the one it was handed to.
+pub struct FrozenConn {
+    pub id: u64,
+    pub stream: TcpStream,
+    /// What the writer had not written when it stopped; what the service
+    /// queued since is still in `rx` ([`FrozenConn::take_unsent`]).
+    unsent: Vec<u8>,
+    rx: mpsc::UnboundedReceiver<Bytes>,
+    shared: Arc<Shared>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl FrozenConn {
+    /// A connection received from another process, with its unsent bytes.
+    pub fn received(id: u64, stream: std::net::TcpStream, unsent: Vec<u8>) -> std::io::Result<Self> {
+        stream.set_nonblocking(true)?;
+        let (_, rx) = mpsc::unbounded_channel();
+        Ok(FrozenConn {
+            id,
+            stream: TcpStream::from_std(stream)?,
+            unsent,
+            rx,
+            shared: Shared::new(ConnLimits::default(), &CancellationToken::new()),
+            permit: None,
+        })
+    }
+
+    /// Everything not yet written (see [`take_unsent`](Self::take_unsent)),
+    /// kept for later.
+    pub fn unsent(&mut self) -> &[u8] {
+        while let Ok(more) = self.rx.try_recv() {
+            self.unsent.extend_from_slice(&more);
+        }
+        &self.unsent
+    }
+
+    /// Everything not yet written, in order: the writer's remainder, then
+    /// what the service queued after the writer stopped.
+    pub fn take_unsent(&mut self) -> Vec<u8> {
+        self.unsent();
+        std::mem::take(&mut self.unsent)
+    }
+}
+
 /// Starts the task for an accepted connection and registers it with the
 /// service. Returns once the `Connected` event is queued.
 pub async fn spawn(
     stream: TcpStream,
     info: crate::bindings::ConnInfo,
-    service: ServiceHandle,
-    limits: ConnLimits,
-    shutdown: &CancellationToken,
-    tracker: &tokio_util::task::TaskTracker,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    ctx: &AcceptCtx,
+    permit: OwnedSemaphorePermit,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let shared = Arc::new(Shared {
-        queued: AtomicUsize::new(0),
-        unprocessed: AtomicUsize::new(0),
-        wake_reader: Notify::new(),
-        stop_reading: shutdown.child_token(),
-        abort: CancellationToken::new(),
-        limits,
-    });
+    let shared = Shared::new(ctx.limits, &ctx.shutdown);
     let id = info.id;
     let outbox = Outbox {
         tx,
         shared: shared.clone(),
     };
-    if service
+    if ctx
+        .service
         .event(Event::Connected { info, outbox })
         .await
         .is_err()
     {
         return; // the service is shutting down
     }
-    let (reader, writer) = stream.into_split();
+    start(id, stream, rx, shared, ctx, Some(permit));
+}
+
+/// Serves a frozen connection again: its unsent bytes go out first. The
+/// caller already knows the connection (no `Connected` event); the
+/// returned outbox is where its output goes from now on.
+pub fn adopt(mut frozen: FrozenConn, ctx: &AcceptCtx) -> Outbox {
+    let unsent = frozen.take_unsent();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Shared::new(ctx.limits, &ctx.shutdown);
+    if !unsent.is_empty() {
+        // Not checked against the limit: these bytes were accepted already.
+        shared.queued.fetch_add(unsent.len(), Ordering::AcqRel);
+        let _ = tx.send(Bytes::from(unsent));
+    }
+    // A connection handed over counts against --max-connections like any
+    // other; if there are more than it allows, it is served all the same.
+    let permit = frozen
+        .permit
+        .take()
+        .or_else(|| ctx.permits.clone().try_acquire_owned().ok());
+    start(frozen.id, frozen.stream, rx, shared.clone(), ctx, permit);
+    Outbox { tx, shared }
+}
+
+/// A frozen connection the service closed meanwhile: write what it has,
+/// then close it (or drop it, if the service aborted it).
+pub fn finish(frozen: FrozenConn, tracker: &TaskTracker) {
+    let FrozenConn {
+        id,
+        stream,
+        unsent,
+        mut rx,
+        shared,
+        permit,
+    } = frozen;
     tracker.spawn(async move {
-        tokio::join!(
-            read_loop(id, reader, &shared, &service),
-            write_loop(id, writer, rx, &shared),
-        );
+        let (_reader, mut writer) = stream.into_split();
+        write_loop(id, &mut writer, &mut rx, &shared, None, unsent).await;
         drop(permit);
+    });
+}
+
+/// How a reader stopped.
+enum ReadEnd {
+    /// End of stream, an error, or the connection is closing; the service
+    /// has been told (`ReadClosed`).
+    Ended,
+    /// Frozen: the service has not been told anything.
+    Frozen,
+}
+
+/// How a writer stopped.
+enum WriteEnd {
+    /// Everything was written and the channel closed.
+    Done,
+    /// A write failed, or the connection was aborted.
+    Stopped,
+    /// Frozen; these bytes were not written.
+    Frozen(Vec<u8>),
+}
+
+fn start(
+    id: u64,
+    stream: TcpStream,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    shared: Arc<Shared>,
+    ctx: &AcceptCtx,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let service = ctx.service.clone();
+    let freeze = ctx.freeze.token();
+    ctx.tracker.spawn(async move {
+        let (reader, mut writer) = stream.into_split();
+        let (read_end, write_end) = tokio::join!(
+            read_loop(id, &reader, &shared, &service, &freeze),
+            write_loop(id, &mut writer, &mut rx, &shared, Some(&freeze), Vec::new()),
+        );
+        match (read_end, write_end) {
+            (ReadEnd::Frozen, WriteEnd::Frozen(unsent)) => {
+                let stream = reader.reunite(writer).expect("halves of one stream");
+                let frozen = FrozenConn {
+                    id,
+                    stream,
+                    unsent,
+                    rx,
+                    shared,
+                    permit,
+                };
+                // If the service is gone, the socket closes here.
+                let _ = service.event(Event::Frozen(frozen)).await;
+            }
+            (ReadEnd::Frozen, _) => {
+                // The writer failed or was stopped while reading froze.
+                let _ = service.event(Event::ReadClosed(id)).await;
+            }
+            (ReadEnd::Ended, WriteEnd::Frozen(unsent)) => {
+                // The connection is ending: write what it has, then close.
+                write_loop(id, &mut writer, &mut rx, &shared, None, unsent).await;
+            }
+            (ReadEnd::Ended, _) => {}
+        }
     });
 }
 
@@ -180,23 +339,35 @@ fn next_read_size(current: usize, read: usize, max: usize) -> usize {
     }
 }
 
-async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &ServiceHandle) {
-    // One long-lived future (not one per read): creating and dropping
-    // them showed up in profiles.
+async fn read_loop(
+    id: u64,
+    reader: &OwnedReadHalf,
+    shared: &Shared,
+    service: &ServiceHandle,
+    freeze: &CancellationToken,
+) -> ReadEnd {
+    // One long-lived future each (not one per read): creating and
+    // dropping them showed up in profiles.
     let stopped = shared.stop_reading.cancelled();
     tokio::pin!(stopped);
+    let frozen = freeze.cancelled();
+    tokio::pin!(frozen);
     let mut read_size = MIN_READ.min(shared.limits.read_chunk);
-    loop {
+    'reading: loop {
         // Backpressure: wait until the client has read enough of its
         // replies, and the service has caught up with this connection.
         while shared.must_wait() {
             tokio::select! {
-                _ = &mut stopped => break,
+                biased;
+                _ = &mut stopped => break 'reading,
+                _ = &mut frozen => return ReadEnd::Frozen,
                 _ = shared.wake_reader.notified() => {}
             }
         }
         let ready = tokio::select! {
+            biased;
             _ = &mut stopped => break,
+            _ = &mut frozen => return ReadEnd::Frozen,
             ready = reader.readable() => ready,
         };
         if let Err(e) = ready {
@@ -225,54 +396,96 @@ async fn read_loop(id: u64, reader: OwnedReadHalf, shared: &Shared, service: &Se
     }
     // Tell the service the connection ended (ignored if it closed it itself).
     let _ = service.event(Event::ReadClosed(id)).await;
+    ReadEnd::Ended
 }
 
+/// Writes what the service sends (after `carry`, bytes left from before a
+/// freeze) until the channel closes, then closes the socket's write side.
+/// With `freeze`, it stops when that token is cancelled and returns what
+/// it did not write, unless the connection is already closing (then it
+/// finishes: those bytes are the service's last words to the client).
 async fn write_loop(
     id: u64,
-    mut writer: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    writer: &mut OwnedWriteHalf,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
     shared: &Shared,
-) {
-    let resume_mark = shared.limits.max_output_buffer / 2;
+    freeze: Option<&CancellationToken>,
+    carry: Vec<u8>,
+) -> WriteEnd {
     let mut batch = Vec::new();
-    let mut single;
     let aborted = shared.abort.cancelled();
     tokio::pin!(aborted);
+    let never = CancellationToken::new();
+    let frozen = freeze.unwrap_or(&never).cancelled();
+    tokio::pin!(frozen);
+    let mut freezable = freeze.is_some();
+    let mut carry = Some(carry).filter(|c| !c.is_empty());
     loop {
-        let first = tokio::select! {
-            _ = &mut aborted => return,
-            msg = rx.recv() => msg,
-        };
-        let Some(first) = first else { break };
-        // Coalesce what is already queued into one write; a lone message is
-        // written as it is.
-        let data: &[u8] = match rx.try_recv() {
-            Ok(second) => gather([first, second], &mut rx, &mut batch),
-            Err(_) => {
-                batch.clear();
-                single = first;
-                &single
+        let owned: Bytes;
+        let data: &[u8] = if let Some(c) = carry.take() {
+            owned = Bytes::from(c);
+            &owned
+        } else {
+            let first = tokio::select! {
+                biased;
+                _ = &mut aborted => return WriteEnd::Stopped,
+                _ = &mut frozen, if freezable => {
+                    if shared.stop_reading.is_cancelled() {
+                        freezable = false; // closing: finish instead
+                        continue;
+                    }
+                    return WriteEnd::Frozen(Vec::new());
+                }
+                msg = rx.recv() => msg,
+            };
+            let Some(first) = first else { break };
+            // Coalesce what is already queued into one write; a lone
+            // message is written as it is.
+            match rx.try_recv() {
+                Ok(second) => gather([first, second], rx, &mut batch),
+                Err(_) => {
+                    owned = first;
+                    &owned
+                }
             }
         };
-        let len = data.len();
-        let written = tokio::select! {
-            _ = &mut aborted => return,
-            r = writer.write_all(data) => r,
-        };
+        let mut off = 0;
+        while off < data.len() {
+            let written = tokio::select! {
+                biased;
+                _ = &mut aborted => return WriteEnd::Stopped,
+                _ = &mut frozen, if freezable => {
+                    if shared.stop_reading.is_cancelled() {
+                        freezable = false;
+                        continue;
+                    }
+                    return WriteEnd::Frozen(data[off..].to_vec());
+                }
+                r = writer.write(&data[off..]) => r,
+            };
+            match written {
+                Ok(n) if n > 0 => {
+                    off += n;
+                    shared.written(n);
+                }
+                Ok(_) => {
+                    tracing::debug!(conn = id, "write failed: the socket accepts no more");
+                    shared.stop_reading.cancel();
+                    return WriteEnd::Stopped;
+                }
+                Err(e) => {
+                    tracing::debug!(conn = id, "write failed: {e}");
+                    shared.stop_reading.cancel();
+                    return WriteEnd::Stopped;
+                }
+            }
+        }
         batch.clear();
-        if let Err(e) = written {
-            tracing::debug!(conn = id, "write failed: {e}");
-            shared.stop_reading.cancel();
-            return;
-        }
-        let before = shared.queued.fetch_sub(len, Ordering::AcqRel);
-        if before - len <= resume_mark && before > resume_mark {
-            shared.wake_reader.notify_one();
-        }
     }
     // The service closed the connection (or it ended): everything queued
     // has been written; close our side.
     let _ = writer.shutdown().await;
+    WriteEnd::Done
 }
 
 /// Most bytes coalesced into one write.

@@ -4,7 +4,7 @@
 pub mod conn;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use anyhow::{Result, bail};
@@ -13,10 +13,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use conn::ConnLimits;
+pub use conn::{ConnLimits, FrozenConn};
 
 use crate::bindings::ConnInfo;
-use crate::service::ServiceHandle;
+use crate::service::{Event, ServiceHandle};
 
 /// A `--listen [NAME=]ADDR` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,28 +97,70 @@ pub async fn bind_all(specs: &[ListenSpec]) -> Result<Vec<Listener>> {
     Ok(bound)
 }
 
-/// What every accept loop of one service shares.
+/// Stops every accept loop and connection task of a service at once, so
+/// the service actor can hand their sockets over (host upgrade) or resume
+/// them. Tasks take the current token when they start: a task started
+/// while frozen stops at once, and [`FreezeSwitch::thaw`] gives tasks
+/// started afterwards a fresh one.
+#[derive(Clone, Default)]
+pub struct FreezeSwitch(Arc<Mutex<CancellationToken>>);
+
+impl FreezeSwitch {
+    pub fn token(&self) -> CancellationToken {
+        self.0.lock().expect("freeze lock").clone()
+    }
+
+    /// Stops every task holding the current token.
+    pub fn freeze(&self) {
+        self.0.lock().expect("freeze lock").cancel();
+    }
+
+    /// Tasks started from now on run until the next [`freeze`](Self::freeze).
+    pub fn thaw(&self) {
+        let mut token = self.0.lock().expect("freeze lock");
+        if token.is_cancelled() {
+            *token = CancellationToken::new();
+        }
+    }
+}
+
+/// What every accept loop and connection task of one service shares.
 #[derive(Clone)]
 pub struct AcceptCtx {
     pub service: ServiceHandle,
     pub limits: ConnLimits,
     /// Caps open connections; an accept waits for a free permit.
     pub permits: Arc<Semaphore>,
-    /// Source of connection ids: never reused by this host.
+    /// Source of connection ids: never reused by this host, nor by the
+    /// hosts it hands the service to.
     pub next_id: Arc<AtomicU64>,
     pub shutdown: CancellationToken,
+    pub freeze: FreezeSwitch,
     pub tracker: TaskTracker,
 }
 
-/// Accepts connections until shutdown.
-pub async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
+/// Starts an accept loop for each listener.
+pub fn start_accepting(listeners: Vec<Listener>, ctx: &AcceptCtx) {
+    for listener in listeners {
+        ctx.tracker.spawn(accept_loop(listener, ctx.clone()));
+    }
+}
+
+/// Accepts connections until shutdown, or until a freeze, when the
+/// listener goes back to the service (`Event::ListenerFrozen`).
+async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
+    let frozen = ctx.freeze.token();
     loop {
         let permit = tokio::select! {
+            biased;
             _ = ctx.shutdown.cancelled() => return,
+            _ = frozen.cancelled() => break,
             p = ctx.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let accepted = tokio::select! {
+            biased;
             _ = ctx.shutdown.cancelled() => return,
+            _ = frozen.cancelled() => break,
             a = listener.listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -137,17 +179,9 @@ pub async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
             listener: listener.name.to_string(),
             peer: peer.to_string(),
         };
-        conn::spawn(
-            stream,
-            info,
-            ctx.service.clone(),
-            ctx.limits,
-            &ctx.shutdown,
-            &ctx.tracker,
-            permit,
-        )
-        .await;
+        conn::spawn(stream, info, &ctx, permit).await;
     }
+    let _ = ctx.service.event(Event::ListenerFrozen(listener)).await;
 }
 
 /// Each connection is a file descriptor: raises the soft open-file limit to

@@ -7,14 +7,16 @@
 //! instance at a quiescent point. Guest calls record effects (send, close,
 //! timers) which the actor carries out after each call.
 
+mod freeze;
 mod instance;
 mod report;
 mod state;
 mod swap;
+mod transfer;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -22,12 +24,20 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::time::{DelayQueue, delay_queue};
 
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
-pub use report::{ComponentInfo, StatusReport, SwapRecord, SwapReport};
+pub use freeze::{
+    ConnImage, Decision, Handoff, HandoffRequest, ListenerImage, Parked, ParkedConn,
+    ServiceImage, Start, TimerImage,
+};
+pub use report::{
+    ComponentInfo, HISTORY_LEN, StatusReport, SwapRecord, SwapReport, UpgradeInfo, micros, unix_ms,
+};
 pub use state::Effect;
-pub use swap::{Prepared, SwapKind, SwapOptions, prepare};
+pub use swap::{Prepared, SwapOptions, prepare};
+pub use transfer::{Pause, SwapKind, Timings, import, negotiate};
 
 use crate::bindings::ConnInfo;
 use crate::net::conn::Outbox;
+use crate::net::{AcceptCtx, FrozenConn, Listener};
 
 /// Capacity of the actor's queue. Senders wait when it is full, which is
 /// what slows readers down when the service is busy.
@@ -46,6 +56,10 @@ pub enum Event {
     Data(u64, Bytes),
     /// The connection's reader stopped: end of stream, error, or closing.
     ReadClosed(u64),
+    /// The connection's task stopped for a freeze and gives its socket back.
+    Frozen(FrozenConn),
+    /// An accept loop stopped for a freeze and gives its listener back.
+    ListenerFrozen(Listener),
 }
 
 enum Msg {
@@ -59,6 +73,7 @@ enum Msg {
         SwapOptions,
         oneshot::Sender<Result<SwapReport, String>>,
     ),
+    Handoff(Box<HandoffRequest>),
 }
 
 /// The service actor is gone (it has shut down).
@@ -100,6 +115,14 @@ impl ServiceHandle {
         rx.await.map_err(|_| Stopped.to_string())?
     }
 
+    /// Freezes the service at its next update point for a host upgrade:
+    /// see [`HandoffRequest`]. The error says why it could not; the service
+    /// then serves on.
+    pub async fn handoff(&self, request: HandoffRequest) -> Result<(), String> {
+        let msg = Msg::Handoff(Box::new(request));
+        self.tx.send(msg).await.map_err(|_| Stopped.to_string())
+    }
+
     /// Closes every connection (after flushing what the service sent),
     /// delivering `on-close` for each, and stops the actor.
     pub async fn shutdown(&self) {
@@ -107,6 +130,34 @@ impl ServiceHandle {
         if self.tx.send(Msg::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
+    }
+}
+
+/// Lets one swap or upgrade run at a time: a second is refused with the
+/// reason instead of queueing behind the first.
+#[derive(Clone, Default)]
+pub struct Exclusive(Arc<std::sync::Mutex<Option<&'static str>>>);
+
+/// Held while a swap or upgrade runs.
+pub struct ExclusiveGuard(Exclusive);
+
+impl Exclusive {
+    /// Starts `what` (`swap`, `upgrade`), unless something else runs.
+    pub fn begin(&self, what: &'static str) -> Result<ExclusiveGuard, String> {
+        let mut running = self.0.lock().expect("exclusive lock");
+        if let Some(other) = *running {
+            return Err(format!(
+                "refused: a {other} is in progress; one swap or upgrade runs at a time, try again when it is over"
+            ));
+        }
+        *running = Some(what);
+        Ok(ExclusiveGuard(self.clone()))
+    }
+}
+
+impl Drop for ExclusiveGuard {
+    fn drop(&mut self) {
+        *self.0.0.lock().expect("exclusive lock") = None;
     }
 }
 
@@ -131,33 +182,65 @@ pub async fn start_fresh(program: Arc<Program>, spec: &ServiceSpec) -> Result<In
     }
 }
 
-/// Spawns the actor around an initialised instance.
+/// The receiving end of a service's queue, made before the actor so that
+/// the accept loops and connections can hold its handle.
+pub struct Mailbox(mpsc::Receiver<Msg>);
+
+/// A service's queue: the handle to send to it, and its receiving end for
+/// [`spawn`].
+pub fn mailbox() -> (ServiceHandle, Mailbox) {
+    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    (ServiceHandle { tx }, Mailbox(rx))
+}
+
+/// How the actor ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Shut down (every connection closed and told to the service).
+    Stopped,
+    /// Handed to a new host process, which serves every connection now.
+    HandedOff,
+}
+
+/// Spawns the actor around an initialised instance and starts serving
+/// `start`'s listeners and connections.
 pub fn spawn(
     instance: Instance,
     spec: ServiceSpec,
-) -> (ServiceHandle, tokio::task::JoinHandle<Result<()>>) {
-    let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+    mailbox: Mailbox,
+    net: AcceptCtx,
+    start: Start,
+) -> tokio::task::JoinHandle<Result<Ended>> {
     swap::start_reaper();
-    let actor = Actor {
+    let mut actor = Actor {
         spec,
-        generation: 1,
-        started: SystemTime::now(),
+        generation: start.generation,
+        started: start.started,
         generation_started: SystemTime::now(),
-        previous: None,
-        history: VecDeque::new(),
+        previous: start.previous,
+        history: start.history.into(),
         instance,
-        rx,
+        rx: mailbox.0,
+        net,
         conns: HashMap::new(),
         timers: DelayQueue::new(),
         timer_keys: HashMap::new(),
         closing: VecDeque::new(),
-        stats: Stats::default(),
+        stats: start.stats,
+        shutdown_requested: None,
+        late_unread: Vec::new(),
     };
-    (ServiceHandle { tx }, tokio::spawn(actor.run()))
+    for timer in &start.timers {
+        actor.set_timer(timer.token, Duration::from_millis(timer.remaining_ms));
+    }
+    tokio::spawn(async move {
+        actor.thaw(start.parked).await?;
+        actor.run().await
+    })
 }
 
 /// Counters reported by `status`.
-#[derive(Default, Debug, Clone)]
+#[derive(Default, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub events: u64,
     pub traps: u64,
@@ -182,38 +265,48 @@ struct Actor {
     history: VecDeque<SwapRecord>,
     instance: Instance,
     rx: mpsc::Receiver<Msg>,
+    /// What connection tasks and accept loops need (to resume them).
+    net: AcceptCtx,
     conns: HashMap<u64, Conn>,
     timers: DelayQueue<u64>,
     timer_keys: HashMap<u64, delay_queue::Key>,
     /// Connections closed by an effect, whose `on-close` is still due.
     closing: VecDeque<u64>,
     stats: Stats,
+    /// A shutdown asked for while frozen, answered once it is over.
+    shutdown_requested: Option<oneshot::Sender<()>>,
+    /// Bytes read during a freeze that timed out, from connections whose
+    /// task had not stopped yet: the guest gets them when it resumes.
+    late_unread: Vec<(u64, Vec<u8>)>,
 }
 
 impl Actor {
-    async fn run(mut self) -> Result<()> {
+    async fn run(mut self) -> Result<Ended> {
         loop {
+            if let Some(done) = self.shutdown_requested.take() {
+                self.close_all().await?;
+                let _ = done.send(());
+                return Ok(Ended::Stopped);
+            }
             let timers_armed = !self.timers.is_empty();
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Event(event)) => self.handle(event).await?,
-                    Some(Msg::Shutdown(done)) => {
-                        self.close_all().await?;
-                        let _ = done.send(());
-                        return Ok(());
-                    }
-                    Some(Msg::Status(reply)) => {
-                        let _ = reply.send(self.status());
-                    }
-                    Some(Msg::Previous(reply)) => {
-                        let previous = self.previous.clone().map(|p| (p, self.generation));
-                        let _ = reply.send(previous);
-                    }
+                    Some(Msg::Shutdown(done)) => self.shutdown_requested = Some(done),
                     Some(Msg::Swap(prepared, opts, reply)) => {
                         let result = self.swap(*prepared, opts).await?;
                         let _ = reply.send(result);
                     }
-                    None => return Ok(()),
+                    Some(Msg::Handoff(request)) => {
+                        if self.handoff(*request).await? {
+                            if let Some(done) = self.shutdown_requested.take() {
+                                let _ = done.send(());
+                            }
+                            return Ok(Ended::HandedOff);
+                        }
+                    }
+                    Some(other) => self.answer(other),
+                    None => return Ok(Ended::Stopped),
                 },
                 Some(expired) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)), if timers_armed => {
                     let token = expired.into_inner();
@@ -222,6 +315,20 @@ impl Actor {
                     self.after_call(result).await?;
                 }
             }
+        }
+    }
+
+    /// Answers the requests that do not change the service.
+    fn answer(&mut self, msg: Msg) {
+        match msg {
+            Msg::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Msg::Previous(reply) => {
+                let previous = self.previous.clone().map(|p| (p, self.generation));
+                let _ = reply.send(previous);
+            }
+            _ => unreachable!("answer() is only given read-only requests"),
         }
     }
 
@@ -251,7 +358,26 @@ impl Actor {
                 }
                 Ok(())
             }
+            // Late from a freeze that is over (it timed out): serve it again.
+            Event::Frozen(frozen) => {
+                self.resume_conn(frozen);
+                Ok(())
+            }
+            Event::ListenerFrozen(listener) => {
+                crate::net::start_accepting(vec![listener], &self.net);
+                Ok(())
+            }
         }
+    }
+
+    /// Gives the guest bytes of `id` (if it is still open) outside the
+    /// connection's flow control (they were accounted for when read).
+    async fn deliver(&mut self, id: u64, data: &[u8]) -> Result<()> {
+        if !self.conns.contains_key(&id) {
+            return Ok(());
+        }
+        let result = self.instance.on_data(id, data).await;
+        self.after_call(result).await
     }
 
     /// Carries out a call's effects, delivers `on-close` for connections

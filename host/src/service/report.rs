@@ -5,12 +5,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use super::transfer::Pause;
 use super::{Actor, Program};
 
 /// Most swap records kept for `status`.
 pub const HISTORY_LEN: usize = 100;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ComponentInfo {
     pub path: String,
     /// Hex SHA-256 of the component file.
@@ -30,8 +31,8 @@ impl ComponentInfo {
     }
 }
 
-/// The outcome of one committed swap.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// The outcome of one committed swap, rollback or upgrade.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SwapReport {
     pub service: String,
     /// `swap`, `fresh` or `rollback`.
@@ -48,16 +49,32 @@ pub struct SwapReport {
     pub from_cache: bool,
     /// Instantiating the new component (before the pause).
     pub instantiate_us: u64,
-    /// The time no event was served.
-    pub pause_us: u64,
-    /// Parts of the pause spent in the guests.
-    pub export_us: u64,
-    pub import_us: u64,
-    pub validate_us: u64,
-    /// The rest of the pause: negotiation and the host's own work.
-    pub host_us: u64,
+    /// The time no event was served, and where it went.
+    #[serde(flatten)]
+    pub pause: Pause,
     pub connections: usize,
     pub warnings: Vec<String>,
+    /// For a host upgrade: the processes and what moved between them.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeInfo>,
+}
+
+/// What a host upgrade moved, beyond a swap's state.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct UpgradeInfo {
+    /// `spawn` (a new process received everything) or `exec` (the same
+    /// process re-executed itself).
+    pub mode: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+    /// The binary the new process runs.
+    pub binary: String,
+    pub listeners: usize,
+    pub timers: usize,
+    /// Bytes read from clients and not yet given to the guest.
+    pub unread_bytes: usize,
+    /// Bytes the guest sent that were not yet written to clients.
+    pub unsent_bytes: usize,
 }
 
 /// One entry of the swap history.
@@ -84,6 +101,9 @@ pub struct ListenerInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub service: String,
+    /// The serving process (it changes with every host upgrade).
+    #[serde(default)]
+    pub pid: u32,
     pub component: ComponentInfo,
     pub generation: u64,
     pub uptime_s: f64,
@@ -113,6 +133,7 @@ impl Actor {
         let since = |t: SystemTime| t.elapsed().unwrap_or_default().as_secs_f64();
         StatusReport {
             service: self.spec.name.to_string(),
+            pid: std::process::id(),
             component: ComponentInfo::of(&self.instance.program),
             generation: self.generation,
             uptime_s: since(self.started),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 
 use super::report::{ComponentInfo, SwapRecord, SwapReport, micros, unix_ms};
+use super::transfer::{Exported, Pause, SwapKind, Timings, import, root};
 use super::{Actor, Instance, InstanceLimits, Program};
 
 /// A new version, instantiated and ready to take over.
@@ -51,12 +52,6 @@ pub async fn prepare(
     })
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SwapKind {
-    Swap,
-    Rollback,
-}
-
 #[derive(Clone, Debug)]
 pub struct SwapOptions {
     pub kind: SwapKind,
@@ -67,20 +62,6 @@ pub struct SwapOptions {
     /// Abort unless the service is still at this generation (rollback
     /// prepares against a specific previous generation).
     pub expect_generation: Option<u64>,
-}
-
-/// Guest time spent inside the pause.
-#[derive(Default)]
-struct Timings {
-    export: Duration,
-    import: Duration,
-    validate: Duration,
-}
-
-/// The innermost cause of a guest call's failure, without the wasm
-/// backtrace (that goes to the log).
-fn root(e: &anyhow::Error) -> String {
-    e.root_cause().to_string()
 }
 
 impl Actor {
@@ -99,6 +80,7 @@ impl Actor {
             (SwapKind::Rollback, _) => "rollback",
             (SwapKind::Swap, true) => "fresh",
             (SwapKind::Swap, false) => "swap",
+            (SwapKind::Upgrade, _) => "upgrade",
         };
         let result = self.transfer(prepared, &opts, started).await?;
         let record = |format: Option<String>, state_bytes, pause_us, outcome| SwapRecord {
@@ -117,7 +99,7 @@ impl Actor {
                 let rec = record(
                     report.format.clone(),
                     report.state_bytes,
-                    report.pause_us,
+                    report.pause.pause_us,
                     "committed".into(),
                 );
                 self.record(rec);
@@ -127,7 +109,7 @@ impl Actor {
                     to = to.short_hash(),
                     format = report.format.as_deref().unwrap_or("none (fresh)"),
                     state_bytes = report.state_bytes,
-                    pause_us = report.pause_us,
+                    pause_us = report.pause.pause_us,
                     "{kind} committed: generation {} -> {}",
                     report.generation_from,
                     report.generation_to
@@ -169,52 +151,33 @@ impl Actor {
             compiled,
         } = prepared;
         let mut t = Timings::default();
-        let exportable = match self.instance.exportable().await {
-            Ok(formats) => formats,
-            Err(trap) => return self.old_trapped("exportable()", trap).await,
-        };
-        let format = importable.iter().find(|f| exportable.contains(f)).cloned();
         let mut warnings = Vec::new();
-        let state_bytes = if opts.fresh {
+        let (format, state_bytes) = if opts.fresh {
             if let Err(why) = self.start_fresh_in(&mut new).await {
                 return Ok(Err(why));
             }
             warnings.push(
                 "state dropped: the new version started fresh (init) and saw every open connection as new".into(),
             );
-            0
+            (None, 0)
         } else {
-            let Some(format) = &format else {
-                let (imports, exports) = (importable.join(", "), exportable.join(", "));
-                return Ok(Err(match opts.kind {
-                    SwapKind::Swap => format!(
-                        "no state format in common: the new version imports [{imports}], the running version \
-                         exports [{exports}] now; use --fresh to start the new version without the state"
-                    ),
-                    SwapKind::Rollback => format!(
-                        "rollback refused: no state format in common: the previous version imports [{imports}], \
-                         the running version exports [{exports}] now. Rolling back now would lose the state; if \
-                         that is what you want, run `wasmhost swap --fresh` with the previous component"
-                    ),
-                }));
-            };
-            let state = match self.export(format, &mut t).await? {
-                Ok(state) => state,
-                Err(why) => return Ok(Err(why)),
-            };
-            let validated = match import(&mut new, format, &state, opts.validate, &mut t).await {
+            let Exported { format, state } =
+                match self.export_for(&importable, opts.kind, &mut t).await? {
+                    Ok(exported) => exported,
+                    Err(why) => return Ok(Err(why)),
+                };
+            let validated = match import(&mut new, &format, &state, opts.validate, &mut t).await {
                 Ok(validated) => validated,
                 Err(why) => return Ok(Err(why)),
             };
             let len = state.len();
             // Freeing megabytes can mean unmapping them: not in the pause.
             reap(Box::new((state, validated)));
-            len
+            (Some(format), len)
         };
         let connections = self.conns.len();
         let old_program = self.commit(new, opts.fresh);
-        let pause = started.elapsed();
-        let guest = t.export + t.import + t.validate;
+        let pause = Pause::new(started.elapsed(), &t);
         Ok(Ok(SwapReport {
             service: self.spec.name.to_string(),
             kind: String::new(),
@@ -222,7 +185,7 @@ impl Actor {
             generation_to: self.generation,
             from: ComponentInfo::of(&old_program),
             to: ComponentInfo::of(&self.instance.program),
-            format: if opts.fresh { None } else { format },
+            format,
             state_bytes,
             compile_us: if compiled {
                 micros(self.instance.program.compile_time)
@@ -231,44 +194,11 @@ impl Actor {
             },
             from_cache: compiled && self.instance.program.from_cache,
             instantiate_us: micros(instantiate_time),
-            pause_us: micros(pause),
-            export_us: micros(t.export),
-            import_us: micros(t.import),
-            validate_us: micros(t.validate),
-            host_us: micros(pause.saturating_sub(guest)),
+            pause,
             connections,
             warnings,
+            upgrade: None,
         }))
-    }
-
-    /// The old instance's `export-state`. A trap loses the old instance:
-    /// it is restarted fresh and the swap is aborted.
-    async fn export(&mut self, format: &str, t: &mut Timings) -> Result<Result<Vec<u8>, String>> {
-        let began = Instant::now();
-        let result = self.instance.export_state(format).await;
-        t.export = began.elapsed();
-        match result {
-            Ok(Ok(state)) => Ok(Ok(state)),
-            Ok(Err(msg)) => Ok(Err(format!(
-                "the running version refused to export {format}: {msg}"
-            ))),
-            Err(trap) => {
-                self.old_trapped(&format!("export-state({format})"), trap)
-                    .await
-            }
-        }
-    }
-
-    async fn old_trapped<T>(
-        &mut self,
-        call: &str,
-        trap: anyhow::Error,
-    ) -> Result<Result<T, String>> {
-        let why = root(&trap);
-        self.recover(trap).await?;
-        Ok(Err(format!(
-            "the running version trapped in {call}: {why}; it was restarted with fresh state (its state is lost)"
-        )))
     }
 
     /// `--fresh`: `init` and `on-connect` for every open connection, on the
@@ -312,50 +242,6 @@ impl Actor {
         let program = old.program.clone();
         reap(Box::new((old, older)));
         program
-    }
-}
-
-/// The new instance's `import-state`, then (if asked) a validating
-/// `export-state` in the same format.
-async fn import(
-    new: &mut Instance,
-    format: &str,
-    state: &[u8],
-    validate: bool,
-    t: &mut Timings,
-) -> Result<Option<Vec<u8>>, String> {
-    let began = Instant::now();
-    let result = new.import_state(format, state).await;
-    t.import = began.elapsed();
-    match result {
-        Ok(Ok(())) => {}
-        Ok(Err(msg)) => {
-            return Err(format!(
-                "the new version rejected the {format} state: {msg}"
-            ));
-        }
-        Err(trap) => {
-            return Err(format!(
-                "the new version trapped in import-state({format}): {}",
-                root(&trap)
-            ));
-        }
-    }
-    if !validate {
-        return Ok(None);
-    }
-    let began = Instant::now();
-    let result = new.export_state(format).await;
-    t.validate = began.elapsed();
-    match result {
-        Ok(Ok(exported)) => Ok(Some(exported)),
-        Ok(Err(msg)) => Err(format!(
-            "validation failed: the new version cannot export the {format} state it imported: {msg}"
-        )),
-        Err(trap) => Err(format!(
-            "validation failed: the new version trapped exporting the {format} state it imported: {}",
-            root(&trap)
-        )),
     }
 }
 

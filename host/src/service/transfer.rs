@@ -1,0 +1,199 @@
+//! The one way to move a service's state from one instance to another:
+//! negotiate a format, export it from the running instance, import it into
+//! the new one (and, if asked, prove the new one can export it again), and
+//! account for the pause.
+//!
+//! Swap and rollback run both halves in this process ([`super::swap`]);
+//! host upgrade runs [`Actor::export_for`] in the old process and
+//! [`import`] in the new one (`crate::upgrade`), with the bytes in between
+//! carried over the handoff socket. Trap recovery and shadow swaps are to
+//! use the same halves, so there is one place to get the transfer right and
+//! one [`Pause`] to report its cost.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::report::micros;
+use super::{Actor, Instance};
+
+/// What moves a service, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwapKind {
+    Swap,
+    Rollback,
+    /// A new host process takes the service over.
+    Upgrade,
+}
+
+/// Guest and transfer time spent inside a pause.
+#[derive(Default, Clone, Copy, Debug)]
+pub struct Timings {
+    pub export: Duration,
+    /// Carrying the state and resources to another process (upgrade).
+    pub transfer: Duration,
+    pub import: Duration,
+    pub validate: Duration,
+}
+
+/// The time no event was served, and where it went. The same for every
+/// way of moving a service (swap, rollback, upgrade).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Pause {
+    /// The whole pause (for an upgrade: the blackout).
+    pub pause_us: u64,
+    /// The old version's `export-state`.
+    pub export_us: u64,
+    /// Sending state, connections and listeners to the new process.
+    #[serde(default)]
+    pub transfer_us: u64,
+    /// The new version's `import-state`.
+    pub import_us: u64,
+    /// The new version's validating `export-state`.
+    pub validate_us: u64,
+    /// The rest: negotiation, stopping and resuming I/O, the host's own work.
+    pub host_us: u64,
+}
+
+impl Pause {
+    pub fn new(total: Duration, t: &Timings) -> Pause {
+        let accounted = t.export + t.transfer + t.import + t.validate;
+        Pause {
+            pause_us: micros(total),
+            export_us: micros(t.export),
+            transfer_us: micros(t.transfer),
+            import_us: micros(t.import),
+            validate_us: micros(t.validate),
+            host_us: micros(total.saturating_sub(accounted)),
+        }
+    }
+}
+
+/// The first format the new version imports that the old one exports.
+pub fn negotiate(importable: &[String], exportable: &[String]) -> Option<String> {
+    importable.iter().find(|f| exportable.contains(f)).cloned()
+}
+
+/// The innermost cause of a guest call's failure, without the wasm
+/// backtrace (that goes to the log).
+pub fn root(e: &anyhow::Error) -> String {
+    e.root_cause().to_string()
+}
+
+/// A state exported for a new version.
+pub struct Exported {
+    pub format: String,
+    pub state: Vec<u8>,
+}
+
+/// Why no state could be exported: the text for the user.
+pub fn no_common_format(kind: SwapKind, importable: &[String], exportable: &[String]) -> String {
+    let (imports, exports) = (importable.join(", "), exportable.join(", "));
+    match kind {
+        SwapKind::Swap => format!(
+            "no state format in common: the new version imports [{imports}], the running version \
+             exports [{exports}] now; use --fresh to start the new version without the state"
+        ),
+        SwapKind::Rollback => format!(
+            "rollback refused: no state format in common: the previous version imports [{imports}], \
+             the running version exports [{exports}] now. Rolling back now would lose the state; if \
+             that is what you want, run `wasmhost swap --fresh` with the previous component"
+        ),
+        SwapKind::Upgrade => format!(
+            "no state format in common: the component the new host loaded imports [{imports}], the \
+             running version exports [{exports}] now; upgrade with a --component that imports one of them"
+        ),
+    }
+}
+
+impl Actor {
+    /// The old half: asks the running version what it exports now, picks
+    /// the first of `importable` it offers, and exports the state in it.
+    /// The outer error is fatal for the service (the old instance trapped
+    /// and could not be restarted); the inner one aborts the move.
+    pub(super) async fn export_for(
+        &mut self,
+        importable: &[String],
+        kind: SwapKind,
+        t: &mut Timings,
+    ) -> Result<Result<Exported, String>> {
+        let exportable = match self.instance.exportable().await {
+            Ok(formats) => formats,
+            Err(trap) => return self.old_trapped("exportable()", trap).await,
+        };
+        let Some(format) = negotiate(importable, &exportable) else {
+            return Ok(Err(no_common_format(kind, importable, &exportable)));
+        };
+        let began = Instant::now();
+        let result = self.instance.export_state(&format).await;
+        t.export = began.elapsed();
+        match result {
+            Ok(Ok(state)) => Ok(Ok(Exported { format, state })),
+            Ok(Err(msg)) => Ok(Err(format!(
+                "the running version refused to export {format}: {msg}"
+            ))),
+            Err(trap) => {
+                self.old_trapped(&format!("export-state({format})"), trap)
+                    .await
+            }
+        }
+    }
+
+    pub(super) async fn old_trapped<T>(
+        &mut self,
+        call: &str,
+        trap: anyhow::Error,
+    ) -> Result<Result<T, String>> {
+        let why = root(&trap);
+        self.recover(trap).await?;
+        Ok(Err(format!(
+            "the running version trapped in {call}: {why}; it was restarted with fresh state (its state is lost)"
+        )))
+    }
+}
+
+/// The new half: the new instance's `import-state`, then (if asked) a
+/// validating `export-state` in the same format, whose bytes are returned
+/// so the caller can free them off the pause.
+pub async fn import(
+    new: &mut Instance,
+    format: &str,
+    state: &[u8],
+    validate: bool,
+    t: &mut Timings,
+) -> Result<Option<Vec<u8>>, String> {
+    let began = Instant::now();
+    let result = new.import_state(format, state).await;
+    t.import = began.elapsed();
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(msg)) => {
+            return Err(format!(
+                "the new version rejected the {format} state: {msg}"
+            ));
+        }
+        Err(trap) => {
+            return Err(format!(
+                "the new version trapped in import-state({format}): {}",
+                root(&trap)
+            ));
+        }
+    }
+    if !validate {
+        return Ok(None);
+    }
+    let began = Instant::now();
+    let result = new.export_state(format).await;
+    t.validate = began.elapsed();
+    match result {
+        Ok(Ok(exported)) => Ok(Some(exported)),
+        Ok(Err(msg)) => Err(format!(
+            "validation failed: the new version cannot export the {format} state it imported: {msg}"
+        )),
+        Err(trap) => Err(format!(
+            "validation failed: the new version trapped exporting the {format} state it imported: {}",
+            root(&trap)
+        )),
+    }
+}

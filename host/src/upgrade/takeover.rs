@@ -1,0 +1,345 @@
+//! The new process's side of a host upgrade (the right-hand column of the
+//! protocol in `super`): load the offered component, receive the frozen
+//! service, check every socket against the manifest, import the state,
+//! and serve once the old process commits.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use nix::sys::socket::{SockType, getsockopt, sockopt};
+
+use super::channel::Channel;
+use super::{Manifest, Message, VERSION, fail_at};
+use crate::bindings::ConnInfo;
+use crate::control::server::ControlSocket;
+use crate::engine::Runtime;
+use crate::net::{FrozenConn, Listener};
+use crate::serve::{Launch, Parts, ServeOptions, Server, load_program};
+use crate::service::{
+    self, ComponentInfo, ConnImage, ListenerImage, ParkedConn, Program, ServiceSpec, Start,
+    SwapRecord, SwapReport, Timings,
+};
+
+/// Takes over the service the old process hands over on `fd`. Returns the
+/// server, serving, once the old process has committed; any error before
+/// that is also sent to the old process (which serves on).
+pub async fn receive(opts: ServeOptions, launch: Launch, fd: OwnedFd) -> Result<Server> {
+    if fail_at("start") {
+        eprintln!("test: {}=start: exiting at start", super::FAIL_ENV);
+        std::process::exit(3);
+    }
+    let channel = Channel::from_fd(fd)?;
+    let mut t = Takeover {
+        channel: &channel,
+        opts: &opts,
+        step: "offer",
+    };
+    match t.run().await {
+        Ok((parts, report)) => {
+            let server = Server::assemble(parts, &opts, launch);
+            tracing::info!(
+                pid = std::process::id(),
+                blackout_us = report.pause.pause_us,
+                "upgrade committed: this process serves the service now"
+            );
+            Ok(server)
+        }
+        Err(e) => {
+            let failed = Message::Failed {
+                step: t.step.into(),
+                message: format!("{e:#}"),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), channel.send(&failed, &[])).await;
+            Err(e.context(format!("taking over the service failed at step `{}`", t.step)))
+        }
+    }
+}
+
+struct Takeover<'a> {
+    channel: &'a Channel,
+    opts: &'a ServeOptions,
+    /// The step in progress, for the error.
+    step: &'static str,
+}
+
+/// What the new process loaded before it received anything.
+struct Loaded {
+    runtime: Runtime,
+    prepared: service::Prepared,
+    previous: Option<Arc<Program>>,
+}
+
+impl Takeover<'_> {
+    async fn run(&mut self) -> Result<(Parts, SwapReport)> {
+        let loaded = self.prepare().await?;
+        self.step = "send";
+        let max_payload = self.max_payload();
+        let (message, payload) = self.channel.recv::<Message>(max_payload).await?;
+        let Message::Manifest(manifest) = message else {
+            bail!("expected the manifest, got {message:?}");
+        };
+        let fds = self.channel.recv_fds(manifest.fd_count).await?;
+        if fail_at("crash") {
+            eprintln!("test: {}=crash: aborting mid-handoff", super::FAIL_ENV);
+            std::process::abort();
+        }
+        let received = Instant::now();
+        manifest.check(payload.len()).map_err(anyhow::Error::msg)?;
+        self.step = "import";
+        let (parts, timings) = self.import(loaded, &manifest, payload, fds).await?;
+        if fail_at("ready") {
+            eprintln!("test: {}=ready: never answering", super::FAIL_ENV);
+            std::future::pending::<()>().await;
+        }
+        let ready = Message::Ready {
+            import_us: service::micros(timings.import),
+            validate_us: service::micros(timings.validate),
+            after_receive_us: service::micros(received.elapsed()),
+        };
+        self.channel.send(&ready, &[]).await?;
+        self.step = "commit";
+        let report = self.await_commit().await?;
+        let mut parts = parts;
+        parts.start.history.push(committed_record(&report));
+        if parts.start.history.len() > service::HISTORY_LEN {
+            parts.start.history.remove(0);
+        }
+        Ok((parts, report))
+    }
+
+    /// Phases 2 and 3: load what the old process offers.
+    async fn prepare(&mut self) -> Result<Loaded> {
+        let (offer, _) = self.channel.recv::<Message>(0).await?;
+        let Message::Offer {
+            version,
+            service: name,
+            component,
+            previous,
+        } = offer
+        else {
+            bail!("expected an offer, got {offer:?}");
+        };
+        if version != VERSION {
+            bail!("the old host speaks handoff version {version}, this binary {VERSION}");
+        }
+        if name != self.opts.name {
+            bail!(
+                "the old host serves `{name}` but this process was started as `{}`",
+                self.opts.name
+            );
+        }
+        self.step = "prepare";
+        let runtime = Runtime::new(self.opts.cache_dir.clone())?;
+        let program = load_program(&runtime, &component).await?;
+        let previous = match previous {
+            Some(path) => match load_program(&runtime, &path).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!("cannot load the previous component (rollback will not be possible): {e:#}");
+                    None
+                }
+            },
+            None => None,
+        };
+        let prepared = service::prepare(program, name.into(), &self.opts.instance_limits, true).await?;
+        if fail_at("prepare") {
+            bail!("test: {}=prepare", super::FAIL_ENV);
+        }
+        let program = &prepared.instance.program;
+        let answer = Message::Prepared {
+            version: VERSION,
+            pid: std::process::id(),
+            importable: prepared.importable.clone(),
+            component: ComponentInfo::of(program),
+            compile_us: service::micros(program.compile_time),
+            from_cache: program.from_cache,
+            instantiate_us: service::micros(prepared.instantiate_time),
+        };
+        self.channel.send(&answer, &[]).await?;
+        Ok(Loaded {
+            runtime,
+            prepared,
+            previous,
+        })
+    }
+
+    /// The most payload this host accepts: a state as large as an
+    /// instance's memory, and every connection's buffers full.
+    fn max_payload(&self) -> u64 {
+        let per_conn = self.opts.conn_limits.max_output_buffer + 2 * self.opts.conn_limits.read_chunk;
+        self.opts.instance_limits.max_memory as u64
+            + (self.opts.max_connections as u64 + 1) * per_conn as u64
+    }
+
+    /// Phase 6: check the sockets, import the state, build the service.
+    async fn import(
+        &mut self,
+        loaded: Loaded,
+        manifest: &Manifest,
+        mut payload: Vec<u8>,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Parts, Timings)> {
+        let image = &manifest.image;
+        let conn_bytes = payload.split_off(manifest.state_len as usize);
+        let mut fds = fds.into_iter();
+        let listeners = image
+            .listeners
+            .iter()
+            .map(|l| adopt_listener(fds.next().expect("counted"), l))
+            .collect::<Result<Vec<_>>>()?;
+        let mut conns = BTreeMap::new();
+        let mut offset = 0;
+        for c in &image.conns {
+            let parked = adopt_conn(fds.next().expect("counted"), c, &conn_bytes[offset..])?;
+            offset += c.unread_len + c.unsent_len;
+            conns.insert(c.id, parked);
+        }
+        let control = match &manifest.control {
+            Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
+            None => None,
+        };
+        let mut instance = loaded.prepared.instance;
+        let mut timings = Timings::default();
+        if fail_at("import") {
+            bail!("test: {}=import: rejecting the state", super::FAIL_ENV);
+        }
+        let validated = service::import(&mut instance, &image.format, &payload, true, &mut timings)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        drop(validated);
+        let spec = ServiceSpec {
+            name: image.service.as_str().into(),
+            config: self.opts.config.clone(),
+            limits: self.opts.instance_limits.clone(),
+            listeners: image.listeners.iter().map(|l| (l.name.clone(), l.addr)).collect(),
+        };
+        let start = Start {
+            generation: image.generation + 1,
+            started: UNIX_EPOCH + Duration::from_millis(image.started_unix_ms),
+            previous: loaded.previous,
+            history: image.history.clone(),
+            stats: image.stats.clone(),
+            timers: image.timers.clone(),
+            parked: service::Parked { listeners, conns },
+        };
+        let parts = Parts {
+            runtime: loaded.runtime,
+            instance,
+            spec,
+            start,
+            control,
+            next_id: image.next_conn_id,
+        };
+        Ok((parts, timings))
+    }
+
+    /// Phase 7: wait for the old process's verdict.
+    async fn await_commit(&mut self) -> Result<SwapReport> {
+        match self.channel.recv::<Message>(0).await {
+            Ok((Message::Commit { report }, _)) => Ok(*report),
+            Ok((Message::Abort { reason }, _)) => Err(anyhow!("the old host aborted: {reason}")),
+            Ok((other, _)) => Err(anyhow!("expected commit or abort, got {other:?}")),
+            Err(e) => {
+                // The old process is gone without a verdict after this one
+                // was ready: it crashed, and this process holds everything.
+                tracing::warn!("the old host vanished after this process was ready ({e:#}); serving");
+                Ok(SwapReport::default())
+            }
+        }
+    }
+}
+
+/// The history entry of the upgrade that started this process.
+fn committed_record(report: &SwapReport) -> SwapRecord {
+    SwapRecord {
+        at_unix_ms: service::unix_ms(SystemTime::now()),
+        kind: "upgrade".into(),
+        from: report.from.clone(),
+        to: report.to.clone(),
+        format: report.format.clone(),
+        state_bytes: report.state_bytes,
+        pause_us: report.pause.pause_us,
+        outcome: "committed".into(),
+    }
+}
+
+/// Checks that `fd` is a listening TCP socket (`SO_ACCEPTCONN`) bound to
+/// the manifest's address.
+fn adopt_listener(fd: OwnedFd, image: &ListenerImage) -> Result<Listener> {
+    check_kind(&fd, true).with_context(|| format!("listener `{}`", image.name))?;
+    let listener = std::net::TcpListener::from(fd);
+    let addr = listener.local_addr()?;
+    if addr != image.addr {
+        bail!(
+            "listener `{}`: the descriptor is bound to {addr}, the manifest says {}",
+            image.name,
+            image.addr
+        );
+    }
+    listener.set_nonblocking(true)?;
+    Ok(Listener {
+        name: image.name.as_str().into(),
+        listener: tokio::net::TcpListener::from_std(listener)?,
+    })
+}
+
+/// Checks that `fd` is a connected TCP socket to the manifest's peer (a
+/// peer already gone is allowed: the connection then ends as usual).
+fn adopt_conn(fd: OwnedFd, image: &ConnImage, bytes: &[u8]) -> Result<ParkedConn> {
+    let what = || format!("connection {} ({})", image.id, image.peer);
+    check_kind(&fd, false).with_context(what)?;
+    let stream = std::net::TcpStream::from(fd);
+    stream.local_addr().with_context(what)?;
+    if let Ok(peer) = stream.peer_addr()
+        && peer.to_string() != image.peer
+    {
+        bail!("{}: the descriptor's peer is {peer}", what());
+    }
+    let (unread, rest) = bytes.split_at(image.unread_len);
+    let unsent = rest[..image.unsent_len].to_vec();
+    Ok(ParkedConn {
+        info: ConnInfo {
+            id: image.id,
+            listener: image.listener.clone(),
+            peer: image.peer.clone(),
+        },
+        frozen: FrozenConn::received(image.id, stream, unsent).with_context(what)?,
+        unread: unread.to_vec(),
+    })
+}
+
+/// Checks that `fd` is the listening Unix socket at `path`.
+fn adopt_control(fd: OwnedFd, path: &Path) -> Result<ControlSocket> {
+    check_kind(&fd, true).context("control socket")?;
+    let listener = UnixListener::from(fd);
+    let bound = listener.local_addr()?;
+    if bound.as_pathname() != Some(path) {
+        bail!(
+            "control socket: the descriptor is bound to {:?}, the manifest says {}",
+            bound.as_pathname(),
+            path.display()
+        );
+    }
+    ControlSocket::adopt(listener, path)
+}
+
+/// A stream socket, listening or not as expected.
+fn check_kind(fd: &OwnedFd, listening: bool) -> Result<()> {
+    let ty = getsockopt(fd, sockopt::SockType).context("the descriptor is not a socket")?;
+    if ty != SockType::Stream {
+        bail!("the descriptor is a {ty:?} socket, not a stream socket");
+    }
+    let accepting = getsockopt(fd, sockopt::AcceptConn)?;
+    if accepting != listening {
+        bail!(
+            "the descriptor is {}a listening socket",
+            if accepting { "" } else { "not " }
+        );
+    }
+    Ok(())
+}
