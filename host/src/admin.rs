@@ -161,7 +161,11 @@ pub fn format_swap(r: &SwapReport) -> String {
         }
     }
     let p = &r.pause;
-    let pause = if r.upgrade.is_some() { "blackout" } else { "pause" };
+    let pause = if r.upgrade.is_some() {
+        "blackout"
+    } else {
+        "pause"
+    };
     let transfer = match r.upgrade {
         Some(_) => format!(", transfer {}", us(p.transfer_us)),
         None => String::new(),

@@ -80,8 +80,11 @@ fn take_handoff_fd() -> Result<Option<OwnedFd>> {
         .with_context(|| format!("{} is not a descriptor number: {value:?}", upgrade::FD_ENV))?;
     // SAFETY: the old host process passed this descriptor to us on exec;
     // nothing else in this process knows of it. Check it is open first.
-    nix::fcntl::fcntl(unsafe { BorrowedFd::borrow_raw(fd) }, nix::fcntl::FcntlArg::F_GETFD)
-        .with_context(|| format!("{}={fd} is not an open descriptor", upgrade::FD_ENV))?;
+    nix::fcntl::fcntl(
+        unsafe { BorrowedFd::borrow_raw(fd) },
+        nix::fcntl::FcntlArg::F_GETFD,
+    )
+    .with_context(|| format!("{}={fd} is not an open descriptor", upgrade::FD_ENV))?;
     Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 

@@ -109,7 +109,10 @@ impl Server {
             listeners: listeners
                 .iter()
                 .map(|l| {
-                    let addr = l.listener.local_addr().expect("bound socket has an address");
+                    let addr = l
+                        .listener
+                        .local_addr()
+                        .expect("bound socket has an address");
                     (l.name.to_string(), addr)
                 })
                 .collect(),
@@ -243,7 +246,10 @@ impl Server {
 
 /// Reads, compiles (or loads from the cache) and type-checks a component,
 /// off the async threads.
-pub(crate) async fn load_program(runtime: &Runtime, path: &std::path::Path) -> Result<Arc<Program>> {
+pub(crate) async fn load_program(
+    runtime: &Runtime,
+    path: &std::path::Path,
+) -> Result<Arc<Program>> {
     let (rt, owned) = (runtime.clone(), path.to_path_buf());
     let program = tokio::task::spawn_blocking(move || Program::prepare(&rt, &owned))
         .await

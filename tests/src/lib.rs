@@ -6,6 +6,7 @@
 //! before running them.
 
 pub mod irc;
+pub mod load;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -67,9 +68,12 @@ struct Output {
     changed: Condvar,
 }
 
-/// A running `wasmhost serve`. Killed when dropped.
+/// A running `wasmhost serve`. Killed when dropped, with every process a
+/// host upgrade handed it to.
 pub struct Served {
     child: Option<Child>,
+    /// Processes that served after a host upgrade (not our children).
+    successors: Mutex<Vec<u32>>,
     output: Arc<Output>,
     /// Bound addresses by listener name, from `listening on NAME ADDR`.
     pub addrs: Vec<(String, SocketAddr)>,
@@ -150,6 +154,7 @@ impl Served {
         });
         let mut served = Served {
             child: Some(child),
+            successors: Mutex::new(Vec::new()),
             output,
             addrs: Vec::new(),
             control,
@@ -196,9 +201,11 @@ impl Served {
             if now >= deadline {
                 panic!("timed out waiting for wasmhost output; it printed:\n{text}");
             }
+            let upgraded = !self.successors.lock().unwrap().is_empty();
             if let Some(status) = self
                 .child
                 .as_mut()
+                .filter(|_| !upgraded)
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 drop(text);
@@ -235,6 +242,54 @@ impl Served {
         out.stdout
     }
 
+    /// The process serving now (it changes with each host upgrade), from
+    /// `status --json`.
+    pub fn serving_pid(&self) -> u32 {
+        let out = self.command("status", &["--json"]);
+        assert!(out.status.success(), "status failed: {}", out.stderr);
+        let pid = out
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("\"pid\": "))
+            .and_then(|v| v.trim_end_matches(',').parse().ok())
+            .unwrap_or_else(|| panic!("no pid in status: {}", out.stdout));
+        self.track(pid);
+        pid
+    }
+
+    /// Remembers a process that serves after an upgrade, to kill it when
+    /// the test ends.
+    pub fn track(&self, pid: u32) {
+        let mut successors = self.successors.lock().unwrap();
+        if Some(pid) != self.child.as_ref().map(|c| c.id()) && !successors.contains(&pid) {
+            successors.push(pid);
+        }
+    }
+
+    /// Runs `wasmhost upgrade ARGS...` against this server; on success,
+    /// remembers the new process. Returns what the command printed.
+    pub fn upgrade(&self, args: &[&str]) -> Finished {
+        let out = self.command("upgrade", args);
+        if out.status.success() {
+            self.serving_pid();
+        }
+        out
+    }
+
+    /// Runs `wasmhost upgrade ARGS...` and asserts it committed; returns the
+    /// report.
+    pub fn upgrade_ok(&self, args: &[&str]) -> String {
+        let out = self.upgrade(args);
+        assert!(
+            out.status.success(),
+            "upgrade failed: {}\n{}",
+            out.stderr,
+            self.stderr()
+        );
+        assert!(out.stdout.contains("upgrade committed"), "{}", out.stdout);
+        out.stdout
+    }
+
     /// Sends SIGTERM and waits for the exit status (at most 30 s).
     pub fn terminate(mut self) -> (ExitStatus, String) {
         let mut child = self.child.take().expect("running");
@@ -251,6 +306,10 @@ impl Drop for Served {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for &pid in self.successors.lock().unwrap().iter() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

@@ -167,16 +167,16 @@ impl Benchmark for SwapPause {
             let col = |f: fn(&SwapReport) -> u64| {
                 reports.iter().map(|r| f(r) as f64).collect::<Vec<f64>>()
             };
-            let (pause, host_us) = (col(|r| r.pause_us), col(|r| r.host_us));
+            let (pause, host_us) = (col(|r| r.pause.pause_us), col(|r| r.pause.host_us));
             let bytes = reports[0].state_bytes;
             let _ = writeln!(
                 s.body,
                 "| {keys} | {bytes} | {swaps} | {} / {} | {} | {} | {} | {:.0} / {:.0} | {:.2} |",
                 ms(median(pause.clone())),
                 ms(percentile(pause.clone(), 99.0)),
-                ms(median(col(|r| r.export_us))),
-                ms(median(col(|r| r.import_us))),
-                ms(median(col(|r| r.validate_us))),
+                ms(median(col(|r| r.pause.export_us))),
+                ms(median(col(|r| r.pause.import_us))),
+                ms(median(col(|r| r.pause.validate_us))),
                 median(host_us.clone()),
                 percentile(host_us.clone(), 99.0),
                 worst.as_secs_f64() * 1000.0
@@ -196,10 +196,10 @@ impl Benchmark for SwapPause {
                 format!("{} / {} ms", ms(median(pause)), ms(p99)),
             ));
             cats.push(format!("{keys} keys"));
-            exp.push(median(col(|r| r.export_us)) / 1000.0);
-            imp.push(median(col(|r| r.import_us)) / 1000.0);
-            val.push(median(col(|r| r.validate_us)) / 1000.0);
-            hst.push(median(col(|r| r.host_us)) / 1000.0);
+            exp.push(median(col(|r| r.pause.export_us)) / 1000.0);
+            imp.push(median(col(|r| r.pause.import_us)) / 1000.0);
+            val.push(median(col(|r| r.pause.validate_us)) / 1000.0);
+            hst.push(median(col(|r| r.pause.host_us)) / 1000.0);
         }
         s.target(
             "swap host overhead p99 (pause - guest calls)",

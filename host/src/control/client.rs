@@ -9,8 +9,22 @@ use tokio::net::UnixStream;
 use super::protocol::{self, Request, RequestFrame, Response, ResponseFrame, VERSION};
 
 /// Sends one request and returns the response. A `Response::Error` is
-/// returned as it is, for the caller to report.
+/// returned as it is, for the caller to report. A request that reached a
+/// host process just as it handed its service over is sent again.
 pub async fn request(socket: &Path, request: Request) -> Result<Response> {
+    for _ in 0..3 {
+        match request_once(socket, request.clone()).await? {
+            Response::Moved => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            response => return Ok(response),
+        }
+    }
+    bail!(
+        "the service at {} kept moving between host processes; try again",
+        socket.display()
+    )
+}
+
+async fn request_once(socket: &Path, request: Request) -> Result<Response> {
     let mut stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(

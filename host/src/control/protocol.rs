@@ -79,7 +79,12 @@ pub struct ResponseFrame {
 pub enum Response {
     Status(Box<StatusReport>),
     Swapped(Box<SwapReport>),
-    Error { message: String },
+    Error {
+        message: String,
+    },
+    /// The service was handed to a new host process while this request
+    /// waited; nothing was done. Connect again to reach the new process.
+    Moved,
 }
 
 /// Why a frame could not be read.

@@ -4,11 +4,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -27,36 +27,63 @@ pub struct ControlCtx {
     pub upgrader: Upgrader,
 }
 
+/// Whether this process accepts control connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// A host upgrade is handing the service over: clients wait in the
+    /// socket's backlog for whichever process serves next.
+    Paused,
+    /// Another process owns the socket: stop, and keep its file.
+    HandedOver,
+}
+
 /// A bound control socket; the file is removed when this is dropped,
 /// unless the socket was handed to a new host process.
 pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
-    handed_over: Arc<AtomicBool>,
+    gate: Arc<watch::Sender<Gate>>,
 }
 
 impl Drop for ControlSocket {
     fn drop(&mut self) {
-        if !self.handed_over.load(Ordering::Acquire) {
+        if *self.gate.borrow() != Gate::HandedOver {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 }
 
 /// What a host upgrade needs of the control socket: its descriptor and
-/// path to send, and a way to keep the file when this process exits.
+/// path to send, and a way to stop accepting on it.
 #[derive(Clone)]
 pub struct ControlHandoff {
     pub path: PathBuf,
     /// Valid while the control socket's task runs (until shutdown).
     pub fd: RawFd,
-    handed_over: Arc<AtomicBool>,
+    gate: Arc<watch::Sender<Gate>>,
 }
 
 impl ControlHandoff {
-    /// The new process owns the socket now: do not remove its file.
+    /// Stop accepting until [`resume`](Self::resume) or
+    /// [`hand_over`](Self::hand_over), so that no client reaches a process
+    /// that is about to stop serving.
+    pub fn pause(&self) {
+        self.gate.send_replace(Gate::Paused);
+    }
+
+    pub fn resume(&self) {
+        self.gate.send_replace(Gate::Open);
+    }
+
+    pub fn handed_over(&self) -> bool {
+        *self.gate.borrow() == Gate::HandedOver
+    }
+
+    /// The new process owns the socket now: close this process's copy and
+    /// keep the file.
     pub fn hand_over(&self) {
-        self.handed_over.store(true, Ordering::Release);
+        self.gate.send_replace(Gate::HandedOver);
     }
 }
 
@@ -91,18 +118,25 @@ impl ControlSocket {
         Ok(ControlSocket {
             listener,
             path: path.to_path_buf(),
-            handed_over: Arc::default(),
+            gate: Arc::new(watch::Sender::new(Gate::Open)),
         })
     }
 
-    /// A control socket handed over by the previous host process.
+    /// A control socket handed over by the previous host process. Its
+    /// file stays when this is dropped, until [`claim`](Self::claim): the
+    /// previous process still serves on it if the handoff fails.
     pub fn adopt(listener: std::os::unix::net::UnixListener, path: &Path) -> Result<ControlSocket> {
         listener.set_nonblocking(true)?;
         Ok(ControlSocket {
             listener: UnixListener::from_std(listener)?,
             path: path.to_path_buf(),
-            handed_over: Arc::default(),
+            gate: Arc::new(watch::Sender::new(Gate::HandedOver)),
         })
+    }
+
+    /// This process serves on the socket now: remove its file on exit.
+    pub fn claim(&self) {
+        self.gate.send_replace(Gate::Open);
     }
 
     pub fn path(&self) -> &Path {
@@ -113,17 +147,23 @@ impl ControlSocket {
         ControlHandoff {
             path: self.path.clone(),
             fd: self.listener.as_raw_fd(),
-            handed_over: self.handed_over.clone(),
+            gate: self.gate.clone(),
         }
     }
 
     /// Answers requests until `shutdown`; each client's task is tracked,
     /// so a reply in progress is finished before the process exits.
     pub async fn serve(self, ctx: ControlCtx, shutdown: CancellationToken, tracker: TaskTracker) {
+        let mut gate = self.gate.subscribe();
         loop {
+            let state = *gate.borrow_and_update();
+            if state == Gate::HandedOver {
+                return;
+            }
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                accepted = self.listener.accept() => match accepted {
+                _ = gate.changed() => continue,
+                accepted = self.listener.accept(), if state == Gate::Open => match accepted {
                     Ok((stream, _)) => stream,
                     Err(e) => {
                         tracing::warn!("control socket accept failed: {e}");
@@ -261,7 +301,21 @@ async fn handle(request: Request, ctx: &ControlCtx) -> Response {
                 .map(|report| Response::Swapped(Box::new(report)))
         }
     };
-    result.unwrap_or_else(|message| Response::Error { message })
+    match result {
+        Ok(response) => response,
+        // A client that connected just before a host upgrade committed
+        // reached this process after its service left: send it on.
+        Err(_)
+            if ctx
+                .upgrader
+                .control
+                .as_ref()
+                .is_some_and(|c| c.handed_over()) =>
+        {
+            Response::Moved
+        }
+        Err(message) => Response::Error { message },
+    }
 }
 
 async fn swap(
@@ -270,7 +324,7 @@ async fn swap(
     fresh: bool,
     validate: bool,
 ) -> Result<Response, String> {
-    let _running = ctx.upgrader.exclusive.begin("swap")?;
+    let _running = ctx.upgrader.exclusive.begin("a swap")?;
     let runtime = ctx.runtime.clone();
     let owned = path.to_path_buf();
     let program = tokio::task::spawn_blocking(move || Program::prepare(&runtime, &owned))
@@ -287,7 +341,7 @@ async fn swap(
 }
 
 async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> {
-    let _running = ctx.upgrader.exclusive.begin("rollback")?;
+    let _running = ctx.upgrader.exclusive.begin("a rollback")?;
     let previous = ctx.service.previous().await.map_err(|e| e.to_string())?;
     let Some((program, generation)) = previous else {
         return Err("nothing to roll back to: this service has not been swapped yet".into());

@@ -166,7 +166,11 @@ pub struct FrozenConn {
 
 impl FrozenConn {
     /// A connection received from another process, with its unsent bytes.
-    pub fn received(id: u64, stream: std::net::TcpStream, unsent: Vec<u8>) -> std::io::Result<Self> {
+    pub fn received(
+        id: u64,
+        stream: std::net::TcpStream,
+        unsent: Vec<u8>,
+    ) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
         let (_, rx) = mpsc::unbounded_channel();
         Ok(FrozenConn {

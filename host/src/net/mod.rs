@@ -4,8 +4,8 @@
 pub mod conn;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, bail};
 use tokio::net::TcpListener;

@@ -230,17 +230,17 @@ impl Actor {
     /// freeze are announced to the guest, closes are delivered, bytes read
     /// are kept for whoever serves next. On timeout the error comes with
     /// what was collected, to thaw.
-    async fn freeze(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Result<Parked, (String, Parked)>> {
+    async fn freeze(&mut self, timeout: Duration) -> Result<Result<Parked, (String, Parked)>> {
         self.net.freeze.freeze();
         let deadline = tokio::time::Instant::now() + timeout;
         let listeners = self.spec.listeners.len();
         let mut f = Freezing::default();
-        while f.parked.listeners.len() < listeners
-            || self.conns.keys().any(|id| !f.frozen.contains_key(id))
-        {
+        // Counting first keeps this linear in the number of connections.
+        let all_frozen = |actor: &Actor, f: &Freezing| {
+            f.frozen.len() >= actor.conns.len()
+                && actor.conns.keys().all(|id| f.frozen.contains_key(id))
+        };
+        while f.parked.listeners.len() < listeners || !all_frozen(self, &f) {
             let msg = match tokio::time::timeout_at(deadline, self.rx.recv()).await {
                 Ok(Some(msg)) => msg,
                 Ok(None) => bail!("the service's queue closed while freezing"),

@@ -23,11 +23,11 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::time::{DelayQueue, delay_queue};
 
-pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
 pub use freeze::{
-    ConnImage, Decision, Handoff, HandoffRequest, ListenerImage, Parked, ParkedConn,
-    ServiceImage, Start, TimerImage,
+    ConnImage, Decision, Handoff, HandoffRequest, ListenerImage, Parked, ParkedConn, ServiceImage,
+    Start, TimerImage,
 };
+pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
 pub use report::{
     ComponentInfo, HISTORY_LEN, StatusReport, SwapRecord, SwapReport, UpgradeInfo, micros, unix_ms,
 };
@@ -142,12 +142,12 @@ pub struct Exclusive(Arc<std::sync::Mutex<Option<&'static str>>>);
 pub struct ExclusiveGuard(Exclusive);
 
 impl Exclusive {
-    /// Starts `what` (`swap`, `upgrade`), unless something else runs.
+    /// Starts `what` (`a swap`, `an upgrade`), unless something else runs.
     pub fn begin(&self, what: &'static str) -> Result<ExclusiveGuard, String> {
         let mut running = self.0.lock().expect("exclusive lock");
         if let Some(other) = *running {
             return Err(format!(
-                "refused: a {other} is in progress; one swap or upgrade runs at a time, try again when it is over"
+                "refused: {other} is in progress; one swap or upgrade runs at a time, try again when it is over"
             ));
         }
         *running = Some(what);

@@ -18,7 +18,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use nix::sys::socket::{
     AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
     sendmsg, socketpair,
@@ -40,6 +40,11 @@ pub const MAX_JSON: usize = 256 << 20;
 const HEAD: u8 = b'M';
 const BODY: u8 = b'B';
 const FDS: u8 = b'F';
+
+/// The other end is gone (closed, or its process died).
+#[derive(Debug, thiserror::Error)]
+#[error("the other process closed the handoff channel")]
+pub struct ChannelClosed;
 
 /// One end of the handoff channel.
 pub struct Channel {
@@ -197,9 +202,7 @@ impl Channel {
             });
             match sent {
                 Ok(Ok(_)) => return Ok(()),
-                Ok(Err(e)) if e.raw_os_error() == Some(libc_epipe()) => {
-                    bail!("the other process closed the handoff channel")
-                }
+                Ok(Err(e)) if is_closed(&e) => return Err(ChannelClosed.into()),
                 Ok(Err(e)) => return Err(e).context("sending on the handoff channel"),
                 Err(_would_block) => continue,
             }
@@ -212,7 +215,8 @@ impl Channel {
             let mut ready = self.fd.readable().await?;
             let received = ready.try_io(|fd| receive(fd.as_raw_fd(), &mut buf));
             match received {
-                Ok(Ok((0, _, _))) => bail!("the other process closed the handoff channel"),
+                Ok(Ok((0, _, _))) => return Err(ChannelClosed.into()),
+                Ok(Err(e)) if is_closed(&e) => return Err(ChannelClosed.into()),
                 Ok(Ok((n, fds, flags))) => {
                     ensure!(
                         !flags.contains(MsgFlags::MSG_CTRUNC),
@@ -246,15 +250,21 @@ fn receive(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>, MsgFla
             if let ControlMessageOwned::ScmRights(raw) = cmsg {
                 // SAFETY: the kernel just installed these descriptors in
                 // this process for us; nothing else owns them.
-                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+                fds.extend(
+                    raw.into_iter()
+                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                );
             }
         }
     }
     Ok((msg.bytes, fds, msg.flags))
 }
 
-fn libc_epipe() -> i32 {
-    nix::errno::Errno::EPIPE as i32
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
 }
 
 #[cfg(test)]
@@ -271,9 +281,12 @@ mod tests {
             .collect();
         let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
         let send = async {
-            a.send(&vec!["hello".to_string()], &[&payload[..10], &payload[10..]])
-                .await
-                .unwrap();
+            a.send(
+                &vec!["hello".to_string()],
+                &[&payload[..10], &payload[10..]],
+            )
+            .await
+            .unwrap();
             a.send_fds(&raw).await.unwrap();
         };
         let recv = async {
@@ -286,7 +299,11 @@ mod tests {
         assert_eq!(got, payload);
         assert_eq!(fds.len(), 600);
         let flags = nix::fcntl::fcntl(&fds[0], nix::fcntl::FcntlArg::F_GETFD).unwrap();
-        assert_ne!(flags & nix::libc::FD_CLOEXEC, 0, "received fds are close-on-exec");
+        assert_ne!(
+            flags & nix::libc::FD_CLOEXEC,
+            0,
+            "received fds are close-on-exec"
+        );
     }
 
     #[tokio::test]

@@ -12,7 +12,7 @@ use anyhow::Context;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
-use super::channel::Channel;
+use super::channel::{Channel, ChannelClosed};
 use super::{FD_ENV, Manifest, Message, VERSION};
 use crate::control::server::ControlHandoff;
 use crate::serve::Launch;
@@ -88,7 +88,7 @@ struct Prepared {
 /// actor has ended); on failure this process serves on, and the error says
 /// which step failed and why.
 pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, String> {
-    let _running = u.exclusive.begin("upgrade")?;
+    let _running = u.exclusive.begin("an upgrade")?;
     let status = u.service.status().await.map_err(|e| e.to_string())?;
     let current = PathBuf::from(&status.component.path);
     let component = match &opts.component {
@@ -104,7 +104,8 @@ pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, S
     let deadline = tokio::time::Instant::now() + opts.timeout;
     tracing::info!(binary = %binary.display(), component = %component.display(), "upgrade: starting the new host process");
     let (channel, theirs) = Channel::pair().map_err(|e| format!("{e:#}"))?;
-    let child = spawn(&binary, &u.launch, theirs).map_err(|e| Failure::new("spawn", format!("{e:#}")).text())?;
+    let child = spawn(&binary, &u.launch, theirs)
+        .map_err(|e| Failure::new("spawn", format!("{e:#}")).text())?;
     let mut h = Handover {
         channel,
         watch: Watch {
@@ -121,24 +122,26 @@ pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, S
     };
     let prepared = match h.prepare(offer).await {
         Ok(prepared) => prepared,
-        Err(failure) => return Err(h.undo(failure, None).await),
+        Err(failure) => return Err(h.undo(u, failure, None).await),
     };
     let handoff = match h.freeze(u, &prepared).await {
         Ok(handoff) => handoff,
-        Err(failure) => return Err(h.undo(failure, None).await),
+        Err(failure) => return Err(h.undo(u, failure, None).await),
     };
     match h.send_and_commit(u, &binary, &prepared, &handoff).await {
         Ok(report) => {
             if let Some(control) = &u.control {
                 control.hand_over();
             }
-            let _ = handoff.decision.send(Decision::Commit(Box::new(report.clone())));
+            let _ = handoff
+                .decision
+                .send(Decision::Commit(Box::new(report.clone())));
             h.release();
             Ok(report)
         }
         Err(failure) => {
             let record = aborted_record(&handoff, &prepared, &failure);
-            Err(h.undo(failure, Some((handoff.decision, record))).await)
+            Err(h.undo(u, failure, Some((handoff.decision, record))).await)
         }
     }
 }
@@ -161,7 +164,10 @@ fn spawn(binary: &Path, launch: &Launch, theirs: OwnedFd) -> anyhow::Result<Chil
     unsafe {
         command.pre_exec(move || {
             let fd = BorrowedFd::borrow_raw(fd);
-            nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()))?;
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )?;
             Ok(())
         });
     }
@@ -193,17 +199,31 @@ impl Watch {
         step: &'static str,
         work: impl Future<Output = anyhow::Result<T>>,
     ) -> Result<T, Failure> {
-        tokio::select! {
-            result = work => result.map_err(|e| Failure::new(step, format!("{e:#}"))),
-            status = self.child.wait() => Err(Failure::new(step, match status {
+        let failed = tokio::select! {
+            result = work => match result {
+                Ok(value) => return Ok(value),
+                Err(e) => e,
+            },
+            status = self.child.wait() => return Err(Failure::new(step, match status {
                 Ok(status) => format!("the new process exited ({status})"),
                 Err(e) => format!("lost the new process: {e}"),
             })),
-            _ = tokio::time::sleep_until(self.deadline) => Err(Failure::new(step, format!(
+            _ = tokio::time::sleep_until(self.deadline) => return Err(Failure::new(step, format!(
                 "the new process did not answer within {} ms (--timeout-ms)",
                 self.timeout.as_millis()
             ))),
+        };
+        // A closed channel usually means the process died: say how.
+        if failed.downcast_ref::<ChannelClosed>().is_some()
+            && let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_millis(500), self.child.wait()).await
+        {
+            return Err(Failure::new(
+                step,
+                format!("the new process exited ({status})"),
+            ));
         }
+        Err(Failure::new(step, format!("{failed:#}")))
     }
 }
 
@@ -337,6 +357,10 @@ impl Handover {
         let commit = Message::Commit {
             report: Box::new(report.clone()),
         };
+        // From here on, new control clients must reach the new process.
+        if let Some(control) = &u.control {
+            control.pause();
+        }
         self.watch.within("commit", ch.send(&commit, &[])).await?;
         Ok(report)
     }
@@ -346,18 +370,23 @@ impl Handover {
     /// from one socket). Returns the message for the user.
     async fn undo(
         mut self,
+        u: &Upgrader,
         failure: Failure,
         frozen: Option<(oneshot::Sender<Decision>, SwapRecord)>,
     ) -> String {
         let abort = Message::Abort {
             reason: failure.text(),
         };
-        let _ = tokio::time::timeout(Duration::from_millis(100), self.channel.send(&abort, &[])).await;
+        let _ =
+            tokio::time::timeout(Duration::from_millis(100), self.channel.send(&abort, &[])).await;
         if let Err(e) = self.watch.child.kill().await {
             tracing::warn!("could not kill the new process: {e}");
         }
         if let Some((decision, record)) = frozen {
             let _ = decision.send(Decision::Abort(record));
+        }
+        if let Some(control) = &u.control {
+            control.resume();
         }
         tracing::warn!("{}; this process serves on", failure.text());
         failure.text()
@@ -381,7 +410,10 @@ async fn recv(channel: &Channel) -> anyhow::Result<Message> {
 }
 
 fn unexpected(step: &'static str, message: Message) -> Failure {
-    Failure::new(step, format!("unexpected message from the new process: {message:?}"))
+    Failure::new(
+        step,
+        format!("unexpected message from the new process: {message:?}"),
+    )
 }
 
 /// The history entry for an upgrade undone after the freeze.

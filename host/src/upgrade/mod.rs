@@ -136,7 +136,8 @@ impl Manifest {
                 self.state_len, self.conn_bytes_len
             ));
         }
-        let fds = self.image.listeners.len() + self.image.conns.len() + self.control.is_some() as usize;
+        let fds =
+            self.image.listeners.len() + self.image.conns.len() + self.control.is_some() as usize;
         if fds != self.fd_count {
             return Err(format!(
                 "manifest lists {fds} sockets but announces {} descriptors",

@@ -55,7 +55,10 @@ pub async fn receive(opts: ServeOptions, launch: Launch, fd: OwnedFd) -> Result<
                 message: format!("{e:#}"),
             };
             let _ = tokio::time::timeout(Duration::from_secs(1), channel.send(&failed, &[])).await;
-            Err(e.context(format!("taking over the service failed at step `{}`", t.step)))
+            Err(e.context(format!(
+                "taking over the service failed at step `{}`",
+                t.step
+            )))
         }
     }
 }
@@ -85,8 +88,9 @@ impl Takeover<'_> {
         };
         let fds = self.channel.recv_fds(manifest.fd_count).await?;
         if fail_at("crash") {
-            eprintln!("test: {}=crash: aborting mid-handoff", super::FAIL_ENV);
-            std::process::abort();
+            eprintln!("test: {}=crash: dying mid-handoff", super::FAIL_ENV);
+            // SIGKILL: a crash that leaves no core file behind.
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
         let received = Instant::now();
         manifest.check(payload.len()).map_err(anyhow::Error::msg)?;
@@ -105,6 +109,9 @@ impl Takeover<'_> {
         self.step = "commit";
         let report = self.await_commit().await?;
         let mut parts = parts;
+        if let Some(control) = &parts.control {
+            control.claim();
+        }
         parts.start.history.push(committed_record(&report));
         if parts.start.history.len() > service::HISTORY_LEN {
             parts.start.history.remove(0);
@@ -140,13 +147,16 @@ impl Takeover<'_> {
             Some(path) => match load_program(&runtime, &path).await {
                 Ok(p) => Some(p),
                 Err(e) => {
-                    tracing::warn!("cannot load the previous component (rollback will not be possible): {e:#}");
+                    tracing::warn!(
+                        "cannot load the previous component (rollback will not be possible): {e:#}"
+                    );
                     None
                 }
             },
             None => None,
         };
-        let prepared = service::prepare(program, name.into(), &self.opts.instance_limits, true).await?;
+        let prepared =
+            service::prepare(program, name.into(), &self.opts.instance_limits, true).await?;
         if fail_at("prepare") {
             bail!("test: {}=prepare", super::FAIL_ENV);
         }
@@ -171,7 +181,8 @@ impl Takeover<'_> {
     /// The most payload this host accepts: a state as large as an
     /// instance's memory, and every connection's buffers full.
     fn max_payload(&self) -> u64 {
-        let per_conn = self.opts.conn_limits.max_output_buffer + 2 * self.opts.conn_limits.read_chunk;
+        let per_conn =
+            self.opts.conn_limits.max_output_buffer + 2 * self.opts.conn_limits.read_chunk;
         self.opts.instance_limits.max_memory as u64
             + (self.opts.max_connections as u64 + 1) * per_conn as u64
     }
@@ -216,7 +227,11 @@ impl Takeover<'_> {
             name: image.service.as_str().into(),
             config: self.opts.config.clone(),
             limits: self.opts.instance_limits.clone(),
-            listeners: image.listeners.iter().map(|l| (l.name.clone(), l.addr)).collect(),
+            listeners: image
+                .listeners
+                .iter()
+                .map(|l| (l.name.clone(), l.addr))
+                .collect(),
         };
         let start = Start {
             generation: image.generation + 1,
@@ -247,7 +262,9 @@ impl Takeover<'_> {
             Err(e) => {
                 // The old process is gone without a verdict after this one
                 // was ready: it crashed, and this process holds everything.
-                tracing::warn!("the old host vanished after this process was ready ({e:#}); serving");
+                tracing::warn!(
+                    "the old host vanished after this process was ready ({e:#}); serving"
+                );
                 Ok(SwapReport::default())
             }
         }

@@ -1,0 +1,490 @@
+//! Host upgrade with real processes and real clients: the serving process
+//! changes, no connection closes, every reply is right, state, timers and
+//! buffered bytes move along; a new process that fails at any step leaves
+//! the old one serving everything.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmhost_tests::irc::IrcClient;
+use wasmhost_tests::load::{client_loop, wait_progress};
+use wasmhost_tests::{Served, expect_reply, guest, redis_connect, wasmhost_bin};
+
+fn status_json(server: &Served) -> String {
+    let out = server.command("status", &["--json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    out.stdout
+}
+
+/// A JSON number field of `status --json` (top level, pretty-printed).
+fn status_number(status: &str, field: &str) -> u64 {
+    let prefix = format!("\"{field}\": ");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("  ")?.strip_prefix(&prefix))
+        .and_then(|v| v.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+}
+
+#[test]
+fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
+    const CLIENTS: usize = 100;
+    let server = Served::start("kv", &[]);
+    let mut setup = redis_connect(&server);
+    let _: () = redis::cmd("SET")
+        .arg("before")
+        .arg("upgrade")
+        .query(&mut setup)
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let (c, stop, progress) = (redis_connect(&server), stop.clone(), progress.clone());
+            std::thread::spawn(move || client_loop(c, id, stop, progress))
+        })
+        .collect();
+    wait_progress(&progress, 300);
+    let connections_before = status_number(&status_json(&server), "connections_total");
+
+    let mut pids = vec![server.serving_pid()];
+    for i in 0..10 {
+        let report = server.upgrade_ok(&[]);
+        assert!(
+            report.contains(&format!("generation {} -> {}", i + 1, i + 2)),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!("kept    {} connections", CLIENTS + 1)),
+            "{report}"
+        );
+        assert!(report.contains("state   kv/1"), "{report}");
+        let pid = server.serving_pid();
+        assert!(!pids.contains(&pid), "upgrade {i}: pid {pid} served before");
+        pids.push(pid);
+        wait_progress(&progress, 100);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds: Vec<u64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+
+    // Every client's commands landed exactly once, on the same connection.
+    for (id, &round) in rounds.iter().enumerate() {
+        let n: u64 = redis::cmd("GET")
+            .arg(format!("count:{id}"))
+            .query(&mut setup)
+            .unwrap();
+        assert_eq!(n, round, "client {id}");
+        let len: u64 = redis::cmd("LLEN")
+            .arg(format!("list:{id}"))
+            .query(&mut setup)
+            .unwrap();
+        assert_eq!(len, round, "client {id}");
+    }
+    let before: String = redis::cmd("GET").arg("before").query(&mut setup).unwrap();
+    assert_eq!(before, "upgrade");
+    let status = status_json(&server);
+    assert_eq!(
+        status_number(&status, "connections_total"),
+        connections_before,
+        "no client had to reconnect: {status}"
+    );
+    assert_eq!(status_number(&status, "generation"), 11);
+    assert_eq!(
+        status.matches("\"kind\": \"upgrade\"").count(),
+        10,
+        "{status}"
+    );
+}
+
+#[test]
+fn chat_users_stay_joined_and_messages_arrive_once_across_an_upgrade() {
+    let server = Served::start("chat", &["--config", "history=100000"]);
+    let addr = server.addr();
+    let mut alice = IrcClient::register(addr, "alice");
+    let mut bob = IrcClient::register(addr, "bob");
+    let mut carol = IrcClient::register(addr, "carol");
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.send("JOIN #rust");
+        let nick = c.nick.clone();
+        c.expect(&format!(" 366 {nick} #rust "));
+    }
+    alice.sync("joined");
+    bob.sync("joined");
+    carol.send("TOPIC #rust :before the upgrade");
+    carol.sync("topic");
+
+    let upgraded = Arc::new(AtomicBool::new(false));
+    let done = upgraded.clone();
+    let talker = std::thread::spawn(move || {
+        let (mut after, mut sent) = (0, 0);
+        while after < 100 && sent < 20_000 {
+            alice.send(&format!("PRIVMSG #rust :message {sent}"));
+            sent += 1;
+            if done.load(Ordering::Relaxed) {
+                after += 1;
+            }
+            if sent % 5 == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        (alice, sent)
+    });
+    bob.expect("PRIVMSG #rust :message 20");
+    let report = server.upgrade_ok(&[]);
+    upgraded.store(true, Ordering::Relaxed);
+    assert!(report.contains("state   chat/1"), "{report}");
+    assert!(report.contains("kept    3 connections"), "{report}");
+    let (mut alice, messages) = talker.join().unwrap();
+
+    for listener in [&mut bob, &mut carol] {
+        listener.expect(&format!("PRIVMSG #rust :message {}", messages - 1));
+        let got: Vec<&String> = listener
+            .seen
+            .iter()
+            .filter(|l| l.contains("PRIVMSG #rust :message "))
+            .collect();
+        let expected: Vec<String> = (0..messages)
+            .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
+            .collect();
+        assert_eq!(
+            got,
+            expected.iter().collect::<Vec<_>>(),
+            "{} saw each message exactly once, in order",
+            listener.nick
+        );
+    }
+    bob.send("PRIVMSG alice :still there?");
+    alice.expect(":bob!bob@127.0.0.1 PRIVMSG alice :still there?");
+    carol.send("NAMES #rust");
+    carol.expect(" 353 carol = #rust :alice bob carol");
+    let mut dave = IrcClient::register(addr, "dave");
+    dave.send("JOIN #rust");
+    dave.expect(" 332 dave #rust :before the upgrade");
+    let replay = dave.sync("history");
+    let history = replay
+        .iter()
+        .filter(|l| l.contains("PRIVMSG #rust :"))
+        .count();
+    assert_eq!(history, messages, "the new process kept the history");
+}
+
+/// Raises this process's open-file limit to `want`, or skips nothing: a
+/// machine that cannot give it fails the test with the reason.
+fn raise_fd_limit(want: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= want,
+        "this test needs {want} open files; the hard limit is {hard} (raise it with ulimit -Hn)"
+    );
+    if soft < want {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+}
+
+#[test]
+fn ten_thousand_idle_connections_survive_an_upgrade_and_each_answers() {
+    const CONNS: usize = 10_000;
+    raise_fd_limit(CONNS as u64 + 1000);
+    let server = Served::start("kv", &["--max-connections", "20000"]);
+    let mut conns: Vec<TcpStream> = Vec::with_capacity(CONNS);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while conns.len() < CONNS {
+        assert!(Instant::now() < deadline, "connecting took too long");
+        let c = TcpStream::connect(server.addr()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        conns.push(c);
+    }
+    // Wait until the service has seen every connection.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_number(&status_json(&server), "connections") < CONNS as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the service never saw every connection"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = server.upgrade_ok(&["--timeout-ms", "60000"]);
+    assert!(
+        report.contains(&format!("kept    {CONNS} connections")),
+        "{report}"
+    );
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(format!("*2\r\n$4\r\nECHO\r\n$5\r\n{i:05}\r\n").as_bytes())
+            .unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        expect_reply(c, format!("$5\r\n{i:05}\r\n").as_bytes());
+    }
+    eprintln!("{report}");
+}
+
+#[test]
+fn a_half_received_command_and_unsent_replies_move_to_the_new_process() {
+    let server = Served::start("kv", &[]);
+    let mut setup = redis_connect(&server);
+    let value = "v".repeat(1_000_000);
+    let _: () = redis::cmd("SET")
+        .arg("big")
+        .arg(&value)
+        .query(&mut setup)
+        .unwrap();
+    // A client that asks for 7 MB of replies and does not read them: the
+    // socket buffers take a few, the rest waits in the host.
+    let mut lazy = TcpStream::connect(server.addr()).unwrap();
+    lazy.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    lazy.write_all(&b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n".repeat(7))
+        .unwrap();
+    // A client in the middle of a command.
+    let mut half = TcpStream::connect(server.addr()).unwrap();
+    half.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    half.write_all(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf\r\n$5\r\nwh")
+        .unwrap();
+    let _: String = redis::cmd("PING").query(&mut setup).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+
+    let out = server.upgrade(&["--json"]);
+    assert!(out.status.success(), "{}\n{}", out.stderr, server.stderr());
+    let unsent = out
+        .stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("\"unsent_bytes\": "))
+        .and_then(|v| v.trim_end_matches(',').parse::<u64>().ok())
+        .expect("unsent_bytes in the report");
+    assert!(
+        unsent > 0,
+        "the lazy client's replies were still in the host: {}",
+        out.stdout
+    );
+
+    half.write_all(b"ole\r\n*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n")
+        .unwrap();
+    expect_reply(&mut half, b"+OK\r\n$5\r\nwhole\r\n");
+    let reply = format!("$1000000\r\n{value}\r\n");
+    let mut got = vec![0; reply.len()];
+    for i in 0..7 {
+        lazy.read_exact(&mut got).unwrap();
+        assert!(
+            got == reply.as_bytes(),
+            "reply {i} arrived whole and in order"
+        );
+    }
+}
+
+#[test]
+fn an_armed_timer_fires_in_the_new_process_on_time() {
+    let server = Served::start("kv", &[]);
+    let mut c = redis_connect(&server);
+    let set_at = Instant::now();
+    let _: () = redis::cmd("SET")
+        .arg("soon")
+        .arg("gone")
+        .arg("PX")
+        .arg(1500)
+        .query(&mut c)
+        .unwrap();
+    let report = server.upgrade_ok(&[]);
+    assert!(
+        set_at.elapsed() < Duration::from_millis(1400),
+        "the upgrade was too slow for this test"
+    );
+    assert!(
+        !report.contains(" 0 timers"),
+        "the expiry timer moved: {report}"
+    );
+    let old: String = redis::cmd("GET").arg("soon").query(&mut c).unwrap();
+    assert_eq!(old, "gone");
+    // DBSIZE counts a key until the sweep timer reclaims it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: u64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the expiry timer never fired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let fired = set_at.elapsed();
+    assert!(
+        fired >= Duration::from_millis(1500),
+        "fired early: {fired:?}"
+    );
+}
+
+/// A wrapper around the real binary that fails at `step` (the new
+/// process's test hook).
+fn failing_binary(dir: &std::path::Path, step: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("wasmhost-fail-{step}"));
+    std::fs::write(
+        &path,
+        format!(
+            "#!/bin/sh\nWASMHOST_TEST_UPGRADE_FAIL={step} exec '{}' \"$@\"\n",
+            wasmhost_bin().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[test]
+fn a_new_process_failing_at_any_step_leaves_the_old_one_serving_everything() {
+    let server = Served::start("kv", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let pid = server.serving_pid();
+    let mut c = redis_connect(&server);
+    let mut raw = TcpStream::connect(server.addr()).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let cases = [
+        ("start", "the new process exited (exit status: 3)"),
+        ("prepare", "failed at `prepare`"),
+        ("crash", "the new process exited (signal: 9"),
+        ("import", "rejecting the state"),
+        ("ready", "did not answer within 3000 ms"),
+    ];
+    for (i, (step, why)) in cases.iter().enumerate() {
+        let _: () = redis::cmd("RPUSH")
+            .arg("steps")
+            .arg(*step)
+            .query(&mut c)
+            .unwrap();
+        // A command half sent when the upgrade starts, finished after it.
+        raw.write_all(b"*2\r\n$4\r\nINCR\r\n$1\r").unwrap();
+        let binary = failing_binary(dir.path(), step);
+        let out = server.upgrade(&["--binary", binary.to_str().unwrap(), "--timeout-ms", "3000"]);
+        assert!(!out.status.success(), "{step}: {}", out.stdout);
+        assert!(
+            out.stderr.contains("upgrade failed at step"),
+            "{step}: {}",
+            out.stderr
+        );
+        assert!(out.stderr.contains(why), "{step}: {}", out.stderr);
+        assert_eq!(server.serving_pid(), pid, "{step}: the old process serves");
+        raw.write_all(b"\nn\r\n").unwrap();
+        expect_reply(&mut raw, format!(":{}\r\n", i + 1).as_bytes());
+        let steps: Vec<String> = redis::cmd("LRANGE")
+            .arg("steps")
+            .arg(0)
+            .arg(-1)
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(steps.len(), i + 1, "{step}: state kept");
+    }
+    let status = status_json(&server);
+    assert_eq!(status_number(&status, "connections"), 2, "{status}");
+    assert!(
+        status.contains("aborted: upgrade failed at step"),
+        "{status}"
+    );
+    // And a good upgrade still works.
+    let report = server.upgrade_ok(&[]);
+    assert!(report.contains("kept    2 connections"), "{report}");
+    assert_ne!(server.serving_pid(), pid);
+    let steps: u64 = redis::cmd("LLEN").arg("steps").query(&mut c).unwrap();
+    assert_eq!(steps, 5);
+    raw.write_all(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n").unwrap();
+    expect_reply(&mut raw, b":6\r\n");
+}
+
+#[test]
+fn a_component_that_rejects_the_state_is_refused_and_another_can_come_along() {
+    let server = Served::start("kv", &[]);
+    let mut c = redis_connect(&server);
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    let pid = server.serving_pid();
+    let reject = guest("reject-state");
+    let out = server.upgrade(&["--component", reject.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("upgrade failed at step"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(server.serving_pid(), pid);
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    // --component changes the guest in the same step: kv-v2 has hashes.
+    let v2 = guest("kv-v2");
+    let report = server.upgrade_ok(&["--component", v2.to_str().unwrap()]);
+    assert!(report.contains("kv-v2.wasm"), "{report}");
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("1")
+        .query(&mut c)
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    // Rollback returns to the component that ran before the upgrade.
+    let _: () = redis::cmd("DEL").arg("h").query(&mut c).unwrap();
+    let out = server.command("rollback", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(
+        out.stdout.contains("-> kv.wasm") || out.stdout.contains("/kv.wasm"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn sigusr2_upgrades_and_a_second_request_during_an_upgrade_is_refused() {
+    let server = Served::start("kv", &[]);
+    let mut c = redis_connect(&server);
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    let pid = server.serving_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.serving_pid() == pid {
+        assert!(Instant::now() < deadline, "SIGUSR2 did not upgrade");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+
+    // While one upgrade waits for a new process that never gets ready,
+    // a swap and another upgrade are refused with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let hang = failing_binary(dir.path(), "ready");
+    let control = server.control.clone();
+    let slow = std::thread::spawn(move || {
+        wasmhost_tests::run(&[
+            "upgrade",
+            "--binary",
+            hang.to_str().unwrap(),
+            "--timeout-ms",
+            "4000",
+            "--control",
+            control.to_str().unwrap(),
+        ])
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    let swap = server.command("swap", &[guest("kv").to_str().unwrap()]);
+    assert!(!swap.status.success());
+    assert!(
+        swap.stderr.contains("an upgrade is in progress"),
+        "{}",
+        swap.stderr
+    );
+    let again = server.upgrade(&[]);
+    assert!(!again.status.success());
+    assert!(
+        again.stderr.contains("an upgrade is in progress"),
+        "{}",
+        again.stderr
+    );
+    let slow = slow.join().unwrap();
+    assert!(!slow.status.success(), "{}", slow.stdout);
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+}
