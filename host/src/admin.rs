@@ -63,12 +63,14 @@ pub async fn upgrade(args: UpgradeArgs) -> Result<()> {
         binary: absolute(&args.binary)?,
         component: absolute(&args.component)?,
         timeout_ms: args.timeout_ms,
+        exec: args.exec,
     };
     if !args.json {
-        eprintln!(
-            "upgrading `{}`: starting the new host process, then handing over the service...",
-            args.control.name
-        );
+        let how = match args.exec {
+            true => "checking the new binary, then replacing the host's process image",
+            false => "starting the new host process, then handing over the service",
+        };
+        eprintln!("upgrading `{}`: {how}...", args.control.name);
     }
     let response = client::request(&socket(&args.control)?, request).await?;
     let report = match response {

@@ -82,6 +82,15 @@ pub struct UpgradeArgs {
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub timeout_ms: u64,
 
+    /// Replace the running process's image with the new binary (execve:
+    /// same PID, the manifest passed in a memfd, the sockets kept open)
+    /// instead of starting a second process. The new binary is first run
+    /// once to check that it starts, speaks this handoff version and loads
+    /// the component; after the exec there is no way back, so a failure
+    /// there ends the service.
+    #[arg(long)]
+    pub exec: bool,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -63,38 +63,61 @@ fn init_tracing() {
         .init();
 }
 
-/// The handoff channel's descriptor, when a host upgrade started this
-/// process (`WASMHOST_UPGRADE_FD`); removed from the environment so that
-/// nothing this process starts inherits the name of a descriptor it does
-/// not have.
-fn take_handoff_fd() -> Result<Option<OwnedFd>> {
-    let Some(value) = std::env::var_os(upgrade::FD_ENV) else {
+/// How a host upgrade started this process, if one did.
+enum Handoff {
+    /// Spawned beside the old process: the handoff channel.
+    Spawned(OwnedFd),
+    /// The old process's image was replaced: the memfd with the manifest.
+    Execed(OwnedFd),
+}
+
+/// Reads `WASMHOST_UPGRADE_FD` or `WASMHOST_UPGRADE_MEMFD` and removes
+/// both from the environment, so that nothing this process starts inherits
+/// the name of a descriptor it does not have.
+fn take_handoff_fd() -> Result<Option<Handoff>> {
+    let spawned = inherited_fd(upgrade::FD_ENV)?;
+    let execed = inherited_fd(upgrade::MEMFD_ENV)?;
+    Ok(match (spawned, execed) {
+        (Some(fd), None) => Some(Handoff::Spawned(fd)),
+        (None, Some(fd)) => Some(Handoff::Execed(fd)),
+        (None, None) => None,
+        (Some(_), Some(_)) => anyhow::bail!(
+            "both {} and {} are set; a process is started by one kind of upgrade",
+            upgrade::FD_ENV,
+            upgrade::MEMFD_ENV
+        ),
+    })
+}
+
+fn inherited_fd(var: &str) -> Result<Option<OwnedFd>> {
+    let Some(value) = std::env::var_os(var) else {
         return Ok(None);
     };
     // SAFETY: called at the start of main, before any other thread exists.
-    unsafe { std::env::remove_var(upgrade::FD_ENV) };
+    unsafe { std::env::remove_var(var) };
     let fd: RawFd = value
         .to_str()
         .and_then(|v| v.parse().ok())
         .filter(|&fd| fd > 2)
-        .with_context(|| format!("{} is not a descriptor number: {value:?}", upgrade::FD_ENV))?;
-    // SAFETY: the old host process passed this descriptor to us on exec;
-    // nothing else in this process knows of it. Check it is open first.
+        .with_context(|| format!("{var} is not a descriptor number: {value:?}"))?;
+    // SAFETY: the old host passed this descriptor to this process; nothing
+    // else in it knows of it. Check it is open before owning it.
     nix::fcntl::fcntl(
         unsafe { BorrowedFd::borrow_raw(fd) },
         nix::fcntl::FcntlArg::F_GETFD,
     )
-    .with_context(|| format!("{}={fd} is not an open descriptor", upgrade::FD_ENV))?;
+    .with_context(|| format!("{var}={fd} is not an open descriptor"))?;
     Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-async fn serve(args: ServeArgs, handoff: Option<OwnedFd>) -> Result<()> {
+async fn serve(args: ServeArgs, handoff: Option<Handoff>) -> Result<()> {
     net::raise_fd_limit();
     let opts = serve_options(args)?;
     let mut signals = Signals::install()?;
     let launch = Launch::current()?;
     let server = match handoff {
-        Some(fd) => upgrade::receive(opts, launch, fd).await?,
+        Some(Handoff::Spawned(fd)) => upgrade::receive(opts, launch, fd).await?,
+        Some(Handoff::Execed(fd)) => upgrade::receive_exec(opts, launch, fd).await?,
         None => Server::start(opts, launch).await?,
     };
     for (name, addr) in server.addrs() {

@@ -488,3 +488,84 @@ fn sigusr2_upgrades_and_a_second_request_during_an_upgrade_is_refused() {
     let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
     assert_eq!(v, "v");
 }
+
+#[test]
+fn exec_upgrade_under_load_keeps_the_pid_every_connection_and_the_state() {
+    const CLIENTS: usize = 50;
+    let server = Served::start("kv", &[]);
+    let mut setup = redis_connect(&server);
+    let _: () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query(&mut setup)
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(AtomicU64::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|id| {
+            let (c, stop, progress) = (redis_connect(&server), stop.clone(), progress.clone());
+            std::thread::spawn(move || client_loop(c, id, stop, progress))
+        })
+        .collect();
+    wait_progress(&progress, 200);
+    let pid = server.serving_pid();
+    for i in 0..3 {
+        let report = server.upgrade_ok(&["--exec"]);
+        assert!(
+            report.contains(&format!("process {pid} -> {pid} ")),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!("generation {} -> {}", i + 1, i + 2)),
+            "{report}"
+        );
+        assert!(
+            report.contains(&format!("kept    {} connections", CLIENTS + 1)),
+            "{report}"
+        );
+        assert_eq!(server.serving_pid(), pid, "the same process serves");
+        wait_progress(&progress, 100);
+    }
+    // A spawn upgrade from the re-executed image works too.
+    server.upgrade_ok(&[]);
+    wait_progress(&progress, 100);
+    stop.store(true, Ordering::Relaxed);
+    let rounds: Vec<u64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    for (id, &round) in rounds.iter().enumerate() {
+        let n: u64 = redis::cmd("GET")
+            .arg(format!("count:{id}"))
+            .query(&mut setup)
+            .unwrap();
+        assert_eq!(n, round, "client {id}");
+    }
+    let v: String = redis::cmd("GET").arg("k").query(&mut setup).unwrap();
+    assert_eq!(v, "v");
+}
+
+#[test]
+fn exec_upgrade_to_a_binary_that_fails_its_check_changes_nothing() {
+    let server = Served::start("kv", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = redis_connect(&server);
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    let pid = server.serving_pid();
+    for step in ["start", "prepare"] {
+        let binary = failing_binary(dir.path(), step);
+        let out = server.upgrade(&["--exec", "--binary", binary.to_str().unwrap()]);
+        assert!(!out.status.success(), "{step}: {}", out.stdout);
+        assert!(
+            out.stderr.contains("upgrade failed at step"),
+            "{step}: {}",
+            out.stderr
+        );
+        assert_eq!(server.serving_pid(), pid);
+        let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+        assert_eq!(v, "v");
+    }
+    let missing = dir.path().join("no-such-binary");
+    let out = server.upgrade(&["--exec", "--binary", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("does not exist"), "{}", out.stderr);
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+}

@@ -60,6 +60,9 @@ pub enum Request {
         /// How long the new process may take to be ready.
         #[serde(default = "default_upgrade_timeout_ms")]
         timeout_ms: u64,
+        /// Replace the host's process image in place (same PID).
+        #[serde(default)]
+        exec: bool,
     },
 }
 

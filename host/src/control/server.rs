@@ -254,7 +254,7 @@ async fn handle_client(mut stream: UnixStream, ctx: &ControlCtx) -> Result<()> {
                 ),
             }
         } else {
-            handle(frame.request, ctx).await
+            handle(frame.request, ctx, stream.as_raw_fd()).await
         };
         reply(&mut stream, response).await?;
     }
@@ -272,7 +272,9 @@ async fn reply(stream: &mut UnixStream, response: Response) -> Result<()> {
     Ok(())
 }
 
-async fn handle(request: Request, ctx: &ControlCtx) -> Response {
+/// Answers one request; `client` is the connection's descriptor, which an
+/// `upgrade --exec` keeps open for the new image to answer on.
+async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
     let result = match request {
         Request::Status => ctx
             .service
@@ -290,11 +292,14 @@ async fn handle(request: Request, ctx: &ControlCtx) -> Response {
             binary,
             component,
             timeout_ms,
+            exec,
         } => {
             let opts = UpgradeOptions {
                 binary,
                 component,
                 timeout: Duration::from_millis(timeout_ms),
+                exec,
+                reply_fd: Some(client),
             };
             upgrade::upgrade(&ctx.upgrader, opts)
                 .await

@@ -74,6 +74,8 @@ pub enum Decision {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceImage {
     pub service: String,
+    /// The process that froze it.
+    pub pid: u32,
     pub generation: u64,
     pub started_unix_ms: u64,
     pub stats: Stats,
@@ -179,6 +181,7 @@ impl Actor {
                 return Ok(false);
             }
         };
+        let drained = frozen_at.elapsed();
         let mut timings = Timings::default();
         let exported = match self
             .export_for(&request.importable, SwapKind::Upgrade, &mut timings)
@@ -193,6 +196,12 @@ impl Actor {
         };
         let (decision, decided) = oneshot::channel();
         let handoff = self.image(&mut parked, exported, frozen_at, timings, decision);
+        tracing::info!(
+            service = &*self.spec.name,
+            connections = parked.conns.len(),
+            "frozen for a handoff: tasks stopped in {drained:?}, exported and imaged in {:?}",
+            frozen_at.elapsed() - drained
+        );
         if request.reply.send(Ok(handoff)).is_err() {
             self.thaw(parked).await?;
             return Ok(false);
@@ -362,6 +371,7 @@ impl Actor {
         }
         let image = ServiceImage {
             service: self.spec.name.to_string(),
+            pid: std::process::id(),
             generation: self.generation,
             started_unix_ms: unix_ms(self.started),
             stats: self.stats.clone(),

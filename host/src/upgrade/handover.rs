@@ -18,7 +18,7 @@ use crate::control::server::ControlHandoff;
 use crate::serve::Launch;
 use crate::service::{
     ComponentInfo, Decision, Exclusive, Handoff, HandoffRequest, Pause, ServiceHandle, SwapRecord,
-    SwapReport, Timings, UpgradeInfo, micros,
+    SwapReport, Timings, micros,
 };
 
 /// What runs an upgrade of one service: held by the control socket and the
@@ -43,6 +43,11 @@ pub struct UpgradeOptions {
     pub component: Option<PathBuf>,
     /// How long the new process may take from start to `Ready`.
     pub timeout: Duration,
+    /// Replace this process's image (same PID) instead of starting a new
+    /// process beside it.
+    pub exec: bool,
+    /// `--exec`: the client's connection, answered by the new image.
+    pub reply_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Default for UpgradeOptions {
@@ -51,18 +56,20 @@ impl Default for UpgradeOptions {
             binary: None,
             component: None,
             timeout: Duration::from_secs(10),
+            exec: false,
+            reply_fd: None,
         }
     }
 }
 
 /// Why an upgrade failed: the phase and the cause.
-struct Failure {
+pub(super) struct Failure {
     step: &'static str,
     message: String,
 }
 
 impl Failure {
-    fn new(step: &'static str, message: impl Into<String>) -> Failure {
+    pub(super) fn new(step: &'static str, message: impl Into<String>) -> Failure {
         Failure {
             step,
             message: message.into(),
@@ -75,7 +82,7 @@ impl Failure {
 }
 
 /// What the new process said when it was prepared.
-struct Prepared {
+pub(super) struct Prepared {
     pid: u32,
     importable: Vec<String>,
     component: ComponentInfo,
@@ -117,13 +124,23 @@ pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, S
     let offer = Message::Offer {
         version: VERSION,
         service: u.name.to_string(),
-        component,
-        previous,
+        component: component.clone(),
+        previous: previous.clone(),
     };
     let prepared = match h.prepare(offer).await {
         Ok(prepared) => prepared,
         Err(failure) => return Err(h.undo(u, failure, None).await),
     };
+    if opts.exec {
+        h.dismiss().await;
+        let carry = super::exec::Carry {
+            binary,
+            component,
+            previous,
+            reply: opts.reply_fd,
+        };
+        return exec_upgrade(u, carry, &prepared, deadline).await;
+    }
     let handoff = match h.freeze(u, &prepared).await {
         Ok(handoff) => handoff,
         Err(failure) => return Err(h.undo(u, failure, None).await),
@@ -144,6 +161,24 @@ pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, S
             Err(h.undo(u, failure, Some((handoff.decision, record))).await)
         }
     }
+}
+
+/// `--exec`: freeze, then replace this process's image. Returns only on
+/// failure, after the service thawed.
+async fn exec_upgrade(
+    u: &Upgrader,
+    carry: super::exec::Carry,
+    prepared: &Prepared,
+    deadline: tokio::time::Instant,
+) -> Result<SwapReport, String> {
+    let handoff = freeze(u, &prepared.importable, deadline)
+        .await
+        .map_err(|e| Failure::new("freeze", format!("{e:#}")).text())?;
+    let failure = super::exec::exec(u, carry, &handoff);
+    let record = aborted_record(&handoff, prepared, &failure);
+    let _ = handoff.decision.send(Decision::Abort(record));
+    tracing::warn!("{}; this process serves on", failure.text());
+    Err(failure.text())
 }
 
 /// Starts `binary` with this process's arguments and the channel's other
@@ -258,29 +293,23 @@ impl Handover {
         }
     }
 
-    /// Phase 4: freeze the service at its next update point and export
-    /// its state for what the new process imports.
+    /// Phase 4, watching the new process meanwhile.
     async fn freeze(&mut self, u: &Upgrader, prepared: &Prepared) -> Result<Handoff, Failure> {
-        let (reply, frozen) = oneshot::channel();
-        let request = HandoffRequest {
-            importable: prepared.importable.clone(),
-            drain_timeout: self
-                .watch
-                .deadline
-                .saturating_duration_since(tokio::time::Instant::now()),
-            reply,
-        };
-        u.service
-            .handoff(request)
+        let deadline = self.watch.deadline;
+        self.watch
+            .within("freeze", freeze(u, &prepared.importable, deadline))
             .await
-            .map_err(|e| Failure::new("freeze", e))?;
-        let frozen = async {
-            frozen
-                .await
-                .map_err(|_| anyhow::anyhow!("the service stopped"))?
-                .map_err(anyhow::Error::msg)
+    }
+
+    /// The new binary passed the check (`--exec`): let it go.
+    async fn dismiss(mut self) {
+        let done = Message::Abort {
+            reason: "the binary was only checked; this process execs it".into(),
         };
-        self.watch.within("freeze", frozen).await
+        let _ =
+            tokio::time::timeout(Duration::from_millis(500), self.channel.send(&done, &[])).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.watch.child.wait()).await;
+        let _ = self.watch.child.kill().await;
     }
 
     /// Phases 5 to 7: send the manifest, payload and descriptors; wait for
@@ -302,6 +331,7 @@ impl Handover {
             conn_bytes_len: handoff.conn_bytes.len() as u64,
             control: u.control.as_ref().map(|c| c.path.clone()),
             fd_count: fds.len(),
+            exec: None,
         }));
         let ch = &self.channel;
         let sending = Instant::now();
@@ -327,33 +357,21 @@ impl Handover {
             import: Duration::from_micros(import_us),
             validate: Duration::from_micros(validate_us),
         };
-        let unread_bytes = image.conns.iter().map(|c| c.unread_len).sum();
-        let report = SwapReport {
-            service: image.service.clone(),
-            kind: "upgrade".into(),
-            generation_from: image.generation,
-            generation_to: image.generation + 1,
-            from: image.component.clone(),
-            to: prepared.component.clone(),
-            format: Some(image.format.clone()),
-            state_bytes: handoff.state.len(),
-            compile_us: prepared.compile_us,
-            from_cache: prepared.from_cache,
-            instantiate_us: prepared.instantiate_us,
-            pause: Pause::new(handoff.frozen_at.elapsed(), &timings),
-            connections: image.conns.len(),
-            warnings: Vec::new(),
-            upgrade: Some(UpgradeInfo {
-                mode: "spawn".into(),
-                old_pid: std::process::id(),
-                new_pid: prepared.pid,
-                binary: binary.display().to_string(),
-                listeners: image.listeners.len(),
-                timers: image.timers.len(),
-                unread_bytes,
-                unsent_bytes: handoff.conn_bytes.len() - unread_bytes,
-            }),
-        };
+        let report = super::report(
+            image,
+            super::Moved {
+                to: prepared.component.clone(),
+                compile_us: prepared.compile_us,
+                from_cache: prepared.from_cache,
+                instantiate_us: prepared.instantiate_us,
+                state_bytes: handoff.state.len(),
+                conn_bytes: handoff.conn_bytes.len(),
+            },
+            Pause::new(handoff.frozen_at.elapsed(), &timings),
+            "spawn",
+            prepared.pid,
+            binary,
+        );
         let commit = Message::Commit {
             report: Box::new(report.clone()),
         };
@@ -399,6 +417,29 @@ impl Handover {
         // Dropping a `Child` with kill_on_drop would kill it.
         std::mem::forget(watch.child);
     }
+}
+
+/// Phase 4: freeze the service at its next update point and export its
+/// state in the first of `importable` it offers.
+async fn freeze(
+    u: &Upgrader,
+    importable: &[String],
+    deadline: tokio::time::Instant,
+) -> anyhow::Result<Handoff> {
+    let (reply, frozen) = oneshot::channel();
+    let request = HandoffRequest {
+        importable: importable.to_vec(),
+        drain_timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        reply,
+    };
+    u.service
+        .handoff(request)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    frozen
+        .await
+        .map_err(|_| anyhow::anyhow!("the service stopped"))?
+        .map_err(anyhow::Error::msg)
 }
 
 async fn recv(channel: &Channel) -> anyhow::Result<Message> {

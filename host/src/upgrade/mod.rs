@@ -36,15 +36,17 @@
 //! and that a later upgrade works.
 
 pub mod channel;
+mod exec;
 mod handover;
 mod takeover;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::service::{ServiceImage, SwapReport};
+use crate::service::{ComponentInfo, Pause, ServiceImage, SwapReport, UpgradeInfo};
 
+pub use exec::receive_exec;
 pub use handover::{UpgradeOptions, Upgrader, upgrade};
 pub use takeover::receive;
 
@@ -54,6 +56,10 @@ pub const VERSION: u32 = 1;
 
 /// The environment variable naming the new process's end of the channel.
 pub const FD_ENV: &str = "WASMHOST_UPGRADE_FD";
+
+/// The environment variable naming the memfd that holds the manifest
+/// after an `--exec` upgrade.
+pub const MEMFD_ENV: &str = "WASMHOST_UPGRADE_MEMFD";
 
 /// Test-only: the step at which the new process fails on purpose.
 pub const FAIL_ENV: &str = "WASMHOST_TEST_UPGRADE_FAIL";
@@ -111,6 +117,58 @@ pub struct Manifest {
     /// Descriptors that follow: `image.listeners`, `image.conns`, then the
     /// control listener if any.
     pub fd_count: usize,
+    /// For `--exec`: the descriptors are not sent but kept open across
+    /// `execve`, under these numbers; and what the new image needs to know.
+    #[serde(default)]
+    pub exec: Option<exec::Carried>,
+}
+
+/// What moved in an upgrade, for its report.
+pub(crate) struct Moved {
+    pub to: ComponentInfo,
+    pub compile_us: u64,
+    pub from_cache: bool,
+    pub instantiate_us: u64,
+    pub state_bytes: usize,
+    pub conn_bytes: usize,
+}
+
+/// The report of a committed upgrade, the same for both modes.
+pub(crate) fn report(
+    image: &ServiceImage,
+    moved: Moved,
+    pause: Pause,
+    mode: &str,
+    new_pid: u32,
+    binary: &Path,
+) -> SwapReport {
+    let unread_bytes = image.conns.iter().map(|c| c.unread_len).sum();
+    SwapReport {
+        service: image.service.clone(),
+        kind: "upgrade".into(),
+        generation_from: image.generation,
+        generation_to: image.generation + 1,
+        from: image.component.clone(),
+        to: moved.to,
+        format: Some(image.format.clone()),
+        state_bytes: moved.state_bytes,
+        compile_us: moved.compile_us,
+        from_cache: moved.from_cache,
+        instantiate_us: moved.instantiate_us,
+        pause,
+        connections: image.conns.len(),
+        warnings: Vec::new(),
+        upgrade: Some(UpgradeInfo {
+            mode: mode.into(),
+            old_pid: image.pid,
+            new_pid,
+            binary: binary.display().to_string(),
+            listeners: image.listeners.len(),
+            timers: image.timers.len(),
+            unread_bytes,
+            unsent_bytes: moved.conn_bytes - unread_bytes,
+        }),
+    }
 }
 
 impl Manifest {

@@ -71,9 +71,9 @@ struct Takeover<'a> {
 }
 
 /// What the new process loaded before it received anything.
-struct Loaded {
+pub(super) struct Loaded {
     runtime: Runtime,
-    prepared: service::Prepared,
+    pub prepared: service::Prepared,
     previous: Option<Arc<Program>>,
 }
 
@@ -81,8 +81,13 @@ impl Takeover<'_> {
     async fn run(&mut self) -> Result<(Parts, SwapReport)> {
         let loaded = self.prepare().await?;
         self.step = "send";
-        let max_payload = self.max_payload();
+        let max_payload = max_payload(self.opts);
         let (message, payload) = self.channel.recv::<Message>(max_payload).await?;
+        if let Message::Abort { reason } = &message {
+            // `upgrade --exec` ran this process only to check the binary.
+            tracing::info!("the old host is done with this process: {reason}");
+            std::process::exit(0);
+        }
         let Message::Manifest(manifest) = message else {
             bail!("expected the manifest, got {message:?}");
         };
@@ -95,7 +100,7 @@ impl Takeover<'_> {
         let received = Instant::now();
         manifest.check(payload.len()).map_err(anyhow::Error::msg)?;
         self.step = "import";
-        let (parts, timings) = self.import(loaded, &manifest, payload, fds).await?;
+        let (parts, timings) = import(self.opts, loaded, &manifest, payload, fds).await?;
         if fail_at("ready") {
             eprintln!("test: {}=ready: never answering", super::FAIL_ENV);
             std::future::pending::<()>().await;
@@ -109,13 +114,7 @@ impl Takeover<'_> {
         self.step = "commit";
         let report = self.await_commit().await?;
         let mut parts = parts;
-        if let Some(control) = &parts.control {
-            control.claim();
-        }
-        parts.start.history.push(committed_record(&report));
-        if parts.start.history.len() > service::HISTORY_LEN {
-            parts.start.history.remove(0);
-        }
+        commit_parts(&mut parts, &report);
         Ok((parts, report))
     }
 
@@ -141,22 +140,8 @@ impl Takeover<'_> {
             );
         }
         self.step = "prepare";
-        let runtime = Runtime::new(self.opts.cache_dir.clone())?;
-        let program = load_program(&runtime, &component).await?;
-        let previous = match previous {
-            Some(path) => match load_program(&runtime, &path).await {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!(
-                        "cannot load the previous component (rollback will not be possible): {e:#}"
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
-        let prepared =
-            service::prepare(program, name.into(), &self.opts.instance_limits, true).await?;
+        let loaded = load(self.opts, &name, &component, previous.as_deref()).await?;
+        let prepared = &loaded.prepared;
         if fail_at("prepare") {
             bail!("test: {}=prepare", super::FAIL_ENV);
         }
@@ -171,86 +156,7 @@ impl Takeover<'_> {
             instantiate_us: service::micros(prepared.instantiate_time),
         };
         self.channel.send(&answer, &[]).await?;
-        Ok(Loaded {
-            runtime,
-            prepared,
-            previous,
-        })
-    }
-
-    /// The most payload this host accepts: a state as large as an
-    /// instance's memory, and every connection's buffers full.
-    fn max_payload(&self) -> u64 {
-        let per_conn =
-            self.opts.conn_limits.max_output_buffer + 2 * self.opts.conn_limits.read_chunk;
-        self.opts.instance_limits.max_memory as u64
-            + (self.opts.max_connections as u64 + 1) * per_conn as u64
-    }
-
-    /// Phase 6: check the sockets, import the state, build the service.
-    async fn import(
-        &mut self,
-        loaded: Loaded,
-        manifest: &Manifest,
-        mut payload: Vec<u8>,
-        fds: Vec<OwnedFd>,
-    ) -> Result<(Parts, Timings)> {
-        let image = &manifest.image;
-        let conn_bytes = payload.split_off(manifest.state_len as usize);
-        let mut fds = fds.into_iter();
-        let listeners = image
-            .listeners
-            .iter()
-            .map(|l| adopt_listener(fds.next().expect("counted"), l))
-            .collect::<Result<Vec<_>>>()?;
-        let mut conns = BTreeMap::new();
-        let mut offset = 0;
-        for c in &image.conns {
-            let parked = adopt_conn(fds.next().expect("counted"), c, &conn_bytes[offset..])?;
-            offset += c.unread_len + c.unsent_len;
-            conns.insert(c.id, parked);
-        }
-        let control = match &manifest.control {
-            Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
-            None => None,
-        };
-        let mut instance = loaded.prepared.instance;
-        let mut timings = Timings::default();
-        if fail_at("import") {
-            bail!("test: {}=import: rejecting the state", super::FAIL_ENV);
-        }
-        let validated = service::import(&mut instance, &image.format, &payload, true, &mut timings)
-            .await
-            .map_err(anyhow::Error::msg)?;
-        drop(validated);
-        let spec = ServiceSpec {
-            name: image.service.as_str().into(),
-            config: self.opts.config.clone(),
-            limits: self.opts.instance_limits.clone(),
-            listeners: image
-                .listeners
-                .iter()
-                .map(|l| (l.name.clone(), l.addr))
-                .collect(),
-        };
-        let start = Start {
-            generation: image.generation + 1,
-            started: UNIX_EPOCH + Duration::from_millis(image.started_unix_ms),
-            previous: loaded.previous,
-            history: image.history.clone(),
-            stats: image.stats.clone(),
-            timers: image.timers.clone(),
-            parked: service::Parked { listeners, conns },
-        };
-        let parts = Parts {
-            runtime: loaded.runtime,
-            instance,
-            spec,
-            start,
-            control,
-            next_id: image.next_conn_id,
-        };
-        Ok((parts, timings))
+        Ok(loaded)
     }
 
     /// Phase 7: wait for the old process's verdict.
@@ -268,6 +174,129 @@ impl Takeover<'_> {
                 Ok(SwapReport::default())
             }
         }
+    }
+}
+
+/// Phase 6: check the sockets, import the state, build the service.
+pub(super) async fn import(
+    opts: &ServeOptions,
+    loaded: Loaded,
+    manifest: &Manifest,
+    mut payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+) -> Result<(Parts, Timings)> {
+    let checked_from = Instant::now();
+    let image = &manifest.image;
+    let conn_bytes = payload.split_off(manifest.state_len as usize);
+    let mut fds = fds.into_iter();
+    let listeners = image
+        .listeners
+        .iter()
+        .map(|l| adopt_listener(fds.next().expect("counted"), l))
+        .collect::<Result<Vec<_>>>()?;
+    let mut conns = BTreeMap::new();
+    let mut offset = 0;
+    for c in &image.conns {
+        let parked = adopt_conn(fds.next().expect("counted"), c, &conn_bytes[offset..])?;
+        offset += c.unread_len + c.unsent_len;
+        conns.insert(c.id, parked);
+    }
+    let control = match &manifest.control {
+        Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
+        None => None,
+    };
+    let adopted = Instant::now();
+    let mut instance = loaded.prepared.instance;
+    let mut timings = Timings::default();
+    if fail_at("import") {
+        bail!("test: {}=import: rejecting the state", super::FAIL_ENV);
+    }
+    let validated = service::import(&mut instance, &image.format, &payload, true, &mut timings)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    drop(validated);
+    tracing::info!(
+        connections = image.conns.len(),
+        "received service: sockets checked in {:?}, state imported in {:?}",
+        adopted.duration_since(checked_from),
+        adopted.elapsed()
+    );
+    let spec = ServiceSpec {
+        name: image.service.as_str().into(),
+        config: opts.config.clone(),
+        limits: opts.instance_limits.clone(),
+        listeners: image
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.addr))
+            .collect(),
+    };
+    let start = Start {
+        generation: image.generation + 1,
+        started: UNIX_EPOCH + Duration::from_millis(image.started_unix_ms),
+        previous: loaded.previous,
+        history: image.history.clone(),
+        stats: image.stats.clone(),
+        timers: image.timers.clone(),
+        parked: service::Parked { listeners, conns },
+    };
+    let parts = Parts {
+        runtime: loaded.runtime,
+        instance,
+        spec,
+        start,
+        control,
+        next_id: image.next_conn_id,
+    };
+    Ok((parts, timings))
+}
+
+/// Loads the component (and the previous one, for rollback), instantiates
+/// it and asks what it imports.
+pub(super) async fn load(
+    opts: &ServeOptions,
+    name: &str,
+    component: &Path,
+    previous: Option<&Path>,
+) -> Result<Loaded> {
+    let runtime = Runtime::new(opts.cache_dir.clone())?;
+    let program = load_program(&runtime, component).await?;
+    let previous = match previous {
+        Some(path) => match load_program(&runtime, path).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot load the previous component (rollback will not be possible): {e:#}"
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let prepared = service::prepare(program, name.into(), &opts.instance_limits, true).await?;
+    Ok(Loaded {
+        runtime,
+        prepared,
+        previous,
+    })
+}
+
+/// The most payload this host accepts: a state as large as an instance's
+/// memory, and every connection's buffers full.
+pub(super) fn max_payload(opts: &ServeOptions) -> u64 {
+    let per_conn = opts.conn_limits.max_output_buffer + 2 * opts.conn_limits.read_chunk;
+    opts.instance_limits.max_memory as u64 + (opts.max_connections as u64 + 1) * per_conn as u64
+}
+
+/// This process serves now: it owns the control socket's file, and the
+/// upgrade goes into the history.
+pub(super) fn commit_parts(parts: &mut Parts, report: &SwapReport) {
+    if let Some(control) = &parts.control {
+        control.claim();
+    }
+    parts.start.history.push(committed_record(report));
+    if parts.start.history.len() > service::HISTORY_LEN {
+        parts.start.history.remove(0);
     }
 }
 
