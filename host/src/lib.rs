@@ -15,6 +15,7 @@ pub mod net;
 pub mod serve;
 pub mod service;
 pub mod shutdown;
+pub mod systemd;
 pub mod upgrade;
 
 pub use serve::{Launch, ServeOptions, Server};

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use wasmhost::cli::{Cli, Command, ServeArgs};
 use wasmhost::shutdown::{HostSignal, Signals};
 use wasmhost::upgrade::{self, UpgradeOptions};
-use wasmhost::{Launch, ServeOptions, Server, engine, net, service};
+use wasmhost::{Launch, ServeOptions, Server, engine, net, service, systemd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -19,6 +19,14 @@ fn main() -> ExitCode {
     // Before any thread starts: the environment is not to be changed later.
     let handoff = match take_handoff_fd() {
         Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SAFETY: no other thread runs yet.
+    let activated = match unsafe { wasmhost::systemd::take_listen_fds() } {
+        Ok(fds) => fds,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
@@ -38,7 +46,7 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args, handoff).await,
+            Command::Serve(args) => serve(args, handoff, activated).await,
             Command::Swap(args) => wasmhost::admin::swap(args).await,
             Command::Status(args) => wasmhost::admin::status(args).await,
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,
@@ -110,7 +118,11 @@ fn inherited_fd(var: &str) -> Result<Option<OwnedFd>> {
     Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
-async fn serve(args: ServeArgs, handoff: Option<Handoff>) -> Result<()> {
+async fn serve(
+    args: ServeArgs,
+    handoff: Option<Handoff>,
+    activated: Vec<(String, OwnedFd)>,
+) -> Result<()> {
     net::raise_fd_limit();
     let opts = serve_options(args)?;
     let mut signals = Signals::install()?;
@@ -118,7 +130,7 @@ async fn serve(args: ServeArgs, handoff: Option<Handoff>) -> Result<()> {
     let server = match handoff {
         Some(Handoff::Spawned(fd)) => upgrade::receive(opts, launch, fd).await?,
         Some(Handoff::Execed(fd)) => upgrade::receive_exec(opts, launch, fd).await?,
-        None => Server::start(opts, launch).await?,
+        None => Server::start(opts, launch, activated).await?,
     };
     for (name, addr) in server.addrs() {
         eprintln!("listening on {name} {addr}");
@@ -127,22 +139,36 @@ async fn serve(args: ServeArgs, handoff: Option<Handoff>) -> Result<()> {
         eprintln!("control socket {}", path.display());
     }
     eprintln!("serving as pid {}", std::process::id());
-    let upgrader = server.upgrader();
+    systemd::ready();
+    let ops = server.operations();
     server
         .run(async move {
             loop {
                 match signals.next().await {
                     HostSignal::Shutdown(sig) => {
                         tracing::info!("{sig} received");
+                        systemd::stopping();
                         return;
                     }
                     HostSignal::Upgrade => {
                         tracing::info!("SIGUSR2 received: upgrading the host");
-                        let upgrader = upgrader.clone();
+                        let upgrader = ops.upgrader.clone();
                         tokio::spawn(async move {
                             match upgrade::upgrade(&upgrader, UpgradeOptions::default()).await {
                                 Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
                                 Err(e) => tracing::error!("{e}"),
+                            }
+                        });
+                    }
+                    HostSignal::Reload => {
+                        tracing::info!("SIGHUP received: swapping to the component file on disk");
+                        let ops = ops.clone();
+                        tokio::spawn(async move {
+                            match wasmhost::control::server::reload(&ops).await {
+                                Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
+                                Err(e) => tracing::error!(
+                                    "reload failed, the running version keeps serving: {e}"
+                                ),
                             }
                         });
                     }

@@ -9,6 +9,7 @@
 use std::ffi::OsString;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -75,7 +76,7 @@ pub struct Server {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     shutdown_timeout: Duration,
-    upgrader: Upgrader,
+    operations: ControlCtx,
 }
 
 /// The parts a server is assembled from, fresh or handed over.
@@ -90,11 +91,16 @@ pub(crate) struct Parts {
 }
 
 impl Server {
-    /// Starts the service described by `opts`.
-    pub async fn start(opts: ServeOptions, launch: Launch) -> Result<Server> {
+    /// Starts the service described by `opts`, on the listening sockets
+    /// systemd passed (`activated`, by name) or on newly bound ones.
+    pub async fn start(
+        opts: ServeOptions,
+        launch: Launch,
+        activated: Vec<(String, OwnedFd)>,
+    ) -> Result<Server> {
         let mut specs = opts.listen.clone();
         net::name_listeners(&mut specs)?;
-        let listeners = net::bind_all(&specs).await?;
+        let listeners = net::bind_all(&specs, activated).await?;
         let control = match &opts.control {
             Some(path) => Some(ControlSocket::bind(path).await?),
             None => None,
@@ -159,16 +165,17 @@ impl Server {
             control: parts.control.as_ref().map(ControlSocket::handoff),
             exclusive: Exclusive::default(),
         };
+        let operations = ControlCtx {
+            runtime: parts.runtime,
+            service: service.clone(),
+            name,
+            limits,
+            upgrader,
+        };
         let control = parts.control.as_ref().map(|s| s.path().to_path_buf());
         if let Some(socket) = parts.control {
-            let ctx = ControlCtx {
-                runtime: parts.runtime,
-                service: service.clone(),
-                name,
-                limits,
-                upgrader: upgrader.clone(),
-            };
-            tracker.spawn(socket.serve(ctx, shutdown.clone(), tracker.clone()));
+            let serve = socket.serve(operations.clone(), shutdown.clone(), tracker.clone());
+            tracker.spawn(serve);
         }
         Server {
             addrs,
@@ -178,13 +185,14 @@ impl Server {
             shutdown,
             tracker,
             shutdown_timeout: opts.shutdown_timeout,
-            upgrader,
+            operations,
         }
     }
 
-    /// What runs a host upgrade of this server (for SIGUSR2).
-    pub fn upgrader(&self) -> Upgrader {
-        self.upgrader.clone()
+    /// What swaps and upgrades this server (for SIGHUP and SIGUSR2; the
+    /// control socket uses the same).
+    pub fn operations(&self) -> ControlCtx {
+        self.operations.clone()
     }
 
     /// The bound addresses, with their listener names.

@@ -1,5 +1,6 @@
 //! The signals `wasmhost serve` acts on: SIGINT and SIGTERM (shut down),
-//! SIGUSR2 (host upgrade with the defaults).
+//! SIGUSR2 (host upgrade with the defaults), SIGHUP (swap to the component
+//! file now on disk).
 
 use anyhow::Result;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -11,6 +12,8 @@ pub enum HostSignal {
     Shutdown(&'static str),
     /// SIGUSR2: hand the service to a new host process.
     Upgrade,
+    /// SIGHUP: re-read the served component from disk and swap to it.
+    Reload,
 }
 
 /// The handlers. Create them before announcing readiness: from then on the
@@ -19,6 +22,7 @@ pub struct Signals {
     int: Signal,
     term: Signal,
     usr2: Signal,
+    hup: Signal,
 }
 
 impl Signals {
@@ -27,6 +31,7 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
             usr2: signal(SignalKind::user_defined2())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
@@ -36,6 +41,7 @@ impl Signals {
             _ = self.int.recv() => HostSignal::Shutdown("SIGINT"),
             _ = self.term.recv() => HostSignal::Shutdown("SIGTERM"),
             _ = self.usr2.recv() => HostSignal::Upgrade,
+            _ = self.hup.recv() => HostSignal::Reload,
         }
     }
 }

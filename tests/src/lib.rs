@@ -118,9 +118,21 @@ impl Served {
 
     /// Starts `wasmhost serve PATH ARGS...` expecting `listeners` lines.
     pub fn start_raw(path: &Path, args: &[&str], listeners: usize) -> Served {
+        Served::start_with(path, args, listeners, |bin| Command::new(bin))
+    }
+
+    /// Like [`start_raw`](Self::start_raw), with the command made by
+    /// `command` from the binary's path (to add a wrapper, environment or
+    /// descriptors); `serve` and the arguments are appended to it.
+    pub fn start_with(
+        path: &Path,
+        args: &[&str],
+        listeners: usize,
+        command: impl FnOnce(&Path) -> Command,
+    ) -> Served {
         let dir = tempfile::tempdir().expect("temporary directory");
         let control = dir.path().join("control.sock");
-        let mut command = Command::new(wasmhost_bin());
+        let mut command = command(&wasmhost_bin());
         command
             .arg("serve")
             .arg(path)

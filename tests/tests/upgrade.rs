@@ -569,3 +569,129 @@ fn exec_upgrade_to_a_binary_that_fails_its_check_changes_nothing() {
     let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
     assert_eq!(v, "v");
 }
+
+/// Reads systemd notifications sent to `socket` until one contains
+/// `want`; returns everything read.
+fn notifications_until(socket: &std::os::unix::net::UnixDatagram, want: &str) -> String {
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut buf = [0u8; 4096];
+    while !seen.contains(want) {
+        assert!(
+            Instant::now() < deadline,
+            "no {want} from wasmhost; got:\n{seen}"
+        );
+        if let Ok(n) = socket.recv(&mut buf) {
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
+    seen
+}
+
+#[test]
+fn under_systemd_it_takes_activated_sockets_and_reports_ready_reloading_and_mainpid() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    // What systemd would do: bind the listener, open the notify socket.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let fd = listener.as_raw_fd();
+    let server = Served::start_with(&guest("kv"), &["--listen", "web=127.0.0.1:0"], 1, |bin| {
+        // LISTEN_PID must be the service's own pid: the shell execs it.
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c")
+            .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+            .arg(bin)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "web")
+            .env("NOTIFY_SOCKET", &notify_path);
+        // SAFETY: dup2 and fcntl are async-signal-safe; fd 3 is where
+        // systemd puts the first passed socket, open across exec.
+        unsafe {
+            c.pre_exec(move || {
+                let ok = if fd == 3 {
+                    nix::libc::fcntl(3, nix::libc::F_SETFD, 0)
+                } else {
+                    nix::libc::dup2(fd, 3)
+                };
+                if ok < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    });
+    assert_eq!(server.addrs[0].0, "web");
+    assert_eq!(
+        server.addrs[0].1.port(),
+        port,
+        "serves on the passed socket"
+    );
+    drop(listener);
+    notifications_until(&notify, "READY=1");
+    let mut c = redis_connect(&server);
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+
+    let report = server.upgrade_ok(&[]);
+    let new_pid = server.serving_pid();
+    let seen = notifications_until(&notify, &format!("MAINPID={new_pid}"));
+    assert!(seen.contains("RELOADING=1"), "{seen}");
+    notifications_until(&notify, "READY=1");
+    assert!(report.contains("kept    1 connections"), "{report}");
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+    // A new client reaches the new process on the same port.
+    let mut again = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_connection_with_timeout(Duration::from_secs(10))
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut again).unwrap();
+    assert_eq!(v, "v");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new_pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    notifications_until(&notify, "STOPPING=1");
+}
+
+#[test]
+fn sighup_swaps_to_the_component_file_now_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("service.wasm");
+    std::fs::copy(guest("kv"), &path).unwrap();
+    let server = Served::start_raw(&path, &["--listen", "127.0.0.1:0"], 1);
+    let mut c = redis_connect(&server);
+    let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
+    // Deploy kv-v2 over the file (a rename, as deployments do), then HUP.
+    let staged = dir.path().join("staged.wasm");
+    std::fs::copy(guest("kv-v2"), &staged).unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    let pid = server.serving_pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status_number(&status_json(&server), "generation") < 2 {
+        assert!(Instant::now() < deadline, "SIGHUP did not swap");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(server.serving_pid(), pid, "a swap, not an upgrade");
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("1")
+        .query(&mut c)
+        .unwrap();
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
+}

@@ -14,7 +14,9 @@ use tokio_util::task::TaskTracker;
 
 use super::protocol::{self, FrameError, Request, RequestFrame, Response, ResponseFrame, VERSION};
 use crate::engine::Runtime;
-use crate::service::{self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions};
+use crate::service::{
+    self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions, SwapReport,
+};
 use crate::upgrade::{self, UpgradeOptions, Upgrader};
 
 /// What request handlers need.
@@ -320,6 +322,17 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             Response::Moved
         }
         Err(message) => Response::Error { message },
+    }
+}
+
+/// SIGHUP: swap to the component file now at the running component's
+/// path (replaced on disk by a deployment), carrying the state.
+pub async fn reload(ctx: &ControlCtx) -> Result<SwapReport, String> {
+    let status = ctx.service.status().await.map_err(|e| e.to_string())?;
+    let path = PathBuf::from(status.component.path);
+    match swap(ctx, &path, false, true).await? {
+        Response::Swapped(report) => Ok(*report),
+        other => Err(format!("unexpected outcome: {other:?}")),
     }
 }
 

@@ -4,6 +4,7 @@
 pub mod conn;
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -74,27 +75,70 @@ pub struct Listener {
 }
 
 /// Binds every listener, or none: an error names the address and says
-/// what to do.
-pub async fn bind_all(specs: &[ListenSpec]) -> Result<Vec<Listener>> {
+/// what to do. A listener whose name matches a socket passed by systemd
+/// (`activated`) takes that socket instead of binding; a passed socket no
+/// `--listen` names is an error.
+pub async fn bind_all(
+    specs: &[ListenSpec],
+    mut activated: Vec<(String, OwnedFd)>,
+) -> Result<Vec<Listener>> {
     let mut bound = Vec::with_capacity(specs.len());
     for spec in specs {
-        let listener = match TcpListener::bind(spec.addr).await {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
-                "cannot listen on {} ({}): the address is already in use; stop the process \
-                 using it or choose another with --listen {}=ADDR (port 0 picks a free port)",
-                spec.addr,
-                spec.name,
-                spec.name
-            ),
-            Err(e) => bail!("cannot listen on {} ({}): {e}", spec.addr, spec.name),
+        let listener = match activated.iter().position(|(name, _)| *name == spec.name) {
+            Some(i) => adopt_activated(spec, activated.swap_remove(i).1)?,
+            None => bind(spec).await?,
         };
         bound.push(Listener {
             name: spec.name.as_str().into(),
             listener,
         });
     }
+    if let Some((name, _)) = activated.first() {
+        bail!(
+            "systemd passed a socket named `{name}` but no --listen names it; add \
+             --listen {name}=ADDR (or set FileDescriptorName= in the socket unit to a listener's name)"
+        );
+    }
     Ok(bound)
+}
+
+async fn bind(spec: &ListenSpec) -> Result<TcpListener> {
+    match TcpListener::bind(spec.addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "cannot listen on {} ({}): the address is already in use; stop the process \
+             using it or choose another with --listen {}=ADDR (port 0 picks a free port)",
+            spec.addr,
+            spec.name,
+            spec.name
+        ),
+        Err(e) => bail!("cannot listen on {} ({}): {e}", spec.addr, spec.name),
+    }
+}
+
+/// A socket-activated listener: it must be a listening TCP socket. Its own
+/// address wins over the one given with `--listen`.
+fn adopt_activated(spec: &ListenSpec, fd: OwnedFd) -> Result<TcpListener> {
+    use nix::sys::socket::{SockType, getsockopt, sockopt};
+    let listening = getsockopt(&fd, sockopt::AcceptConn).unwrap_or(false);
+    let stream = getsockopt(&fd, sockopt::SockType).is_ok_and(|t| t == SockType::Stream);
+    if !listening || !stream {
+        bail!(
+            "the socket systemd passed as `{}` is not a listening TCP socket; use ListenStream= in the socket unit",
+            spec.name
+        );
+    }
+    let listener = std::net::TcpListener::from(fd);
+    let addr = listener.local_addr()?;
+    if addr != spec.addr && spec.addr.port() != 0 {
+        tracing::warn!(
+            listener = spec.name,
+            "systemd passed a socket on {addr}; serving there, not on {}",
+            spec.addr
+        );
+    }
+    listener.set_nonblocking(true)?;
+    Ok(TcpListener::from_std(listener)?)
 }
 
 /// Stops every accept loop and connection task of a service at once, so

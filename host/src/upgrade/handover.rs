@@ -96,6 +96,21 @@ pub(super) struct Prepared {
 /// which step failed and why.
 pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, String> {
     let _running = u.exclusive.begin("an upgrade")?;
+    crate::systemd::reloading();
+    let result = run(u, opts).await;
+    match &result {
+        Ok(report) => match report.upgrade.as_ref() {
+            Some(info) if info.new_pid != std::process::id() => {
+                crate::systemd::main_pid(info.new_pid)
+            }
+            _ => crate::systemd::ready(),
+        },
+        Err(_) => crate::systemd::ready(),
+    }
+    result
+}
+
+async fn run(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, String> {
     let status = u.service.status().await.map_err(|e| e.to_string())?;
     let current = PathBuf::from(&status.component.path);
     let component = match &opts.component {
