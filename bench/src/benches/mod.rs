@@ -5,6 +5,7 @@ mod kv;
 mod memory;
 mod startup;
 mod swap;
+mod upgrade;
 
 use anyhow::Result;
 use wasmhost_bench::report::{Output, Section};
@@ -27,6 +28,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(kv::KvVsRedis),
         Box::new(echo::EchoVsTokio),
         Box::new(swap::SwapPause),
+        Box::new(upgrade::UpgradeBlackout),
         Box::new(memory::Memory),
         Box::new(startup::Startup),
     ]

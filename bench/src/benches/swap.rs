@@ -22,7 +22,7 @@ use super::{Benchmark, Ctx, median, percentile};
 pub struct SwapPause;
 
 /// Loads keys `from..to` with pipelined SETs (16-byte values).
-fn load_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
+pub(super) fn load_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
     let mut c = TcpStream::connect(addr)?;
     let mut reply = vec![0u8; 5 * 10_000];
     let mut i = from;
@@ -50,14 +50,14 @@ fn load_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
 }
 
 /// A client that PINGs without pause and keeps (start, latency) of each.
-struct Probe {
+pub(super) struct Probe {
     stop: Arc<AtomicBool>,
     samples: Arc<Mutex<Vec<(Instant, Duration)>>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Probe {
-    fn start(addr: SocketAddr) -> Result<Probe> {
+    pub(super) fn start(addr: SocketAddr) -> Result<Probe> {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let (s, v) = (stop.clone(), samples.clone());
@@ -83,8 +83,15 @@ impl Probe {
         })
     }
 
-    /// The worst latency of a PING sent in `[from, to]`.
-    fn worst_between(&self, from: Instant, to: Instant) -> Duration {
+    /// The worst latency of a PING sent in `[from, to]`, once a PING sent
+    /// after `to` has been answered (so one stuck in the pause counts).
+    pub(super) fn worst_between(&self, from: Instant, to: Instant) -> Duration {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline
+            && !self.samples.lock().unwrap().iter().any(|(t, _)| *t > to)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let samples = self.samples.lock().unwrap();
         samples
             .iter()
@@ -117,7 +124,7 @@ fn swap(ctx: &Ctx, host: &Served, to: &str) -> Result<SwapReport> {
     }
 }
 
-fn ms(us: f64) -> String {
+pub(super) fn ms(us: f64) -> String {
     format!("{:.3}", us / 1000.0)
 }
 
