@@ -348,6 +348,7 @@ fn a_new_process_failing_at_any_step_leaves_the_old_one_serving_everything() {
         ("crash", "the new process exited (signal: 9"),
         ("import", "rejecting the state"),
         ("ready", "did not answer within 3000 ms"),
+        ("commit", "the new process exited (exit status: 3)"),
     ];
     for (i, (step, why)) in cases.iter().enumerate() {
         let _: () = redis::cmd("RPUSH")
@@ -388,17 +389,44 @@ fn a_new_process_failing_at_any_step_leaves_the_old_one_serving_everything() {
     assert!(report.contains("kept    2 connections"), "{report}");
     assert_ne!(server.serving_pid(), pid);
     let steps: u64 = redis::cmd("LLEN").arg("steps").query(&mut c).unwrap();
-    assert_eq!(steps, 5);
+    assert_eq!(steps, cases.len() as u64);
     raw.write_all(b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n").unwrap();
-    expect_reply(&mut raw, b":6\r\n");
+    expect_reply(&mut raw, format!(":{}\r\n", cases.len() + 1).as_bytes());
 }
 
 #[test]
-fn a_component_that_rejects_the_state_is_refused_and_another_can_come_along() {
+fn a_binary_that_cannot_start_or_a_component_that_cannot_take_the_state_is_refused() {
     let server = Served::start("kv", &[]);
     let mut c = redis_connect(&server);
     let _: () = redis::cmd("SET").arg("k").arg("v").query(&mut c).unwrap();
     let pid = server.serving_pid();
+    // A binary that cannot be started fails at `spawn`.
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("wasmhost");
+    std::fs::write(&not_executable, "not a program").unwrap();
+    let out = server.upgrade(&["--binary", not_executable.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("failed at step `spawn`"),
+        "{}",
+        out.stderr
+    );
+    // A component with no state format in common fails at `freeze`.
+    let stateless = guest("faulty");
+    let out = server.upgrade(&["--component", stateless.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("failed at step `freeze`"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("no state format in common"),
+        "{}",
+        out.stderr
+    );
+    let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
+    assert_eq!(v, "v");
     let reject = guest("reject-state");
     let out = server.upgrade(&["--component", reject.to_str().unwrap()]);
     assert!(!out.status.success());

@@ -395,7 +395,12 @@ impl Handover {
             control.pause();
         }
         self.watch.within("commit", ch.send(&commit, &[])).await?;
-        Ok(report)
+        // The new process says it serves before it touches a socket: until
+        // then, undoing is safe.
+        match self.watch.within("commit", recv(ch)).await? {
+            Message::Serving => Ok(report),
+            other => Err(unexpected("commit", other)),
+        }
     }
 
     /// After a failure: tell the new process, kill it and wait until it is

@@ -18,12 +18,17 @@
 //! | 4 `freeze` | at an update point of the actor: stops accepting and reading, handles what was queued, collects sockets and unsent bytes ([`crate::service::Handoff`]), exports the state in the first format of N's `importable()` that O exports (the swap's negotiation) | waits | no common format, export refused or trapped, tasks not stopping: O thaws (serves every connection again, gives the guest the bytes it read meanwhile), kills N |
 //! | 5 `send` | sends `Manifest` (the service image, lengths, descriptor count) with the state and every connection's unread and unsent bytes as payload, then the descriptors | receives and checks them: lengths, counts, each descriptor is a socket of the kind and address the manifest says | send fails (N died): O kills N, thaws |
 //! | 6 `import` | waits for `Ready` | imports the state (the swap's import and validation), arms the timers, builds its service without serving it; answers `Ready` with its timings, or `Failed` | `Failed`, N exits, or no `Ready` before the deadline (`--timeout-ms`): O sends `Abort`, kills N, thaws |
-//! | 7 `commit` | sends `Commit` with the report, closes its copies of the sockets (close, never `shutdown`, which would cut them for N too), answers the client, lets connections it was closing finish, exits 0 | on `Commit`: serves (accepting, reading, writing the unsent bytes first, giving the guest the unread bytes first). On `Abort`: exits 1 without serving. On end of channel without either: O crashed after N was ready, so N serves (it holds everything) | O crashes after `Commit`: N serves anyway |
+//! | 7 `commit` | stops accepting control clients, sends `Commit` with the report, waits for `Serving`; then closes its copies of the sockets (close, never `shutdown`, which would cut them for N too), answers the client, lets connections it was closing finish, exits 0 | on `Commit`: answers `Serving`, then serves (accepting, reading, writing the unsent bytes first, giving the guest the unread bytes first). On `Abort`: exits without serving. On end of channel without either: O crashed after N was ready, so N serves (it holds everything) | N exits or does not answer `Serving` in time: O kills N and thaws (N touches no socket before `Serving`). O crashes after `Commit`: N serves anyway |
 //!
 //! O kills N (SIGKILL, and waits for it) *before* it thaws, so the two never
-//! read from the same socket. N reads from no socket before `Commit`.
-//! Until `Commit` is sent, every failure leaves O serving with its state;
-//! after it, N is the service. One upgrade or swap runs at a time.
+//! read from the same socket. N reads from no socket before it has said
+//! `Serving`. Until O hears `Serving`, every failure leaves O serving with
+//! its state; after it, N is the service. (One race is left: if O's
+//! deadline passes in the instant after N said `Serving`, O kills a
+//! serving N and thaws; bytes N read in that instant are lost. The
+//! deadline is `--timeout-ms` from the start, so this needs a new process
+//! that is ready just as the deadline ends.) One upgrade or swap runs at a
+//! time.
 //!
 //! # Testing the failure paths
 //!
@@ -31,7 +36,8 @@
 //! that step on purpose (tests pass it through a wrapper given as
 //! `--binary`): `start` (exit before reading anything), `prepare` (answer
 //! `Failed`), `crash` (abort after receiving the manifest, mid-handoff),
-//! `import` (answer `Failed` as a state rejection), `ready` (never answer).
+//! `import` (answer `Failed` as a state rejection), `ready` (never answer),
+//! `commit` (exit on `Commit`, before `Serving`).
 //! Each test checks that O still serves every connection with its state
 //! and that a later upgrade works.
 
@@ -95,8 +101,11 @@ pub enum Message {
         /// From the last descriptor received to this message.
         after_receive_us: u64,
     },
-    /// O → N: serve. O is closing its copies.
+    /// O → N: serve. O closes its copies once N answers `Serving`.
     Commit { report: Box<SwapReport> },
+    /// N → O: committed; N serves from now on (said before it touches a
+    /// socket).
+    Serving,
     /// O → N: do not serve; O serves on.
     Abort { reason: String },
     /// N → O: this step failed.

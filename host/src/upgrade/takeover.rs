@@ -162,7 +162,16 @@ impl Takeover<'_> {
     /// Phase 7: wait for the old process's verdict.
     async fn await_commit(&mut self) -> Result<SwapReport> {
         match self.channel.recv::<Message>(0).await {
-            Ok((Message::Commit { report }, _)) => Ok(*report),
+            Ok((Message::Commit { report }, _)) => {
+                if fail_at("commit") {
+                    eprintln!("test: {}=commit: exiting before serving", super::FAIL_ENV);
+                    std::process::exit(3);
+                }
+                // Said before any socket is touched: the old process may
+                // undo the upgrade until it hears this.
+                self.channel.send(&Message::Serving, &[]).await?;
+                Ok(*report)
+            }
             Ok((Message::Abort { reason }, _)) => Err(anyhow!("the old host aborted: {reason}")),
             Ok((other, _)) => Err(anyhow!("expected commit or abort, got {other:?}")),
             Err(e) => {
