@@ -127,6 +127,7 @@ async fn serve(
     let opts = serve_options(args)?;
     let mut signals = Signals::install()?;
     let launch = Launch::current()?;
+    let took_over = handoff.is_some();
     let server = match handoff {
         Some(Handoff::Spawned(fd)) => upgrade::receive(opts, launch, fd).await?,
         Some(Handoff::Execed(fd)) => upgrade::receive_exec(opts, launch, fd).await?,
@@ -139,7 +140,7 @@ async fn serve(
         eprintln!("control socket {}", path.display());
     }
     eprintln!("serving as pid {}", std::process::id());
-    systemd::ready();
+    systemd::ready(took_over);
     let ops = server.operations();
     server
         .run(async move {

@@ -19,9 +19,15 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Serving: start-up (or taking over) is complete.
-pub fn ready() {
-    notify(&[NotifyState::Ready]);
+/// Serving: start-up (or taking over) is complete. A process that took
+/// over from another says it is the main one now in the same message, so
+/// systemd never sees it ready under the old pid (the old process sends
+/// `MAINPID=` too, but may be later).
+pub fn ready(took_over: bool) {
+    match took_over {
+        true => notify(&[NotifyState::MainPid(std::process::id()), NotifyState::Ready]),
+        false => notify(&[NotifyState::Ready]),
+    }
 }
 
 /// A host upgrade started; [`ready`] or [`main_pid`] ends it.

@@ -2,6 +2,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub struct IrcClient {
@@ -97,5 +99,105 @@ impl IrcClient {
                 Err(e) => panic!("{}: {e} waiting for close; got {lines:#?}", self.nick),
             }
         }
+    }
+}
+
+/// Three users joined to `#rust` under a topic, for tests that change the
+/// service while they talk.
+pub struct Room {
+    pub alice: IrcClient,
+    pub bob: IrcClient,
+    pub carol: IrcClient,
+}
+
+impl Room {
+    pub fn join(addr: SocketAddr, topic: &str) -> Room {
+        let mut alice = IrcClient::register(addr, "alice");
+        let mut bob = IrcClient::register(addr, "bob");
+        let mut carol = IrcClient::register(addr, "carol");
+        for c in [&mut alice, &mut bob, &mut carol] {
+            c.send("JOIN #rust");
+            let nick = c.nick.clone();
+            c.expect(&format!(" 366 {nick} #rust "));
+        }
+        alice.sync("joined");
+        bob.sync("joined");
+        carol.send(&format!("TOPIC #rust :{topic}"));
+        carol.sync("topic");
+        Room { alice, bob, carol }
+    }
+
+    /// Checks that everyone is still registered and joined: a private
+    /// message arrives, NAMES lists all three.
+    pub fn check_joined(&mut self) {
+        self.bob.send("PRIVMSG alice :still there?");
+        self.alice
+            .expect(":bob!bob@127.0.0.1 PRIVMSG alice :still there?");
+        self.carol.send("NAMES #rust");
+        self.carol.expect(" 353 carol = #rust :alice bob carol");
+    }
+
+    /// A newcomer, dave, joins and gets the topic and the channel's
+    /// history: returns its messages.
+    pub fn newcomer_history(addr: SocketAddr, topic: &str) -> Vec<String> {
+        let mut dave = IrcClient::register(addr, "dave");
+        dave.send("JOIN #rust");
+        dave.expect(&format!(" 332 dave #rust :{topic}"));
+        let replay = dave.sync("history");
+        replay
+            .into_iter()
+            .filter(|l| l.contains("PRIVMSG #rust :"))
+            .collect()
+    }
+
+    /// Alice talks steadily from before `change` until 100 messages after
+    /// it (at most 20,000 messages); then bob and carol must have seen
+    /// every message exactly once, in order. Returns the room, what
+    /// `change` returned and how many messages alice sent.
+    pub fn talk_through<R>(self, change: impl FnOnce() -> R) -> (Room, R, usize) {
+        let Room {
+            alice,
+            mut bob,
+            mut carol,
+        } = self;
+        let changed = Arc::new(AtomicBool::new(false));
+        let done = changed.clone();
+        let talker = std::thread::spawn(move || {
+            let (mut after, mut sent) = (0, 0);
+            let mut alice = alice;
+            while after < 100 && sent < 20_000 {
+                alice.send(&format!("PRIVMSG #rust :message {sent}"));
+                sent += 1;
+                if done.load(Ordering::Relaxed) {
+                    after += 1;
+                }
+                if sent % 5 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            (alice, sent)
+        });
+        bob.expect("PRIVMSG #rust :message 20");
+        let result = change();
+        changed.store(true, Ordering::Relaxed);
+        let (alice, messages) = talker.join().unwrap();
+        for listener in [&mut bob, &mut carol] {
+            listener.expect(&format!("PRIVMSG #rust :message {}", messages - 1));
+            let got: Vec<&String> = listener
+                .seen
+                .iter()
+                .filter(|l| l.contains("PRIVMSG #rust :message "))
+                .collect();
+            let expected: Vec<String> = (0..messages)
+                .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
+                .collect();
+            assert_eq!(
+                got,
+                expected.iter().collect::<Vec<_>>(),
+                "{} saw each message exactly once, in order",
+                listener.nick
+            );
+        }
+        (Room { alice, bob, carol }, result, messages)
     }
 }

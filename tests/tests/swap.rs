@@ -3,12 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use wasmhost_tests::irc::IrcClient;
-use wasmhost_tests::load::{client_loop, wait_progress};
+use wasmhost_tests::irc::Room;
+use wasmhost_tests::load::Load;
 use wasmhost_tests::{Served, expect_reply, guest, redis_connect};
 
 fn status_json(server: &Served) -> String {
@@ -30,16 +28,8 @@ fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
         .query(&mut setup)
         .unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| {
-            let (c, stop, progress) = (redis_connect(&server), stop.clone(), progress.clone());
-            std::thread::spawn(move || client_loop(c, id, stop, progress))
-        })
-        .collect();
-
-    wait_progress(&progress, 500);
+    let load = Load::start(&server, CLIENTS);
+    load.wait(500);
     let report = server.swap_to("kv-v2");
     assert!(report.contains("generation 1 -> 2"), "{report}");
     assert!(report.contains("state   kv/1"), "{report}");
@@ -47,7 +37,7 @@ fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
         report.contains(&format!("kept    {} connections", CLIENTS + 1)),
         "{report}"
     );
-    wait_progress(&progress, 200);
+    load.wait(200);
     // kv-v2 is live: hashes work (on a separate connection, then removed so
     // kv can come back).
     let _: () = redis::cmd("HSET")
@@ -68,35 +58,10 @@ fn kv_to_kv_v2_and_back_twenty_times_under_load_of_fifty_connections() {
             report.contains(&format!("generation {} -> {}", i + 2, i + 3)),
             "{report}"
         );
-        wait_progress(&progress, 100);
+        load.wait(100);
     }
-    stop.store(true, Ordering::Relaxed);
-    let rounds: Vec<u64> = clients
-        .into_iter()
-        .map(|t| t.join().expect("client thread"))
-        .collect();
-
     // Everything written before and during the swaps reads back.
-    let mut check = redis_connect(&server);
-    for (id, &n) in rounds.iter().enumerate() {
-        assert!(n > 0, "client {id} made no progress");
-        let mut pipe = redis::pipe();
-        for round in 0..n {
-            pipe.cmd("GET").arg(format!("k:{id}:{round}"));
-        }
-        let values: Vec<u64> = pipe.query(&mut check).unwrap();
-        assert_eq!(values, (0..n).collect::<Vec<_>>(), "client {id}");
-        let count: u64 = redis::cmd("GET")
-            .arg(format!("count:{id}"))
-            .query(&mut check)
-            .unwrap();
-        assert_eq!(count, n);
-        let len: u64 = redis::cmd("LLEN")
-            .arg(format!("list:{id}"))
-            .query(&mut check)
-            .unwrap();
-        assert_eq!(len, n);
-    }
+    load.finish(&server);
     let before: String = redis::cmd("GET").arg("before").query(&mut setup).unwrap();
     assert_eq!(before, "swap");
     let ttl: i64 = redis::cmd("TTL").arg("before").query(&mut setup).unwrap();
@@ -293,78 +258,16 @@ fn rollback_is_refused_while_kv_v2_holds_hashes_and_allowed_without() {
 fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
     let server = Served::start("chat", &["--config", "history=100000"]);
     let addr = server.addr();
-    let mut alice = IrcClient::register(addr, "alice");
-    let mut bob = IrcClient::register(addr, "bob");
-    let mut carol = IrcClient::register(addr, "carol");
-    for c in [&mut alice, &mut bob, &mut carol] {
-        c.send("JOIN #rust");
-        let nick = c.nick.clone();
-        c.expect(&format!(" 366 {nick} #rust "));
-    }
-    alice.sync("joined");
-    bob.sync("joined");
-    carol.send("TOPIC #rust :before the swap");
-    carol.sync("topic");
-
-    // Alice talks steadily from before the swap until 100 messages after
-    // it (at most 20,000 messages).
-    let swapped = Arc::new(AtomicBool::new(false));
-    let done = swapped.clone();
-    let talker = std::thread::spawn(move || {
-        let mut after = 0;
-        let mut sent = 0;
-        while after < 100 && sent < 20_000 {
-            alice.send(&format!("PRIVMSG #rust :message {sent}"));
-            sent += 1;
-            if done.load(Ordering::Relaxed) {
-                after += 1;
-            }
-            if sent % 5 == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        (alice, sent)
-    });
-    bob.expect("PRIVMSG #rust :message 20");
-    let report = server.swap_to("chat-v2");
-    swapped.store(true, Ordering::Relaxed);
+    let room = Room::join(addr, "before the swap");
+    let (room, report, messages) = room.talk_through(|| server.swap_to("chat-v2"));
     assert!(report.contains("state   chat/1"), "{report}");
-    let (mut alice, messages) = talker.join().unwrap();
-
-    for listener in [&mut bob, &mut carol] {
-        listener.expect(&format!("PRIVMSG #rust :message {}", messages - 1));
-        let got: Vec<&String> = listener
-            .seen
-            .iter()
-            .filter(|l| l.contains("PRIVMSG #rust :message "))
-            .collect();
-        let expected: Vec<String> = (0..messages)
-            .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
-            .collect();
-        assert_eq!(
-            got,
-            expected.iter().collect::<Vec<_>>(),
-            "{} saw each message exactly once, in order",
-            listener.nick
-        );
-    }
-
+    let mut room = room;
     // Still registered and joined under chat-v2; LIST is new in v2.
-    bob.send("PRIVMSG alice :still there?");
-    alice.expect(":bob!bob@127.0.0.1 PRIVMSG alice :still there?");
-    carol.send("NAMES #rust");
-    carol.expect(" 353 carol = #rust :alice bob carol");
-    carol.send("LIST");
-    carol.expect(" 322 carol #rust 3 :before the swap");
+    room.check_joined();
+    room.carol.send("LIST");
+    room.carol.expect(" 322 carol #rust 3 :before the swap");
     // History kept: a newcomer gets every message.
-    let mut dave = IrcClient::register(addr, "dave");
-    dave.send("JOIN #rust");
-    dave.expect(" 332 dave #rust :before the swap");
-    let replay = dave.sync("history");
-    let history: Vec<&String> = replay
-        .iter()
-        .filter(|l| l.contains("PRIVMSG #rust :"))
-        .collect();
+    let history = Room::newcomer_history(addr, "before the swap");
     assert_eq!(history.len(), messages, "{history:#?}");
     // chat-v2 stamps what it receives: messages before the swap replay as
     // they were, later ones with their time. Both kinds prove the swap
@@ -381,6 +284,7 @@ fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
     let out = server.command("rollback", &[]);
     assert!(out.status.success(), "{}", out.stderr);
     assert!(out.stdout.contains("state   chat/1"), "{}", out.stdout);
-    bob.send("PRIVMSG #rust :after rollback");
-    alice.expect(":bob!bob@127.0.0.1 PRIVMSG #rust :after rollback");
+    room.bob.send("PRIVMSG #rust :after rollback");
+    room.alice
+        .expect(":bob!bob@127.0.0.1 PRIVMSG #rust :after rollback");
 }

@@ -6,12 +6,10 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmhost_tests::irc::IrcClient;
-use wasmhost_tests::load::{client_loop, wait_progress};
+use wasmhost_tests::irc::Room;
+use wasmhost_tests::load::Load;
 use wasmhost_tests::{Served, expect_reply, guest, redis_connect, wasmhost_bin};
 
 fn status_json(server: &Served) -> String {
@@ -40,15 +38,8 @@ fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
         .arg("upgrade")
         .query(&mut setup)
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| {
-            let (c, stop, progress) = (redis_connect(&server), stop.clone(), progress.clone());
-            std::thread::spawn(move || client_loop(c, id, stop, progress))
-        })
-        .collect();
-    wait_progress(&progress, 300);
+    let load = Load::start(&server, CLIENTS);
+    load.wait(300);
     let connections_before = status_number(&status_json(&server), "connections_total");
 
     let mut pids = vec![server.serving_pid()];
@@ -66,32 +57,18 @@ fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
         let pid = server.serving_pid();
         assert!(!pids.contains(&pid), "upgrade {i}: pid {pid} served before");
         pids.push(pid);
-        wait_progress(&progress, 100);
+        load.wait(100);
     }
-    stop.store(true, Ordering::Relaxed);
-    let rounds: Vec<u64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-
-    // Every client's commands landed exactly once, on the same connection.
-    for (id, &round) in rounds.iter().enumerate() {
-        let n: u64 = redis::cmd("GET")
-            .arg(format!("count:{id}"))
-            .query(&mut setup)
-            .unwrap();
-        assert_eq!(n, round, "client {id}");
-        let len: u64 = redis::cmd("LLEN")
-            .arg(format!("list:{id}"))
-            .query(&mut setup)
-            .unwrap();
-        assert_eq!(len, round, "client {id}");
-    }
-    let before: String = redis::cmd("GET").arg("before").query(&mut setup).unwrap();
-    assert_eq!(before, "upgrade");
     let status = status_json(&server);
     assert_eq!(
         status_number(&status, "connections_total"),
         connections_before,
         "no client had to reconnect: {status}"
     );
+    // Every client's commands landed exactly once, on the same connection.
+    load.finish(&server);
+    let before: String = redis::cmd("GET").arg("before").query(&mut setup).unwrap();
+    assert_eq!(before, "upgrade");
     assert_eq!(status_number(&status, "generation"), 11);
     assert_eq!(
         status.matches("\"kind\": \"upgrade\"").count(),
@@ -104,71 +81,13 @@ fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
 fn chat_users_stay_joined_and_messages_arrive_once_across_an_upgrade() {
     let server = Served::start("chat", &["--config", "history=100000"]);
     let addr = server.addr();
-    let mut alice = IrcClient::register(addr, "alice");
-    let mut bob = IrcClient::register(addr, "bob");
-    let mut carol = IrcClient::register(addr, "carol");
-    for c in [&mut alice, &mut bob, &mut carol] {
-        c.send("JOIN #rust");
-        let nick = c.nick.clone();
-        c.expect(&format!(" 366 {nick} #rust "));
-    }
-    alice.sync("joined");
-    bob.sync("joined");
-    carol.send("TOPIC #rust :before the upgrade");
-    carol.sync("topic");
-
-    let upgraded = Arc::new(AtomicBool::new(false));
-    let done = upgraded.clone();
-    let talker = std::thread::spawn(move || {
-        let (mut after, mut sent) = (0, 0);
-        while after < 100 && sent < 20_000 {
-            alice.send(&format!("PRIVMSG #rust :message {sent}"));
-            sent += 1;
-            if done.load(Ordering::Relaxed) {
-                after += 1;
-            }
-            if sent % 5 == 0 {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-        (alice, sent)
-    });
-    bob.expect("PRIVMSG #rust :message 20");
-    let report = server.upgrade_ok(&[]);
-    upgraded.store(true, Ordering::Relaxed);
+    let room = Room::join(addr, "before the upgrade");
+    let (room, report, messages) = room.talk_through(|| server.upgrade_ok(&[]));
     assert!(report.contains("state   chat/1"), "{report}");
     assert!(report.contains("kept    3 connections"), "{report}");
-    let (mut alice, messages) = talker.join().unwrap();
-
-    for listener in [&mut bob, &mut carol] {
-        listener.expect(&format!("PRIVMSG #rust :message {}", messages - 1));
-        let got: Vec<&String> = listener
-            .seen
-            .iter()
-            .filter(|l| l.contains("PRIVMSG #rust :message "))
-            .collect();
-        let expected: Vec<String> = (0..messages)
-            .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
-            .collect();
-        assert_eq!(
-            got,
-            expected.iter().collect::<Vec<_>>(),
-            "{} saw each message exactly once, in order",
-            listener.nick
-        );
-    }
-    bob.send("PRIVMSG alice :still there?");
-    alice.expect(":bob!bob@127.0.0.1 PRIVMSG alice :still there?");
-    carol.send("NAMES #rust");
-    carol.expect(" 353 carol = #rust :alice bob carol");
-    let mut dave = IrcClient::register(addr, "dave");
-    dave.send("JOIN #rust");
-    dave.expect(" 332 dave #rust :before the upgrade");
-    let replay = dave.sync("history");
-    let history = replay
-        .iter()
-        .filter(|l| l.contains("PRIVMSG #rust :"))
-        .count();
+    let mut room = room;
+    room.check_joined();
+    let history = Room::newcomer_history(addr, "before the upgrade").len();
     assert_eq!(history, messages, "the new process kept the history");
 }
 
@@ -527,15 +446,8 @@ fn exec_upgrade_under_load_keeps_the_pid_every_connection_and_the_state() {
         .arg("v")
         .query(&mut setup)
         .unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let progress = Arc::new(AtomicU64::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| {
-            let (c, stop, progress) = (redis_connect(&server), stop.clone(), progress.clone());
-            std::thread::spawn(move || client_loop(c, id, stop, progress))
-        })
-        .collect();
-    wait_progress(&progress, 200);
+    let load = Load::start(&server, CLIENTS);
+    load.wait(200);
     let pid = server.serving_pid();
     for i in 0..3 {
         let report = server.upgrade_ok(&["--exec"]);
@@ -552,20 +464,12 @@ fn exec_upgrade_under_load_keeps_the_pid_every_connection_and_the_state() {
             "{report}"
         );
         assert_eq!(server.serving_pid(), pid, "the same process serves");
-        wait_progress(&progress, 100);
+        load.wait(100);
     }
     // A spawn upgrade from the re-executed image works too.
     server.upgrade_ok(&[]);
-    wait_progress(&progress, 100);
-    stop.store(true, Ordering::Relaxed);
-    let rounds: Vec<u64> = clients.into_iter().map(|c| c.join().unwrap()).collect();
-    for (id, &round) in rounds.iter().enumerate() {
-        let n: u64 = redis::cmd("GET")
-            .arg(format!("count:{id}"))
-            .query(&mut setup)
-            .unwrap();
-        assert_eq!(n, round, "client {id}");
-    }
+    load.wait(100);
+    load.finish(&server);
     let v: String = redis::cmd("GET").arg("k").query(&mut setup).unwrap();
     assert_eq!(v, "v");
 }
@@ -669,9 +573,15 @@ fn under_systemd_it_takes_activated_sockets_and_reports_ready_reloading_and_main
 
     let report = server.upgrade_ok(&[]);
     let new_pid = server.serving_pid();
-    let seen = notifications_until(&notify, &format!("MAINPID={new_pid}"));
-    assert!(seen.contains("RELOADING=1"), "{seen}");
-    notifications_until(&notify, "READY=1");
+    let mut seen = notifications_until(&notify, &format!("MAINPID={new_pid}"));
+    if !seen.contains("READY=1") {
+        seen.push_str(&notifications_until(&notify, "READY=1"));
+    }
+    let reloading = seen.find("RELOADING=1").expect("RELOADING=1 sent");
+    assert!(
+        seen[reloading..].contains("READY=1"),
+        "ready again after the reload: {seen}"
+    );
     assert!(report.contains("kept    1 connections"), "{report}");
     let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
     assert_eq!(v, "v");

@@ -13,12 +13,12 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 use super::channel::{Channel, ChannelClosed};
-use super::{FD_ENV, Manifest, Message, VERSION};
+use super::{FD_ENV, Manifest, Message, Prepared, VERSION};
 use crate::control::server::ControlHandoff;
 use crate::serve::Launch;
 use crate::service::{
-    ComponentInfo, Decision, Exclusive, Handoff, HandoffRequest, Pause, ServiceHandle, SwapRecord,
-    SwapReport, Timings, micros,
+    Decision, Exclusive, Handoff, HandoffRequest, Pause, ServiceHandle, SwapRecord, SwapReport,
+    Timings, micros,
 };
 
 /// What runs an upgrade of one service: held by the control socket and the
@@ -81,16 +81,6 @@ impl Failure {
     }
 }
 
-/// What the new process said when it was prepared.
-pub(super) struct Prepared {
-    pid: u32,
-    importable: Vec<String>,
-    component: ComponentInfo,
-    compile_us: u64,
-    from_cache: bool,
-    instantiate_us: u64,
-}
-
 /// Runs one upgrade. On success the service is the new process's (this
 /// actor has ended); on failure this process serves on, and the error says
 /// which step failed and why.
@@ -103,9 +93,9 @@ pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, S
             Some(info) if info.new_pid != std::process::id() => {
                 crate::systemd::main_pid(info.new_pid)
             }
-            _ => crate::systemd::ready(),
+            _ => crate::systemd::ready(false),
         },
-        Err(_) => crate::systemd::ready(),
+        Err(_) => crate::systemd::ready(false),
     }
     result
 }
@@ -284,25 +274,13 @@ impl Handover {
         self.watch.within("offer", ch.send(&offer, &[])).await?;
         let answer = self.watch.within("prepare", recv(ch)).await?;
         match answer {
-            Message::Prepared {
-                version,
-                pid,
-                importable,
-                component,
-                compile_us,
-                from_cache,
-                instantiate_us,
-            } if version == VERSION => Ok(Prepared {
-                pid,
-                importable,
-                component,
-                compile_us,
-                from_cache,
-                instantiate_us,
-            }),
-            Message::Prepared { version, .. } => Err(Failure::new(
+            Message::Prepared(p) if p.version == VERSION => Ok(p),
+            Message::Prepared(p) => Err(Failure::new(
                 "prepare",
-                format!("the new binary speaks handoff version {version}, this one {VERSION}"),
+                format!(
+                    "the new binary speaks handoff version {}, this one {VERSION}",
+                    p.version
+                ),
             )),
             other => Err(unexpected("prepare", other)),
         }

@@ -83,15 +83,7 @@ pub enum Message {
         previous: Option<PathBuf>,
     },
     /// N → O: the component is compiled and instantiated.
-    Prepared {
-        version: u32,
-        pid: u32,
-        importable: Vec<String>,
-        component: crate::service::ComponentInfo,
-        compile_us: u64,
-        from_cache: bool,
-        instantiate_us: u64,
-    },
+    Prepared(Prepared),
     /// O → N: the frozen service; payload and descriptors follow.
     Manifest(Box<Manifest>),
     /// N → O: everything checked and imported; waiting for `Commit`.
@@ -110,6 +102,19 @@ pub enum Message {
     Abort { reason: String },
     /// N → O: this step failed.
     Failed { step: String, message: String },
+}
+
+/// What the new process loaded before anything is frozen.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Prepared {
+    pub version: u32,
+    pub pid: u32,
+    /// The formats the loaded component imports, most preferred first.
+    pub importable: Vec<String>,
+    pub component: ComponentInfo,
+    pub compile_us: u64,
+    pub from_cache: bool,
+    pub instantiate_us: u64,
 }
 
 /// What moves besides the descriptors and the payload.

@@ -146,7 +146,7 @@ impl Takeover<'_> {
             bail!("test: {}=prepare", super::FAIL_ENV);
         }
         let program = &prepared.instance.program;
-        let answer = Message::Prepared {
+        let answer = Message::Prepared(super::Prepared {
             version: VERSION,
             pid: std::process::id(),
             importable: prepared.importable.clone(),
@@ -154,7 +154,7 @@ impl Takeover<'_> {
             compile_us: service::micros(program.compile_time),
             from_cache: program.from_cache,
             instantiate_us: service::micros(prepared.instantiate_time),
-        };
+        });
         self.channel.send(&answer, &[]).await?;
         Ok(loaded)
     }
