@@ -203,13 +203,8 @@ pub(super) async fn import(
         .iter()
         .map(|l| adopt_listener(fds.next().expect("counted"), l))
         .collect::<Result<Vec<_>>>()?;
-    let mut conns = BTreeMap::new();
-    let mut offset = 0;
-    for c in &image.conns {
-        let parked = adopt_conn(fds.next().expect("counted"), c, &conn_bytes[offset..])?;
-        offset += c.unread_len + c.unsent_len;
-        conns.insert(c.id, parked);
-    }
+    let conn_fds: Vec<OwnedFd> = fds.by_ref().take(image.conns.len()).collect();
+    let conns = adopt_conns(&image.conns, conn_fds, &conn_bytes)?;
     let control = match &manifest.control {
         Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
         None => None,
@@ -343,13 +338,57 @@ fn adopt_listener(fd: OwnedFd, image: &ListenerImage) -> Result<Listener> {
     })
 }
 
+/// Checks and adopts every connection. Registering thousands of sockets
+/// with the reactor is most of a large takeover, and the old process is
+/// idle meanwhile, so above a few thousand it runs on two threads.
+fn adopt_conns(
+    images: &[ConnImage],
+    fds: Vec<OwnedFd>,
+    bytes: &[u8],
+) -> Result<BTreeMap<u64, ParkedConn>> {
+    let mut offset = 0;
+    let jobs: Vec<(&ConnImage, OwnedFd, &[u8])> = images
+        .iter()
+        .zip(fds)
+        .map(|(c, fd)| {
+            let mine = &bytes[offset..offset + c.unread_len + c.unsent_len];
+            offset += mine.len();
+            (c, fd, mine)
+        })
+        .collect();
+    let adopt_all = |jobs: Vec<(&ConnImage, OwnedFd, &[u8])>| {
+        jobs.into_iter()
+            .map(|(c, fd, mine)| Ok((c.id, adopt_conn(fd, c, mine)?)))
+            .collect::<Result<Vec<_>>>()
+    };
+    if jobs.len() < PARALLEL_ADOPT {
+        return Ok(adopt_all(jobs)?.into_iter().collect());
+    }
+    let mut first = jobs;
+    let second = first.split_off(first.len() / 2);
+    let runtime = tokio::runtime::Handle::current();
+    let (a, b) = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let other = s.spawn(|| {
+                let _in_runtime = runtime.enter();
+                adopt_all(second)
+            });
+            let a = adopt_all(first);
+            (a, other.join().expect("adopting connections panicked"))
+        })
+    });
+    Ok(a?.into_iter().chain(b?).collect())
+}
+
+/// Connections above which [`adopt_conns`] uses a second thread.
+const PARALLEL_ADOPT: usize = 2000;
+
 /// Checks that `fd` is a connected TCP socket to the manifest's peer (a
 /// peer already gone is allowed: the connection then ends as usual).
 fn adopt_conn(fd: OwnedFd, image: &ConnImage, bytes: &[u8]) -> Result<ParkedConn> {
     let what = || format!("connection {} ({})", image.id, image.peer);
     check_kind(&fd, false).with_context(what)?;
     let stream = std::net::TcpStream::from(fd);
-    stream.local_addr().with_context(what)?;
     if let Ok(peer) = stream.peer_addr()
         && peer.to_string() != image.peer
     {
