@@ -194,36 +194,38 @@ pub(super) async fn import(
     mut payload: Vec<u8>,
     fds: Vec<OwnedFd>,
 ) -> Result<(Parts, Timings)> {
-    let checked_from = Instant::now();
+    let began = Instant::now();
     let image = &manifest.image;
     let conn_bytes = payload.split_off(manifest.state_len as usize);
-    let mut fds = fds.into_iter();
-    let listeners = image
-        .listeners
-        .iter()
-        .map(|l| adopt_listener(fds.next().expect("counted"), l))
-        .collect::<Result<Vec<_>>>()?;
-    let conn_fds: Vec<OwnedFd> = fds.by_ref().take(image.conns.len()).collect();
-    let conns = adopt_conns(&image.conns, conn_fds, &conn_bytes)?;
-    let control = match &manifest.control {
-        Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
-        None => None,
-    };
-    let adopted = Instant::now();
+    // The sockets are checked and registered on other threads while the
+    // guest imports the state here: the two are independent, and each
+    // can take tens of milliseconds.
+    let (listeners, conns, control) = (
+        image.listeners.clone(),
+        image.conns.clone(),
+        manifest.control.clone(),
+    );
+    let sockets = tokio::task::spawn_blocking(move || {
+        let adopted = adopt_sockets(&listeners, &conns, control.as_deref(), fds, &conn_bytes);
+        (adopted, began.elapsed())
+    });
     let mut instance = loaded.prepared.instance;
     let mut timings = Timings::default();
-    if fail_at("import") {
-        bail!("test: {}=import: rejecting the state", super::FAIL_ENV);
-    }
-    let validated = service::import(&mut instance, &image.format, &payload, true, &mut timings)
-        .await
-        .map_err(anyhow::Error::msg)?;
-    drop(validated);
+    let imported = match fail_at("import") {
+        true => Err(format!(
+            "test: {}=import: rejecting the state",
+            super::FAIL_ENV
+        )),
+        false => service::import(&mut instance, &image.format, &payload, true, &mut timings).await,
+    };
+    let (adopted, adopt_time) = sockets.await.context("adopting the sockets panicked")?;
+    let (listeners, conns, control) = adopted?;
+    imported.map_err(anyhow::Error::msg)?;
     tracing::info!(
         connections = image.conns.len(),
-        "received service: sockets checked in {:?}, state imported in {:?}",
-        adopted.duration_since(checked_from),
-        adopted.elapsed()
+        "received service: sockets checked and registered in {adopt_time:?}, state imported in {:?}; both done in {:?}",
+        timings.import + timings.validate,
+        began.elapsed()
     );
     let spec = ServiceSpec {
         name: image.service.as_str().into(),
@@ -338,9 +340,37 @@ fn adopt_listener(fd: OwnedFd, image: &ListenerImage) -> Result<Listener> {
     })
 }
 
+/// Checks every socket against the manifest and registers it with the
+/// reactor (on a blocking thread, inside the runtime).
+fn adopt_sockets(
+    listeners: &[ListenerImage],
+    conns: &[ConnImage],
+    control: Option<&Path>,
+    fds: Vec<OwnedFd>,
+    conn_bytes: &[u8],
+) -> Result<(
+    Vec<Listener>,
+    BTreeMap<u64, ParkedConn>,
+    Option<ControlSocket>,
+)> {
+    let mut fds = fds.into_iter();
+    let listeners = listeners
+        .iter()
+        .map(|l| adopt_listener(fds.next().expect("counted"), l))
+        .collect::<Result<Vec<_>>>()?;
+    let conn_fds: Vec<OwnedFd> = fds.by_ref().take(conns.len()).collect();
+    let conns = adopt_conns(conns, conn_fds, conn_bytes)?;
+    let control = match control {
+        Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
+        None => None,
+    };
+    Ok((listeners, conns, control))
+}
+
 /// Checks and adopts every connection. Registering thousands of sockets
 /// with the reactor is most of a large takeover, and the old process is
-/// idle meanwhile, so above a few thousand it runs on two threads.
+/// idle meanwhile, so above a few thousand it runs on two threads. Runs on
+/// a blocking thread.
 fn adopt_conns(
     images: &[ConnImage],
     fds: Vec<OwnedFd>,
@@ -367,15 +397,13 @@ fn adopt_conns(
     let mut first = jobs;
     let second = first.split_off(first.len() / 2);
     let runtime = tokio::runtime::Handle::current();
-    let (a, b) = tokio::task::block_in_place(|| {
-        std::thread::scope(|s| {
-            let other = s.spawn(|| {
-                let _in_runtime = runtime.enter();
-                adopt_all(second)
-            });
-            let a = adopt_all(first);
-            (a, other.join().expect("adopting connections panicked"))
-        })
+    let (a, b) = std::thread::scope(|s| {
+        let other = s.spawn(|| {
+            let _in_runtime = runtime.enter();
+            adopt_all(second)
+        });
+        let a = adopt_all(first);
+        (a, other.join().expect("adopting connections panicked"))
     });
     Ok(a?.into_iter().chain(b?).collect())
 }
