@@ -219,7 +219,11 @@ pub(super) async fn import(
         false => service::import(&mut instance, &image.format, &payload, true, &mut timings).await,
     };
     let (adopted, adopt_time) = sockets.await.context("adopting the sockets panicked")?;
-    let (listeners, conns, control) = adopted?;
+    let Sockets {
+        listeners,
+        conns,
+        control,
+    } = adopted?;
     imported.map_err(anyhow::Error::msg)?;
     tracing::info!(
         connections = image.conns.len(),
@@ -340,6 +344,13 @@ fn adopt_listener(fd: OwnedFd, image: &ListenerImage) -> Result<Listener> {
     })
 }
 
+/// The handed-over sockets, checked and ready to serve.
+struct Sockets {
+    listeners: Vec<Listener>,
+    conns: BTreeMap<u64, ParkedConn>,
+    control: Option<ControlSocket>,
+}
+
 /// Checks every socket against the manifest and registers it with the
 /// reactor (on a blocking thread, inside the runtime).
 fn adopt_sockets(
@@ -348,11 +359,7 @@ fn adopt_sockets(
     control: Option<&Path>,
     fds: Vec<OwnedFd>,
     conn_bytes: &[u8],
-) -> Result<(
-    Vec<Listener>,
-    BTreeMap<u64, ParkedConn>,
-    Option<ControlSocket>,
-)> {
+) -> Result<Sockets> {
     let mut fds = fds.into_iter();
     let listeners = listeners
         .iter()
@@ -364,7 +371,11 @@ fn adopt_sockets(
         Some(path) => Some(adopt_control(fds.next().expect("counted"), path)?),
         None => None,
     };
-    Ok((listeners, conns, control))
+    Ok(Sockets {
+        listeners,
+        conns,
+        control,
+    })
 }
 
 /// Checks and adopts every connection. Registering thousands of sockets
