@@ -78,13 +78,21 @@ fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
 }
 
 #[test]
-fn chat_users_stay_joined_and_messages_arrive_once_across_an_upgrade() {
+fn chat_users_stay_joined_and_messages_arrive_once_across_ten_upgrades() {
     let server = Served::start("chat", &["--config", "history=100000"]);
     let addr = server.addr();
     let room = Room::join(addr, "before the upgrade");
-    let (room, report, messages) = room.talk_through(|| server.upgrade_ok(&[]));
-    assert!(report.contains("state   chat/1"), "{report}");
-    assert!(report.contains("kept    3 connections"), "{report}");
+    // Ten upgrades in a row while alice talks.
+    let (room, reports, messages) =
+        room.talk_through(|| (0..10).map(|_| server.upgrade_ok(&[])).collect::<Vec<_>>());
+    for (i, report) in reports.iter().enumerate() {
+        assert!(report.contains("state   chat/1"), "{report}");
+        assert!(report.contains("kept    3 connections"), "{report}");
+        assert!(
+            report.contains(&format!("generation {} -> {}", i + 1, i + 2)),
+            "{report}"
+        );
+    }
     let mut room = room;
     room.check_joined();
     let history = Room::newcomer_history(addr, "before the upgrade").len();
