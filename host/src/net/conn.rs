@@ -204,7 +204,7 @@ impl FrozenConn {
 /// service. Returns once the `Connected` event is queued.
 pub async fn spawn(
     stream: TcpStream,
-    info: crate::bindings::ConnInfo,
+    info: super::ConnMeta,
     ctx: &AcceptCtx,
     permit: OwnedSemaphorePermit,
 ) {

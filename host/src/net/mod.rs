@@ -16,7 +16,6 @@ use tokio_util::task::TaskTracker;
 
 pub use conn::{ConnLimits, FrozenConn};
 
-use crate::bindings::ConnInfo;
 use crate::service::{Event, ServiceHandle};
 
 /// A `--listen [NAME=]ADDR` argument.
@@ -66,6 +65,19 @@ pub fn name_listeners(specs: &mut [ListenSpec]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the host knows of an accepted connection. The socket layer does
+/// not know the guest's types: the service turns this into the guest's
+/// `conn-info`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnMeta {
+    /// Unique for the connection's whole life, across swaps and upgrades.
+    pub id: u64,
+    /// The name of the listener that accepted it.
+    pub listener: String,
+    /// The peer's address, e.g. `127.0.0.1:53122`.
+    pub peer: String,
 }
 
 /// A bound listener with its name.
@@ -218,7 +230,7 @@ async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
+        let info = ConnMeta {
             id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
             listener: listener.name.to_string(),
             peer: peer.to_string(),

@@ -37,7 +37,7 @@ pub use transfer::{Pause, SwapKind, Timings, import, negotiate};
 
 use crate::bindings::ConnInfo;
 use crate::net::conn::Outbox;
-use crate::net::{AcceptCtx, FrozenConn, Listener};
+use crate::net::{AcceptCtx, ConnMeta, FrozenConn, Listener};
 
 /// Capacity of the actor's queue. Senders wait when it is full, which is
 /// what slows readers down when the service is busy.
@@ -50,7 +50,7 @@ pub const MAX_TIMERS: usize = 1 << 20;
 /// Something that happened to a connection.
 pub enum Event {
     Connected {
-        info: ConnInfo,
+        info: ConnMeta,
         outbox: Outbox,
     },
     Data(u64, Bytes),
@@ -239,6 +239,15 @@ pub fn spawn(
     })
 }
 
+/// The guest's view of a connection the host accepted.
+pub fn guest_conn_info(meta: ConnMeta) -> ConnInfo {
+    ConnInfo {
+        id: meta.id,
+        listener: meta.listener,
+        peer: meta.peer,
+    }
+}
+
 /// Counters reported by `status`.
 #[derive(Default, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
@@ -336,6 +345,7 @@ impl Actor {
         match event {
             Event::Connected { info, outbox } => {
                 self.stats.connections_total += 1;
+                let info = guest_conn_info(info);
                 let result = self.instance.on_connect(&info).await;
                 self.conns.insert(info.id, Conn { info, outbox });
                 self.after_call(result).await

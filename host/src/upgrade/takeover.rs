@@ -15,10 +15,9 @@ use nix::sys::socket::{SockType, getsockopt, sockopt};
 
 use super::channel::Channel;
 use super::{Manifest, Message, VERSION, fail_at};
-use crate::bindings::ConnInfo;
 use crate::control::server::ControlSocket;
 use crate::engine::Runtime;
-use crate::net::{FrozenConn, Listener};
+use crate::net::{ConnMeta, FrozenConn, Listener};
 use crate::serve::{Launch, Parts, ServeOptions, Server, load_program};
 use crate::service::{
     self, ComponentInfo, ConnImage, ListenerImage, ParkedConn, Program, ServiceSpec, Start,
@@ -436,11 +435,11 @@ fn adopt_conn(fd: OwnedFd, image: &ConnImage, bytes: &[u8]) -> Result<ParkedConn
     let (unread, rest) = bytes.split_at(image.unread_len);
     let unsent = rest[..image.unsent_len].to_vec();
     Ok(ParkedConn {
-        info: ConnInfo {
+        info: service::guest_conn_info(ConnMeta {
             id: image.id,
             listener: image.listener.clone(),
             peer: image.peer.clone(),
-        },
+        }),
         frozen: FrozenConn::received(image.id, stream, unsent).with_context(what)?,
         unread: unread.to_vec(),
     })
