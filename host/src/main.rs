@@ -46,13 +46,7 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            // On a worker thread, not this one: while a takeover registers
-            // thousands of sockets the worker is busy running it, instead
-            // of parked in epoll_wait and woken by each ready socket.
-            Command::Serve(args) => match tokio::spawn(serve(args, handoff, activated)).await {
-                Ok(result) => result,
-                Err(e) => Err(anyhow::anyhow!("the server task failed: {e}")),
-            },
+            Command::Serve(args) => serve(args, handoff, activated).await,
             Command::Swap(args) => wasmhost::admin::swap(args).await,
             Command::Status(args) => wasmhost::admin::status(args).await,
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,

@@ -28,18 +28,24 @@ fn status_number(status: &str, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in {status}"))
 }
 
-#[test]
-fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
-    const CLIENTS: usize = 100;
+/// kv with `k` = `v` and `clients` checked clients sending commands.
+fn kv_under_load(clients: usize) -> (Served, redis::Connection, Load) {
     let server = Served::start("kv", &[]);
     let mut setup = redis_connect(&server);
     let _: () = redis::cmd("SET")
-        .arg("before")
-        .arg("upgrade")
+        .arg("k")
+        .arg("v")
         .query(&mut setup)
         .unwrap();
-    let load = Load::start(&server, CLIENTS);
-    load.wait(300);
+    let load = Load::start(&server, clients);
+    load.wait(200);
+    (server, setup, load)
+}
+
+#[test]
+fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
+    const CLIENTS: usize = 100;
+    let (server, mut setup, load) = kv_under_load(CLIENTS);
     let connections_before = status_number(&status_json(&server), "connections_total");
 
     let mut pids = vec![server.serving_pid()];
@@ -67,8 +73,8 @@ fn kv_upgraded_ten_times_under_load_of_a_hundred_connections_loses_nothing() {
     );
     // Every client's commands landed exactly once, on the same connection.
     load.finish(&server);
-    let before: String = redis::cmd("GET").arg("before").query(&mut setup).unwrap();
-    assert_eq!(before, "upgrade");
+    let v: String = redis::cmd("GET").arg("k").query(&mut setup).unwrap();
+    assert_eq!(v, "v");
     assert_eq!(status_number(&status, "generation"), 11);
     assert_eq!(
         status.matches("\"kind\": \"upgrade\"").count(),
@@ -447,15 +453,7 @@ fn sigusr2_upgrades_and_a_second_request_during_an_upgrade_is_refused() {
 #[test]
 fn exec_upgrade_under_load_keeps_the_pid_every_connection_and_the_state() {
     const CLIENTS: usize = 50;
-    let server = Served::start("kv", &[]);
-    let mut setup = redis_connect(&server);
-    let _: () = redis::cmd("SET")
-        .arg("k")
-        .arg("v")
-        .query(&mut setup)
-        .unwrap();
-    let load = Load::start(&server, CLIENTS);
-    load.wait(200);
+    let (server, mut setup, load) = kv_under_load(CLIENTS);
     let pid = server.serving_pid();
     for i in 0..3 {
         let report = server.upgrade_ok(&["--exec"]);

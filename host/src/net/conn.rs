@@ -157,10 +157,12 @@ pub struct FrozenConn {
     pub id: u64,
     pub stream: TcpStream,
     /// What the writer had not written when it stopped; what the service
-    /// queued since is still in `rx` ([`FrozenConn::take_unsent`]).
+    /// queued since is still in the task's channel
+    /// ([`FrozenConn::take_unsent`]).
     unsent: Vec<u8>,
-    rx: mpsc::UnboundedReceiver<Bytes>,
-    shared: Arc<Shared>,
+    /// The stopped task's channel and shared state; `None` for a socket
+    /// received from another process (nothing is queued on this side).
+    task: Option<(mpsc::UnboundedReceiver<Bytes>, Arc<Shared>)>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -172,13 +174,11 @@ impl FrozenConn {
         unsent: Vec<u8>,
     ) -> std::io::Result<Self> {
         stream.set_nonblocking(true)?;
-        let (_, rx) = mpsc::unbounded_channel();
         Ok(FrozenConn {
             id,
             stream: TcpStream::from_std(stream)?,
             unsent,
-            rx,
-            shared: Shared::new(ConnLimits::default(), &CancellationToken::new()),
+            task: None,
             permit: None,
         })
     }
@@ -186,8 +186,10 @@ impl FrozenConn {
     /// Everything not yet written (see [`take_unsent`](Self::take_unsent)),
     /// kept for later.
     pub fn unsent(&mut self) -> &[u8] {
-        while let Ok(more) = self.rx.try_recv() {
-            self.unsent.extend_from_slice(&more);
+        if let Some((rx, _)) = &mut self.task {
+            while let Ok(more) = rx.try_recv() {
+                self.unsent.extend_from_slice(&more);
+            }
         }
         &self.unsent
     }
@@ -255,10 +257,16 @@ pub fn finish(frozen: FrozenConn, tracker: &TaskTracker) {
         id,
         stream,
         unsent,
-        mut rx,
-        shared,
+        task,
         permit,
     } = frozen;
+    let (mut rx, shared) = task.unwrap_or_else(|| {
+        let (_, rx) = mpsc::unbounded_channel();
+        (
+            rx,
+            Shared::new(ConnLimits::default(), &CancellationToken::new()),
+        )
+    });
     tracker.spawn(async move {
         let (_reader, mut writer) = stream.into_split();
         write_loop(id, &mut writer, &mut rx, &shared, None, unsent).await;
@@ -308,8 +316,7 @@ fn start(
                     id,
                     stream,
                     unsent,
-                    rx,
-                    shared,
+                    task: Some((rx, shared)),
                     permit,
                 };
                 // If the service is gone, the socket closes here.

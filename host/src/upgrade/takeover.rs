@@ -111,7 +111,15 @@ impl Takeover<'_> {
         };
         self.channel.send(&ready, &[]).await?;
         self.step = "commit";
-        let report = self.await_commit().await?;
+        let mut report = self.await_commit().await?;
+        if report.kind.is_empty() {
+            // The old host vanished without its report: say what is known.
+            report.kind = "upgrade".into();
+            report.from = manifest.image.component.clone();
+            report.to = ComponentInfo::of(&parts.instance.program);
+            report.format = Some(manifest.image.format.clone());
+            report.state_bytes = manifest.state_len as usize;
+        }
         let mut parts = parts;
         commit_parts(&mut parts, &report);
         Ok((parts, report))
@@ -179,7 +187,7 @@ impl Takeover<'_> {
                 tracing::warn!(
                     "the old host vanished after this process was ready ({e:#}); serving"
                 );
-                Ok(SwapReport::default())
+                Ok(SwapReport::default()) // completed by the caller
             }
         }
     }
