@@ -6,6 +6,16 @@
 //! compiled code on disk, keyed by the engine's compatibility hash and the
 //! SHA-256 of the component's bytes. A second start of the same component on
 //! the same host build deserialises it instead of compiling.
+//!
+//! The cache has a size limit ([`CompileCache::max_bytes`], `--cache-max-size`,
+//! default [`DEFAULT_CACHE_MAX_BYTES`]): after each write, the least recently
+//! used entries (by modification time, which a cache hit refreshes) are
+//! removed until the total fits, never the entry just written. Components
+//! built from Python or JavaScript compile to 30-40 MB each, so without a
+//! limit every rebuild of such a guest would grow the cache by that much.
+//! (wasmtime's own `cache` feature also evicts, but does not say whether a
+//! load was a hit, which `status` and the swap report show, and keys its
+//! entries per core module rather than per component.)
 
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
@@ -21,11 +31,24 @@ use wasmtime::{Config, Engine};
 /// of `--event-timeout-ms`.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// The default limit of the compile cache: 1 GiB, room for about 25
+/// Python or JavaScript components or thousands of Rust ones.
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 1 << 30;
+
+/// Where compiled components are kept, and how much room they may take.
+#[derive(Clone, Debug)]
+pub struct CompileCache {
+    pub dir: PathBuf,
+    /// Total size of the entries above which the least recently used are
+    /// removed.
+    pub max_bytes: u64,
+}
+
 /// The engine shared by every generation of every service in this process.
 #[derive(Clone)]
 pub struct Runtime {
     engine: Engine,
-    cache: Option<PathBuf>,
+    cache: Option<CompileCache>,
 }
 
 /// A component read from disk and compiled, ready to be linked.
@@ -41,8 +64,8 @@ pub struct Loaded {
 
 impl Runtime {
     /// Builds the engine and starts the epoch ticker. `cache` is the compile
-    /// cache directory, or `None` to compile every time.
-    pub fn new(cache: Option<PathBuf>) -> Result<Runtime> {
+    /// cache, or `None` to compile every time.
+    pub fn new(cache: Option<CompileCache>) -> Result<Runtime> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
@@ -83,15 +106,26 @@ impl Runtime {
             // key includes the engine's compatibility hash, and wasmtime
             // checks the header again.
             match unsafe { Component::deserialize(&self.engine, &code) } {
-                Ok(component) => return Ok((component, true)),
+                Ok(component) => {
+                    touch(&entry);
+                    return Ok((component, true));
+                }
                 Err(e) => {
                     tracing::warn!(entry = %entry.display(), "ignoring unusable compile cache entry: {e:#}")
                 }
             }
         }
         let component = self.compile(path, bytes)?;
-        if let Err(e) = store_in_cache(&entry, &component) {
-            tracing::warn!(entry = %entry.display(), "cannot write compile cache: {e:#}");
+        match store_in_cache(&entry, &component) {
+            Ok(()) => {
+                let max = self.cache.as_ref().map_or(u64::MAX, |c| c.max_bytes);
+                if let Err(e) = evict(&entry, max) {
+                    tracing::warn!(dir = %entry.parent().unwrap_or(&entry).display(), "cannot trim the compile cache: {e:#}");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(entry = %entry.display(), "cannot write compile cache: {e:#}")
+            }
         }
         Ok((component, false))
     }
@@ -104,7 +138,7 @@ impl Runtime {
     }
 
     fn cache_entry(&self, hash: &str) -> Option<PathBuf> {
-        let dir = self.cache.as_ref()?;
+        let dir = &self.cache.as_ref()?.dir;
         let mut engine_hash = ShaHasher(Sha256::new());
         std::hash::Hash::hash(
             &self.engine.precompile_compatibility_hash(),
@@ -137,6 +171,63 @@ fn store_in_cache(entry: &Path, component: &Component) -> Result<()> {
     let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, component.serialize()?)?;
     std::fs::rename(&tmp, entry)?;
+    Ok(())
+}
+
+/// Marks a cache entry as just used, for [`evict`]'s least-recently-used
+/// order. Failing to is harmless (the entry only looks older).
+fn touch(entry: &Path) {
+    if let Ok(file) = std::fs::File::options().append(true).open(entry) {
+        let _ = file.set_modified(std::time::SystemTime::now());
+    }
+}
+
+/// Removes the least recently used entries of `keep`'s directory until their
+/// total size is at most `max_bytes`, never removing `keep` itself (a single
+/// entry above the limit stays: the cache then holds just that one).
+/// Temporary files of writers that died are removed when older than an hour.
+fn evict(keep: &Path, max_bytes: u64) -> Result<()> {
+    let dir = keep.parent().context("cache entry has no directory")?;
+    let mut entries = Vec::new();
+    let mut total = 0u64;
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let path = item.path();
+        let Ok(meta) = item.metadata() else { continue };
+        let modified = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
+        let name = item.file_name();
+        let name = name.to_string_lossy();
+        if name.contains(".tmp") {
+            if modified
+                .elapsed()
+                .is_ok_and(|age| age > Duration::from_secs(3600))
+            {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        }
+        if !name.ends_with(".cwasm") {
+            continue;
+        }
+        total += meta.len();
+        if path != keep {
+            entries.push((modified, meta.len(), path));
+        }
+    }
+    entries.sort();
+    let mut removed = 0;
+    for (_, len, path) in entries {
+        if total <= max_bytes {
+            break;
+        }
+        // Another process may have removed it first; either way it is gone.
+        let _ = std::fs::remove_file(&path);
+        total = total.saturating_sub(len);
+        removed += 1;
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, total_bytes = total, "compile cache trimmed to its limit");
+    }
     Ok(())
 }
 
@@ -191,4 +282,43 @@ fn spawn_epoch_ticker(engine: &Engine) {
             }
         })
         .expect("spawning the epoch thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn entry(dir: &Path, name: &str, len: usize, age_s: u64) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let file = std::fs::File::options().append(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(age_s))
+            .unwrap();
+        path
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_first_and_keeps_the_new_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let oldest = entry(dir.path(), "a-1.cwasm", 400, 300);
+        let used_lately = entry(dir.path(), "a-2.cwasm", 400, 200);
+        let middle = entry(dir.path(), "a-3.cwasm", 400, 250);
+        touch(&used_lately);
+        let other = entry(dir.path(), "notes.txt", 5000, 1000);
+        let stale_tmp = entry(dir.path(), "a-4.tmp77", 10, 7200);
+        let fresh_tmp = entry(dir.path(), "a-5.tmp78", 10, 1);
+        let new = entry(dir.path(), "a-6.cwasm", 400, 0);
+
+        evict(&new, 1000).unwrap();
+        assert!(!oldest.exists() && !middle.exists(), "the two oldest go");
+        assert!(used_lately.exists(), "a hit refreshes an entry");
+        assert!(new.exists());
+        assert!(other.exists(), "files that are not entries are left alone");
+        assert!(!stale_tmp.exists() && fresh_tmp.exists());
+
+        // An entry larger than the whole limit is still kept.
+        evict(&new, 10).unwrap();
+        assert!(new.exists() && !used_lately.exists());
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wasmhost::cli::{Cli, Command, ServeArgs};
+use wasmhost::cli::{CacheArgs, Cli, Command, CompileArgs, ServeArgs};
 use wasmhost::shutdown::{HostSignal, Signals};
 use wasmhost::upgrade::{self, UpgradeOptions};
 use wasmhost::{Launch, ServeOptions, Server, engine, net, service, systemd};
@@ -51,6 +51,7 @@ fn main() -> ExitCode {
             Command::Status(args) => wasmhost::admin::status(args).await,
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
+            Command::Compile(args) => compile(args),
         }
     });
     match result {
@@ -184,11 +185,7 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
         true => None,
         false => Some(wasmhost::control::socket_path(args.control, &args.name)?),
     };
-    let cache_dir = if args.no_cache {
-        None
-    } else {
-        args.cache_dir.or_else(engine::default_cache_dir)
-    };
+    let cache = compile_cache(args.cache);
     Ok(ServeOptions {
         control,
         guest: args.guest,
@@ -205,7 +202,56 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
             state_timeout: Duration::from_millis(args.state_timeout_ms),
             max_memory: args.max_memory,
         },
-        cache_dir,
+        cache,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
     })
+}
+
+/// The compile cache the options ask for, if any.
+fn compile_cache(args: CacheArgs) -> Option<engine::CompileCache> {
+    if args.no_cache {
+        return None;
+    }
+    let dir = args.cache_dir.or_else(engine::default_cache_dir)?;
+    Some(engine::CompileCache {
+        dir,
+        max_bytes: args.cache_max_size as u64,
+    })
+}
+
+/// `wasmhost compile`: fills the cache, one line per file.
+fn compile(args: CompileArgs) -> Result<()> {
+    let Some(cache) = compile_cache(args.cache) else {
+        anyhow::bail!("`compile` fills the compile cache: drop --no-cache");
+    };
+    let dir = cache.dir.clone();
+    let runtime = engine::Runtime::new(Some(cache))?;
+    let mut failed = 0;
+    for file in &args.files {
+        match runtime.load(file) {
+            Ok(loaded) => println!(
+                "{} {} {} in {:.1?}",
+                file.display(),
+                &loaded.hash[..12],
+                if loaded.from_cache {
+                    "already cached, loaded"
+                } else {
+                    "compiled"
+                },
+                loaded.compile_time
+            ),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("compile cache: {}", dir.display());
+    if failed > 0 {
+        anyhow::bail!(
+            "{failed} of {} files could not be compiled",
+            args.files.len()
+        );
+    }
+    Ok(())
 }

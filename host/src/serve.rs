@@ -38,8 +38,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub conn_limits: ConnLimits,
     pub instance_limits: InstanceLimits,
-    /// Compile cache directory; `None` disables the cache.
-    pub cache_dir: Option<PathBuf>,
+    /// The compile cache; `None` compiles every time.
+    pub cache: Option<crate::engine::CompileCache>,
     /// How long shutdown waits for connections to flush.
     pub shutdown_timeout: Duration,
     /// The control socket's path; `None` runs without one.
@@ -105,7 +105,7 @@ impl Server {
             Some(path) => Some(ControlSocket::bind(path).await?),
             None => None,
         };
-        let runtime = Runtime::new(opts.cache_dir.clone())?;
+        let runtime = Runtime::new(opts.cache.clone())?;
         let path = std::path::absolute(&opts.guest).unwrap_or_else(|_| opts.guest.clone());
         let program = load_program(&runtime, &path).await?;
         let spec = ServiceSpec {

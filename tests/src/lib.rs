@@ -61,6 +61,14 @@ pub fn test_cache_dir() -> PathBuf {
     target_dir().join("test-cache")
 }
 
+/// [`test_cache_dir`] as the library's compile cache.
+pub fn test_cache() -> wasmhost::engine::CompileCache {
+    wasmhost::engine::CompileCache {
+        dir: test_cache_dir(),
+        max_bytes: wasmhost::engine::DEFAULT_CACHE_MAX_BYTES,
+    }
+}
+
 /// What the server printed on stderr so far, shared with a reader thread.
 #[derive(Default)]
 struct Output {

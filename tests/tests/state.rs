@@ -7,10 +7,10 @@ use std::sync::Arc;
 use wasmhost::bindings::ConnInfo;
 use wasmhost::engine::Runtime;
 use wasmhost::service::{Effect, Instance, InstanceLimits, Program};
-use wasmhost_tests::{guest, test_cache_dir};
+use wasmhost_tests::{guest, test_cache};
 
 async fn instance(name: &str) -> Instance {
-    let runtime = Runtime::new(Some(test_cache_dir())).unwrap();
+    let runtime = Runtime::new(Some(test_cache())).unwrap();
     let program = Program::prepare(&runtime, &guest(name)).unwrap();
     Instance::new(program, Arc::from("test"), &InstanceLimits::default())
         .await

@@ -276,7 +276,7 @@ pub(super) async fn load(
     component: &Path,
     previous: Option<&Path>,
 ) -> Result<Loaded> {
-    let runtime = Runtime::new(opts.cache_dir.clone())?;
+    let runtime = Runtime::new(opts.cache.clone())?;
     let program = load_program(&runtime, component).await?;
     let previous = match previous {
         Some(path) => match load_program(&runtime, path).await {
