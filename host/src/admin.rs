@@ -43,6 +43,7 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
 pub async fn rollback(args: RollbackArgs) -> Result<()> {
     let request = Request::Rollback {
         no_validate: args.no_validate,
+        fresh: args.fresh,
     };
     let report = swapped(
         client::request(&socket(&args.control)?, request).await?,
@@ -83,10 +84,16 @@ pub async fn upgrade(args: UpgradeArgs) -> Result<()> {
 
 pub async fn status(args: StatusArgs) -> Result<()> {
     match client::request(&socket(&args.control)?, Request::Status).await? {
-        Response::Status(report) if args.json => {
-            println!("{}", serde_json::to_string_pretty(&report)?)
+        Response::Status(mut report) => {
+            report.component.check_file();
+            if let Some(previous) = &mut report.previous {
+                previous.check_file();
+            }
+            match args.json {
+                true => println!("{}", serde_json::to_string_pretty(&report)?),
+                false => print!("{}", format_status(&report)),
+            }
         }
-        Response::Status(report) => print!("{}", format_status(&report)),
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected reply: {other:?}"),
     }
@@ -197,9 +204,11 @@ pub fn format_status(r: &StatusReport) -> String {
     let _ = writeln!(s, "service      {} (pid {})", r.service, r.pid);
     let _ = writeln!(
         s,
-        "component    {} ({})",
+        "component    {} ({}){}",
         r.component.path,
-        r.component.short_hash()
+        r.component.short_hash(),
+        r.component
+            .file_note("`wasmhost swap` to it, or SIGHUP, serves the new file")
     );
     let _ = writeln!(
         s,
@@ -222,9 +231,10 @@ pub fn format_status(r: &StatusReport) -> String {
     if let Some(p) = &r.previous {
         let _ = writeln!(
             s,
-            "previous     {} ({}) (wasmhost rollback)",
+            "previous     {} ({}) (wasmhost rollback){}",
             p.path,
-            p.short_hash()
+            p.short_hash(),
+            p.file_note("rollback uses the version kept in memory, not the file")
         );
     }
     if r.swaps.is_empty() {

@@ -188,6 +188,14 @@ pub struct RollbackArgs {
     #[arg(long)]
     pub no_validate: bool,
 
+    /// Start the previous version with fresh state (`init`, then `on-connect`
+    /// for every open connection), dropping the running version's state.
+    /// For when the state cannot go back (no format in common). Uses the
+    /// previous version as it was compiled and kept when it was replaced,
+    /// not whatever file is now at its path.
+    #[arg(long)]
+    pub fresh: bool,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

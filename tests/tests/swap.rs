@@ -288,3 +288,57 @@ fn chat_users_stay_joined_and_every_message_is_delivered_once_across_a_swap() {
     room.alice
         .expect(":bob!bob@127.0.0.1 PRIVMSG #rust :after rollback");
 }
+
+#[test]
+fn rollback_fresh_uses_the_kept_previous_version_and_status_flags_a_replaced_file() {
+    // Serve a copy of kv, so the test can replace the file under it.
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("service.wasm");
+    std::fs::copy(guest("kv"), &served).unwrap();
+    let server = Served::start_raw(&served, &[], 1);
+    let mut c = redis_connect(&server);
+    server.swap_to("kv-v2");
+    let _: () = redis::cmd("HSET")
+        .arg("h")
+        .arg("f")
+        .arg("v")
+        .query(&mut c)
+        .unwrap();
+    // A rebuild replaces the file: now it is not kv at all.
+    std::fs::copy(guest("echo"), dir.path().join("new.wasm")).unwrap();
+    std::fs::rename(dir.path().join("new.wasm"), &served).unwrap();
+    let status = server.command("status", &[]);
+    let echo_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(std::fs::read(guest("echo")).unwrap()))
+    };
+    assert!(
+        status.stdout.contains(&format!(
+            "the file there has changed since it was loaded (now {}); rollback uses the version \
+             kept in memory",
+            &echo_hash[..12]
+        )),
+        "{}",
+        status.stdout
+    );
+
+    // The state cannot go back (hashes); the refusal names the way out.
+    let out = server.command("rollback", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("run `wasmhost rollback --fresh`"),
+        "{}",
+        out.stderr
+    );
+    let out = server.command("rollback", &["--fresh"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("started fresh"), "{}", out.stdout);
+    // The same connection is served by kv (not by the echo now on disk),
+    // with fresh state.
+    let pong: String = redis::cmd("PING").query(&mut c).unwrap();
+    assert_eq!(pong, "PONG");
+    let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(n, 0);
+    let json = status_json(&server);
+    assert!(json.contains("\"file_now\""), "{json}");
+}

@@ -48,6 +48,9 @@ pub enum Request {
     Rollback {
         #[serde(default)]
         no_validate: bool,
+        /// Start the previous version fresh (`init`), dropping the state.
+        #[serde(default)]
+        fresh: bool,
     },
     /// Hand the service to a new host process (`wasmhost upgrade`).
     Upgrade {

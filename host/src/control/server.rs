@@ -289,7 +289,7 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             fresh,
             no_validate,
         } => swap(ctx, &path, fresh, !no_validate).await,
-        Request::Rollback { no_validate } => rollback(ctx, !no_validate).await,
+        Request::Rollback { no_validate, fresh } => rollback(ctx, fresh, !no_validate).await,
         Request::Upgrade {
             binary,
             component,
@@ -358,7 +358,7 @@ async fn swap(
     run_swap(ctx, program, opts, true).await
 }
 
-async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> {
+async fn rollback(ctx: &ControlCtx, fresh: bool, validate: bool) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a rollback")?;
     let previous = ctx.service.previous().await.map_err(|e| e.to_string())?;
     let Some((program, generation)) = previous else {
@@ -366,7 +366,7 @@ async fn rollback(ctx: &ControlCtx, validate: bool) -> Result<Response, String> 
     };
     let opts = SwapOptions {
         kind: SwapKind::Rollback,
-        fresh: false,
+        fresh,
         validate,
         expect_generation: Some(generation),
     };

@@ -16,6 +16,11 @@ pub struct ComponentInfo {
     pub path: String,
     /// Hex SHA-256 of the component file.
     pub hash: String,
+    /// What is at `path` now, when it is no longer the file that was loaded
+    /// (a rebuild or a deployment replaced it): its hash, or why it cannot
+    /// be read. Filled in by `wasmhost status`, which reads the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_now: Option<String>,
 }
 
 impl ComponentInfo {
@@ -23,6 +28,31 @@ impl ComponentInfo {
         ComponentInfo {
             path: program.path.display().to_string(),
             hash: program.hash.clone(),
+            file_now: None,
+        }
+    }
+
+    /// Reads the file at `path` and records in `file_now` how it differs
+    /// from what was loaded.
+    pub fn check_file(&mut self) {
+        use sha2::Digest;
+        self.file_now = match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                let now = hex::encode(sha2::Sha256::digest(&bytes));
+                (now != self.hash).then_some(now)
+            }
+            Err(e) => Some(format!("unreadable: {e}")),
+        };
+    }
+
+    /// The note `status` prints after a changed file, if it changed.
+    pub fn file_note(&self, advice: &str) -> String {
+        match &self.file_now {
+            None => String::new(),
+            Some(now) => format!(
+                "\n             the file there has changed since it was loaded (now {}); {advice}",
+                &now[..now.len().min(12)]
+            ),
         }
     }
 

@@ -98,7 +98,7 @@ pub fn no_common_format(kind: SwapKind, importable: &[String], exportable: &[Str
         SwapKind::Rollback => format!(
             "rollback refused: no state format in common: the previous version imports [{imports}], \
              the running version exports [{exports}] now. Rolling back now would lose the state; if \
-             that is what you want, run `wasmhost swap --fresh` with the previous component"
+             that is what you want, run `wasmhost rollback --fresh`"
         ),
         SwapKind::Upgrade => format!(
             "no state format in common: the component the new host loaded imports [{imports}], the \
