@@ -65,7 +65,7 @@ pub struct Handoff {
 /// The driver's verdict on a handoff, with the history record to keep.
 pub enum Decision {
     Commit(Box<SwapReport>),
-    Abort(SwapRecord),
+    Abort(Box<SwapRecord>),
 }
 
 /// Everything about a service that is not a socket, a byte buffer or the
@@ -219,7 +219,7 @@ impl Actor {
                 Ok(true)
             }
             Ok(Decision::Abort(record)) => {
-                self.record(record);
+                self.record(*record);
                 self.thaw(parked).await?;
                 Ok(false)
             }

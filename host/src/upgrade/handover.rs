@@ -181,7 +181,7 @@ async fn exec_upgrade(
         .map_err(|e| Failure::new("freeze", format!("{e:#}")).text())?;
     let failure = super::exec::exec(u, carry, &handoff);
     let record = aborted_record(&handoff, prepared, &failure);
-    let _ = handoff.decision.send(Decision::Abort(record));
+    let _ = handoff.decision.send(Decision::Abort(Box::new(record)));
     tracing::warn!("{}; this process serves on", failure.text());
     Err(failure.text())
 }
@@ -399,7 +399,7 @@ impl Handover {
             tracing::warn!("could not kill the new process: {e}");
         }
         if let Some((decision, record)) = frozen {
-            let _ = decision.send(Decision::Abort(record));
+            let _ = decision.send(Decision::Abort(Box::new(record)));
         }
         if let Some(control) = &u.control {
             control.resume();
