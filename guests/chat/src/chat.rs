@@ -22,7 +22,9 @@ pub struct User {
     /// The peer's address without the port, shown in prefixes.
     pub host: String,
     pub registered: bool,
-    /// Bytes received after the last line ending.
+    /// Bytes received after the last line ending. Only in the state
+    /// formats: while serving, the SDK keeps them (see `lib.rs`).
+    #[serde(default)]
     pub pending: Vec<u8>,
     /// IRCv3 capabilities the client enabled (chat-v2: `server-time`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -146,37 +148,28 @@ impl Chat {
         );
     }
 
-    /// Bytes arrived: split into lines and handle each.
-    pub fn data(&mut self, conn: ConnId, data: &[u8], out: &mut Outbox) {
-        let Some(user) = self.users.get_mut(&conn) else {
-            return;
-        };
-        user.pending.extend_from_slice(data);
-        let mut buf = std::mem::take(&mut user.pending);
-        let mut start = 0;
-        while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
-            let line = String::from_utf8_lossy(&buf[start..start + nl])
-                .trim_end_matches('\r')
-                .to_string();
-            start += nl + 1;
-            if let Some(msg) = irc::parse(&line) {
-                self.command(conn, msg, out);
-            }
-            if !self.users.contains_key(&conn) {
-                return; // QUIT
-            }
+    /// One line arrived from `conn` (without its line ending). Returns
+    /// false once `conn` is gone (QUIT), so the caller stops.
+    pub fn line(&mut self, conn: ConnId, line: &[u8], out: &mut Outbox) -> bool {
+        if !self.users.contains_key(&conn) {
+            return false;
         }
-        buf.drain(..start);
-        let user = self.users.get_mut(&conn).expect("checked above");
-        if buf.len() > MAX_PENDING {
+        if let Some(msg) = irc::parse(&String::from_utf8_lossy(line)) {
+            self.command(conn, msg, out);
+        }
+        self.users.contains_key(&conn)
+    }
+
+    /// `conn` sent more than [`MAX_PENDING`] bytes without a line ending:
+    /// tell it (the caller drops the bytes).
+    pub fn line_too_long(&mut self, conn: ConnId, out: &mut Outbox) {
+        if let Some(user) = self.users.get(&conn) {
             let nick = user.nick_or_star().to_string();
             out.line(
                 conn,
                 format!(":{} 417 {nick} :Input line was too long", self.server),
             );
-            buf.clear();
         }
-        user.pending = buf;
     }
 
     /// The connection is gone: leave every channel, telling the others.

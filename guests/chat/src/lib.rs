@@ -29,30 +29,13 @@
 mod chat;
 mod irc;
 
-use std::cell::RefCell;
+use wasmhost_guest::state::{Formats, Pending};
+use wasmhost_guest::{ConnId, ConnInfo, Input, Service, host};
 
-wit_bindgen::generate!({ path: "../../guest-wit", world: "service" });
-
-use exports::wasmhost::service::handler::{ConnId, ConnInfo, Guest as Handler};
-use exports::wasmhost::service::migrate::Guest as Migrate;
-use wasmhost::service::host;
-
-use chat::{Chat, Outbox};
+use chat::{Chat, MAX_PENDING, Outbox};
 
 const CHAT1: &str = "chat/1";
 const CHAT2: &str = "chat/2";
-
-fn formats() -> Vec<String> {
-    if cfg!(feature = "v2") {
-        vec![CHAT2.into(), CHAT1.into()]
-    } else {
-        vec![CHAT1.into()]
-    }
-}
-
-thread_local! {
-    static CHAT: RefCell<Chat> = RefCell::new(Chat::default());
-}
 
 /// Hands one event's output to the host.
 fn flush(out: Outbox) {
@@ -65,23 +48,20 @@ fn flush(out: Outbox) {
     }
 }
 
-fn with_chat(f: impl FnOnce(&mut Chat, &mut Outbox)) {
-    let mut out = Outbox::default();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    CHAT.with_borrow_mut(|chat| {
-        chat.now_ms = now;
-        f(chat, &mut out)
-    });
-    flush(out);
+impl Chat {
+    /// Runs `f` with the event's time set, then sends what it produced.
+    fn event(&mut self, f: impl FnOnce(&mut Chat, &mut Outbox)) {
+        let mut out = Outbox::default();
+        self.now_ms = host::now_ms();
+        f(self, &mut out);
+        flush(out);
+    }
 }
 
-struct Service;
+impl Service for Chat {
+    const MAX_INPUT: usize = MAX_PENDING;
 
-impl Handler for Service {
-    fn init(config: Vec<(String, String)>) -> Result<(), String> {
+    fn init(config: Vec<(String, String)>) -> Result<Self, String> {
         let mut chat = Chat::default();
         for (key, value) in config {
             match key.as_str() {
@@ -98,122 +78,110 @@ impl Handler for Service {
                 }
             }
         }
-        CHAT.set(chat);
-        Ok(())
+        Ok(chat)
     }
 
-    fn on_connect(conn: ConnInfo) {
-        CHAT.with_borrow_mut(|chat| chat.connect(conn.id, &conn.peer));
+    fn on_connect(&mut self, conn: &ConnInfo) {
+        self.connect(conn.id, &conn.peer);
     }
 
-    fn on_data(conn: ConnId, data: Vec<u8>) {
-        with_chat(|chat, out| chat.data(conn, &data, out));
+    fn on_data(&mut self, conn: ConnId, input: &mut Input) {
+        self.event(|chat, out| {
+            while let Some(line) = input.line() {
+                if !chat.line(conn, line, out) {
+                    input.clear();
+                    break;
+                }
+            }
+        });
     }
 
-    fn on_close(conn: ConnId) {
-        with_chat(|chat, out| chat.disconnect(conn, "Connection closed", out));
+    fn on_overflow(&mut self, conn: ConnId, input: &mut Input) {
+        self.event(|chat, out| chat.line_too_long(conn, out));
+        input.clear();
     }
 
-    fn on_timer(_token: u64) {}
-}
-
-impl Migrate for Service {
-    fn importable() -> Vec<String> {
-        formats()
+    fn on_close(&mut self, conn: ConnId) {
+        self.event(|chat, out| chat.disconnect(conn, "Connection closed", out));
     }
 
-    fn exportable() -> Vec<String> {
-        formats()
-    }
-
-    fn export_state(format: String) -> Result<Vec<u8>, String> {
-        if !formats().contains(&format) {
-            return Err(format!(
-                "this chat cannot export {format}; it exports [{}]",
-                formats().join(", ")
-            ));
-        }
-        CHAT.with_borrow(|chat| {
-            let json = if format == CHAT1 {
-                serde_json::to_vec(&chat.to_v1())
-            } else {
-                serde_json::to_vec(chat)
-            };
-            json.map_err(|e| e.to_string())
-        })
-    }
-
-    fn import_state(format: String, state: Vec<u8>) -> Result<(), String> {
-        if !formats().contains(&format) {
-            return Err(format!(
-                "this chat cannot import {format}; it imports [{}]",
-                formats().join(", ")
-            ));
-        }
-        let mut chat: Chat =
-            serde_json::from_slice(&state).map_err(|e| format!("invalid {format} state: {e}"))?;
-        chat.rebuild_nicks();
-        CHAT.set(chat);
-        Ok(())
+    fn formats() -> Formats<Self> {
+        let formats = Formats::<Chat>::new();
+        let formats = if cfg!(feature = "v2") {
+            formats.format(CHAT2, |c, p| export(c.clone(), p), |s| import(s, CHAT2))
+        } else {
+            formats
+        };
+        formats.format(CHAT1, |c, p| export(c.to_v1(), p), |s| import(s, CHAT1))
     }
 }
 
-export!(Service);
+/// Writes `chat` as JSON with each user's unfinished line.
+fn export(mut chat: Chat, pending: &Pending) -> Result<Vec<u8>, String> {
+    for (conn, bytes) in pending {
+        if let Some(user) = chat.users.get_mut(conn) {
+            user.pending.clone_from(bytes);
+        }
+    }
+    serde_json::to_vec(&chat).map_err(|e| e.to_string())
+}
+
+fn import(state: &[u8], format: &str) -> Result<(Chat, Pending), String> {
+    let mut chat: Chat = serde_json::from_slice(state).map_err(|e| format!("{format}: {e}"))?;
+    chat.rebuild_nicks();
+    let pending = chat
+        .users
+        .iter_mut()
+        .map(|(conn, user)| (*conn, std::mem::take(&mut user.pending)))
+        .collect();
+    Ok((chat, pending))
+}
+
+wasmhost_guest::export_service!(Chat);
 
 #[cfg(test)]
 mod tests {
-    use super::chat::*;
+    use wasmhost_guest::testing::TestHost;
 
-    fn lines_to(out: &Outbox, conn: ConnId) -> Vec<&str> {
-        out.lines
-            .iter()
-            .filter(|(c, _)| *c == conn)
-            .map(|(_, l)| l.as_str())
-            .collect()
-    }
+    use super::*;
 
     #[test]
     fn register_join_talk_and_migrate() {
-        let mut chat = Chat::default();
-        let mut out = Outbox::default();
-        chat.connect(1, "127.0.0.1:5000");
-        chat.connect(2, "[::1]:5001");
-        chat.data(1, b"NICK alice\r\nUSER a 0 * :Alice\r\nJOIN #r", &mut out);
-        assert!(lines_to(&out, 1)[0].contains(" 001 alice "));
-        chat.data(1, b"ust\r\nPRIVMSG #rust :hi all\r\n", &mut out);
-        chat.data(2, b"NICK ALICE\r\n", &mut out);
+        let mut host = TestHost::<Chat>::start(&[]).unwrap();
+        let (alice, _) = host.connect();
+        let (other, _) = host.connect();
+        let out = host.data(alice, "NICK alice\r\nUSER a 0 * :Alice\r\nJOIN #r");
+        assert!(out.text_to(alice).contains(" 001 alice "));
+        host.data(alice, "ust\r\nPRIVMSG #rust :hi all\r\n");
+        let out = host.data(other, "NICK ALICE\r\n");
+        assert!(out.text_to(other).contains(" 433 * ALICE "));
+        // Half a line crosses the swap.
+        host.data(other, "NICK bob\r\nUSER b 0 * :Bob\r\nJOIN #ru");
+        let before = host.export(CHAT1).unwrap();
+        let mut host = host.swap_to::<Chat>(CHAT1).unwrap();
+        assert_eq!(
+            host.export(CHAT1).unwrap(),
+            before,
+            "round trip is byte for byte"
+        );
+        let out = host.data(other, "st\r\n");
+        let to_bob = out.text_to(other);
+        assert!(to_bob.contains("353 bob = #rust :alice bob"), "{to_bob}");
+        assert!(to_bob.contains("PRIVMSG #rust :hi all"), "{to_bob}");
         assert!(
-            lines_to(&out, 2)
-                .iter()
-                .any(|l| l.contains(" 433 * ALICE "))
+            out.text_to(alice)
+                .starts_with(":bob!b@127.0.0.1 JOIN #rust")
         );
-        let json = serde_json::to_vec(&chat).unwrap();
-        let mut back: Chat = serde_json::from_slice(&json).unwrap();
-        back.rebuild_nicks();
-        assert_eq!(back.nicks, chat.nicks);
-        let mut out = Outbox::default();
-        back.data(
-            2,
-            b"NICK bob\r\nUSER b 0 * :Bob\r\nJOIN #rust\r\n",
-            &mut out,
-        );
-        let to_bob = lines_to(&out, 2);
-        assert!(
-            to_bob
-                .iter()
-                .any(|l| l.ends_with("353 bob = #rust :alice bob")),
-            "{to_bob:?}"
-        );
-        assert!(
-            to_bob
-                .iter()
-                .any(|l| l.contains("PRIVMSG #rust :") && l.ends_with("hi all")),
-            "{to_bob:?}"
-        );
-        assert!(
-            lines_to(&out, 1)
-                .iter()
-                .any(|l| l.starts_with(":bob!b@::1 JOIN #rust"))
-        );
+    }
+
+    #[test]
+    fn an_overlong_line_is_refused_and_dropped() {
+        let mut host = TestHost::<Chat>::start(&[]).unwrap();
+        let (c, _) = host.connect();
+        let out = host.data(c, vec![b'x'; MAX_PENDING + 1]);
+        assert!(out.text_to(c).contains(" 417 * :Input line was too long"));
+        assert!(host.pending(c).is_empty());
+        let out = host.data(c, "NICK zed\r\n");
+        assert!(out.is_empty(), "registration needs USER too");
     }
 }

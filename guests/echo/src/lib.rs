@@ -1,56 +1,50 @@
 //! `echo`: sends every byte back to the connection it came from. Stateless,
-//! so its state formats are trivial: it exports and imports `echo/1`, an
+//! so its state format is trivial: it exports and imports `echo/1`, an
 //! empty state.
 
-wit_bindgen::generate!({ path: "../../guest-wit", world: "service" });
-
-use exports::wasmhost::service::handler::{ConnId, ConnInfo, Guest as Handler};
-use exports::wasmhost::service::migrate::Guest as Migrate;
-use wasmhost::service::host;
+use wasmhost_guest::state::{Formats, Pending};
+use wasmhost_guest::{ConnId, Input, Service, host};
 
 struct Echo;
 
-const FORMAT: &str = "echo/1";
-
-impl Handler for Echo {
-    fn init(_config: Vec<(String, String)>) -> Result<(), String> {
-        Ok(())
+impl Service for Echo {
+    fn init(_config: Vec<(String, String)>) -> Result<Self, String> {
+        Ok(Echo)
     }
 
-    fn on_connect(_conn: ConnInfo) {}
-
-    fn on_data(conn: ConnId, data: Vec<u8>) {
-        host::send(conn, &data);
+    fn on_data(&mut self, conn: ConnId, input: &mut Input) {
+        host::send(conn, input.bytes());
+        input.clear();
     }
 
-    fn on_close(_conn: ConnId) {}
-
-    fn on_timer(_token: u64) {}
-}
-
-impl Migrate for Echo {
-    fn importable() -> Vec<String> {
-        vec![FORMAT.into()]
-    }
-
-    fn exportable() -> Vec<String> {
-        vec![FORMAT.into()]
-    }
-
-    fn export_state(format: String) -> Result<Vec<u8>, String> {
-        match format.as_str() {
-            FORMAT => Ok(Vec::new()),
-            other => Err(format!("echo cannot export state format {other}")),
-        }
-    }
-
-    fn import_state(format: String, state: Vec<u8>) -> Result<(), String> {
-        match (format.as_str(), state.is_empty()) {
-            (FORMAT, true) => Ok(()),
-            (FORMAT, false) => Err("echo/1 state must be empty".into()),
-            (other, _) => Err(format!("echo cannot import state format {other}")),
-        }
+    fn formats() -> Formats<Self> {
+        Formats::new().format("echo/1", |_, _| Ok(Vec::new()), import)
     }
 }
 
-export!(Echo);
+fn import(state: &[u8]) -> Result<(Echo, Pending), String> {
+    match state.is_empty() {
+        true => Ok((Echo, Pending::new())),
+        false => Err("echo/1 state must be empty".into()),
+    }
+}
+
+wasmhost_guest::export_service!(Echo);
+
+#[cfg(test)]
+mod tests {
+    use wasmhost_guest::testing::TestHost;
+
+    use super::*;
+
+    #[test]
+    fn echoes_and_swaps() {
+        let mut host = TestHost::<Echo>::start(&[]).unwrap();
+        let (a, _) = host.connect();
+        assert_eq!(host.data(a, "hi").sent_to(a), b"hi");
+        assert_eq!(host.exportable(), ["echo/1"]);
+        let mut next = host.swap_to::<Echo>("echo/1").unwrap();
+        assert_eq!(next.data(a, "again").text_to(a), "again");
+        assert!(TestHost::<Echo>::from_state("echo/1", b"x").is_err());
+    }
+}

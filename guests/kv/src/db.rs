@@ -1,7 +1,16 @@
 //! The keyspace: values, expiry, and the bookkeeping for active expiry.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
+
+use indexmap::IndexMap;
+
+/// The map kv keeps keys (and hash fields) in: insertion-ordered, so an
+/// export lists keys in an order the import restores and a state exported,
+/// imported and exported again is the same bytes; foldhash, several times
+/// faster than SipHash in wasm and seeded per instance, so clients cannot
+/// predict collisions.
+pub type Map<V> = IndexMap<Vec<u8>, V, foldhash::fast::RandomState>;
 
 /// A stored value. Hashes exist only in kv-v2 (the `v2` feature); kv
 /// never creates one.
@@ -9,7 +18,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 pub enum Value {
     Str(Vec<u8>),
     List(VecDeque<Vec<u8>>),
-    Hash(HashMap<Vec<u8>, Vec<u8>>),
+    Hash(Map<Vec<u8>>),
 }
 
 fn is_hash(entry: &Entry) -> bool {
@@ -27,9 +36,7 @@ pub struct Entry {
 /// periodic sweep.
 #[derive(Default)]
 pub struct Db {
-    /// foldhash: several times faster than SipHash in wasm, and seeded
-    /// per instance, so clients cannot predict collisions.
-    map: HashMap<Vec<u8>, Entry, foldhash::fast::RandomState>,
+    map: Map<Entry>,
     /// (deadline, key) for every deadline ever set; stale pairs (the key's
     /// deadline changed or it was deleted) are skipped when popped.
     deadlines: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
@@ -41,7 +48,7 @@ impl Db {
     /// An empty keyspace with room for `keys` keys (for imports).
     pub fn with_capacity(keys: usize) -> Db {
         Db {
-            map: HashMap::with_capacity_and_hasher(keys, Default::default()),
+            map: Map::with_capacity_and_hasher(keys, Default::default()),
             ..Db::default()
         }
     }
@@ -74,7 +81,7 @@ impl Db {
             Some(e) => e.expires_at.is_some_and(|t| t <= now),
         };
         if expired {
-            let entry = self.map.remove(key).expect("present");
+            let entry = self.map.swap_remove(key).expect("present");
             self.forget(&entry);
             return None;
         }
@@ -98,7 +105,7 @@ impl Db {
     }
 
     pub fn remove(&mut self, key: &[u8], now: u64) -> Option<Entry> {
-        let entry = self.map.remove(key)?;
+        let entry = self.map.swap_remove(key)?;
         self.forget(&entry);
         entry.expires_at.is_none_or(|t| t > now).then_some(entry)
     }
@@ -119,7 +126,7 @@ impl Db {
         self.hashes = 0;
     }
 
-    /// Live keys, in no particular order.
+    /// Live keys, in the map's order.
     pub fn keys(&self, now: u64) -> impl Iterator<Item = &Vec<u8>> {
         self.map
             .iter()
@@ -127,7 +134,7 @@ impl Db {
             .map(|(k, _)| k)
     }
 
-    /// Every entry, expired or not (for export).
+    /// Every entry, expired or not, in the map's order (for export).
     pub fn entries(&self) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
         self.map.iter()
     }
@@ -142,7 +149,7 @@ impl Db {
             }
             let Reverse((t, key)) = self.deadlines.pop().expect("peeked");
             if self.map.get(&key).is_some_and(|e| e.expires_at == Some(t)) {
-                let entry = self.map.remove(&key).expect("present");
+                let entry = self.map.swap_remove(&key).expect("present");
                 self.forget(&entry);
                 removed += 1;
             }

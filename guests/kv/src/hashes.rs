@@ -1,11 +1,9 @@
 //! Hash commands (kv-v2 only): HSET, HGET, HDEL, HGETALL, HLEN, HINCRBY.
 
-use std::collections::HashMap;
-
 use crate::commands::{Call, NOT_INT, OVERFLOW, WRONGTYPE, parse_int};
 use crate::db::{Entry, Value};
 
-type Fields = HashMap<Vec<u8>, Vec<u8>>;
+type Fields = crate::db::Map<Vec<u8>>;
 
 pub fn execute(call: &mut Call, name: &[u8]) {
     match name {
@@ -35,7 +33,7 @@ fn hash<'a>(call: &'a mut Call, key: &[u8]) -> Result<Option<&'a mut Fields>, ()
 fn hash_or_new<'a>(call: &'a mut Call, key: &[u8]) -> Result<&'a mut Fields, ()> {
     if hash(call, key)?.is_none() {
         let entry = Entry {
-            value: Value::Hash(HashMap::new()),
+            value: Value::Hash(Fields::default()),
             expires_at: None,
         };
         call.db.insert(key.to_vec(), entry);
@@ -76,7 +74,10 @@ fn hdel(call: &mut Call) {
     let args = call.args;
     let (removed, empty) = match hash(call, &args[1]) {
         Ok(Some(h)) => (
-            args[2..].iter().filter(|f| h.remove(*f).is_some()).count(),
+            args[2..]
+                .iter()
+                .filter(|f| h.swap_remove(*f).is_some())
+                .count(),
             h.is_empty(),
         ),
         Ok(None) => (0, false),

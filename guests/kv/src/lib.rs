@@ -15,14 +15,8 @@ mod hashes;
 mod resp;
 mod state;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
-
-wit_bindgen::generate!({ path: "../../guest-wit", world: "service" });
-
-use exports::wasmhost::service::handler::{ConnId, ConnInfo, Guest as Handler};
-use exports::wasmhost::service::migrate::Guest as Migrate;
-use wasmhost::service::host;
+use wasmhost_guest::state::Formats;
+use wasmhost_guest::{ConnId, Input, Service, host};
 
 use commands::{After, Call};
 use db::Db;
@@ -34,46 +28,46 @@ const SWEEP_EVERY_MS: u64 = 100;
 /// Most keys deleted per sweep, so one timer event stays short.
 const SWEEP_BUDGET: usize = 1000;
 
-#[derive(Default)]
-struct Kv {
+pub struct Kv {
     db: Db,
-    /// Each connection's bytes that are not yet a whole command.
-    pending: HashMap<ConnId, Vec<u8>>,
-}
-
-thread_local! {
-    static KV: RefCell<Kv> = RefCell::new(Kv::default());
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Kv {
-    fn on_data(&mut self, conn: ConnId, data: Vec<u8>) {
-        let mut buf = match self.pending.get_mut(&conn) {
-            Some(p) if !p.is_empty() => {
-                p.extend_from_slice(&data);
-                std::mem::take(p)
-            }
-            _ => data,
-        };
-        let now = now_ms();
+    /// A service holding `db` (an imported state): the sweep timer runs if
+    /// any key has a deadline.
+    fn with_db(db: Db) -> Kv {
+        if db.has_deadlines() {
+            host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
+        }
+        Kv { db }
+    }
+}
+
+impl Service for Kv {
+    /// As Redis's `client-query-buffer-limit`: a client that sends more
+    /// than this without completing a command is closed.
+    const MAX_INPUT: usize = 1 << 30;
+
+    fn init(config: Vec<(String, String)>) -> Result<Self, String> {
+        if let Some((key, _)) = config.first() {
+            return Err(format!("kv takes no configuration, got `{key}`"));
+        }
+        Ok(Kv { db: Db::default() })
+    }
+
+    fn on_data(&mut self, conn: ConnId, input: &mut Input) {
+        let now = host::now_ms();
         let mut out = Out::default();
-        let mut pos = 0;
         let had_deadlines = self.db.has_deadlines();
         let after = loop {
-            match resp::parse(&buf[pos..]) {
+            match resp::parse(input.bytes()) {
                 Parsed::Incomplete => break After::Continue,
                 Parsed::Error(msg) => {
                     out.error(msg);
                     break After::Close;
                 }
                 Parsed::Command(args, used) => {
-                    pos += used;
+                    input.consume(used);
                     if args.is_empty() {
                         continue;
                     }
@@ -95,11 +89,8 @@ impl Kv {
         }
         if after == After::Close {
             host::close(conn);
-            self.pending.remove(&conn);
-            return;
+            input.clear();
         }
-        buf.drain(..pos);
-        self.pending.insert(conn, buf);
         if !had_deadlines && self.db.has_deadlines() {
             host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
         }
@@ -109,63 +100,61 @@ impl Kv {
         if token != SWEEP_TIMER {
             return;
         }
-        let removed = self.db.sweep(now_ms(), SWEEP_BUDGET);
+        let removed = self.db.sweep(host::now_ms(), SWEEP_BUDGET);
         if removed == SWEEP_BUDGET {
             host::set_timer(SWEEP_TIMER, 1); // more are due: go on soon
         } else if self.db.has_deadlines() {
             host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
         }
     }
-}
 
-struct Service;
-
-impl Handler for Service {
-    fn init(config: Vec<(String, String)>) -> Result<(), String> {
-        if let Some((key, _)) = config.first() {
-            return Err(format!("kv takes no configuration, got `{key}`"));
-        }
-        Ok(())
-    }
-
-    fn on_connect(conn: ConnInfo) {
-        KV.with_borrow_mut(|kv| kv.pending.insert(conn.id, Vec::new()));
-    }
-
-    fn on_data(conn: ConnId, data: Vec<u8>) {
-        KV.with_borrow_mut(|kv| kv.on_data(conn, data));
-    }
-
-    fn on_close(conn: ConnId) {
-        KV.with_borrow_mut(|kv| kv.pending.remove(&conn));
-    }
-
-    fn on_timer(token: u64) {
-        KV.with_borrow_mut(|kv| kv.on_timer(token));
+    fn formats() -> Formats<Self> {
+        state::formats()
     }
 }
 
-impl Migrate for Service {
-    fn importable() -> Vec<String> {
-        state::importable()
+wasmhost_guest::export_service!(Kv);
+
+#[cfg(test)]
+mod tests {
+    use wasmhost_guest::testing::TestHost;
+
+    use super::*;
+
+    #[test]
+    fn a_half_command_and_a_deadline_survive_a_swap() {
+        let mut host = TestHost::<Kv>::start(&[]).unwrap();
+        host.set_now_ms(1_000_000);
+        let (c, _) = host.connect();
+        let set = host.data(
+            c,
+            "*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n$2\r\nPX\r\n$3\r\n500\r\n",
+        );
+        assert_eq!(set.text_to(c), "+OK\r\n");
+        assert_eq!(set.timers_set(), [(SWEEP_TIMER, SWEEP_EVERY_MS)]);
+        assert!(host.data(c, "*2\r\n$3\r\nGET\r\n$1").is_empty());
+        let mut host = host.swap_to::<Kv>("kv/1").unwrap();
+        assert_eq!(host.data(c, "\r\nk\r\n").text_to(c), "$1\r\nv\r\n");
+        host.set_now_ms(1_000_600);
+        host.timer(SWEEP_TIMER);
+        assert_eq!(host.service().db.len(), 0, "swept once past the deadline");
     }
 
-    fn exportable() -> Vec<String> {
-        KV.with_borrow(|kv| state::exportable(&kv.db))
-    }
-
-    fn export_state(format: String) -> Result<Vec<u8>, String> {
-        KV.with_borrow(|kv| state::export(&kv.db, &kv.pending, &format))
-    }
-
-    fn import_state(format: String, bytes: Vec<u8>) -> Result<(), String> {
-        let (db, pending) = state::import(&bytes, &format, now_ms())?;
-        if db.has_deadlines() {
-            host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
-        }
-        KV.set(Kv { db, pending });
-        Ok(())
+    #[test]
+    fn quit_and_protocol_errors_close_the_connection() {
+        let mut host = TestHost::<Kv>::start(&[]).unwrap();
+        let (c, _) = host.connect();
+        let quit = host.data(c, "QUIT\r\nPING\r\n");
+        assert_eq!(quit.text_to(c), "+OK\r\n");
+        assert!(quit.closed(c));
+        assert!(host.pending(c).is_empty());
+        let (d, _) = host.connect();
+        let bad = host.data(d, "*1\r\n+x\r\n");
+        assert!(
+            bad.text_to(d).starts_with("-Protocol error"),
+            "{}",
+            bad.text_to(d)
+        );
+        assert!(bad.closed(d));
     }
 }
-
-export!(Service);

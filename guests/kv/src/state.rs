@@ -22,101 +22,85 @@
 //!   pending  bytes     bytes received but not yet a whole command
 //! ```
 //!
-//! Keys already past their deadline may be present; an importer drops
-//! them.
+//! Keys already past their deadline may be present; they count as absent.
+//! An importer may drop them or keep them for its own expiry (kv keeps
+//! them, so that importing a state and exporting it again gives the same
+//! bytes).
+//!
+//! Keys are written in kv's map order, which the import restores: kv's
+//! export of an imported state is byte for byte the state it imported.
+//! Connections are written in increasing id order; every open connection
+//! is listed, with an empty `pending` if it has no unparsed bytes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
-use crate::db::{Db, Entry, Value};
+use wasmhost_guest::state::{Formats, Pending, Reader, Writer};
+
+use crate::Kv;
+use crate::db::{Db, Entry, Map, Value};
 
 pub const KV1: &str = "kv/1";
 pub const KV2: &str = "kv/2";
 
-/// The formats this build imports, most preferred first.
-pub fn importable() -> Vec<String> {
-    if cfg!(feature = "v2") {
-        vec![KV2.into(), KV1.into()]
+/// The formats this build handles, most preferred first: kv-v2 imports
+/// both and exports `kv/1` only while no key holds a hash, so a rollback to
+/// kv stays possible until then.
+pub fn formats() -> Formats<Kv> {
+    let kv1 = Formats::<Kv>::new();
+    let kv1 = if cfg!(feature = "v2") {
+        kv1.format(KV2, |kv, p| export(&kv.db, p, KV2), |s| import(s, KV2))
     } else {
-        vec![KV1.into()]
-    }
+        kv1
+    };
+    kv1.format(KV1, |kv, p| export(&kv.db, p, KV1), |s| import(s, KV1))
+        .offered_while(|kv| kv.db.hash_count() == 0)
 }
 
-/// The formats this build can export now: kv-v2 offers `kv/1` only while
-/// no key holds a hash, so a rollback to kv stays possible until then.
-pub fn exportable(db: &Db) -> Vec<String> {
-    match (cfg!(feature = "v2"), db.hash_count()) {
-        (false, _) => vec![KV1.into()],
-        (true, 0) => vec![KV2.into(), KV1.into()],
-        (true, _) => vec![KV2.into()],
-    }
+fn magic(format: &str) -> &'static [u8; 4] {
+    if format == KV2 { b"KV/2" } else { b"KV/1" }
 }
 
-fn magic(format: &str) -> Result<&'static [u8; 4], String> {
-    match format {
-        KV1 => Ok(b"KV/1"),
-        KV2 if cfg!(feature = "v2") => Ok(b"KV/2"),
-        other => Err(format!(
-            "this version of kv handles [{}], not {other}",
-            importable().join(", ")
-        )),
-    }
-}
-
-pub fn export(db: &Db, conns: &HashMap<u64, Vec<u8>>, format: &str) -> Result<Vec<u8>, String> {
-    let magic = magic(format)?;
+pub fn export(db: &Db, pending: &Pending, format: &str) -> Result<Vec<u8>, String> {
     if format == KV1 && db.hash_count() > 0 {
         return Err(format!(
             "{} keys hold hashes, which kv/1 cannot carry",
             db.hash_count()
         ));
     }
-    let mut out = Vec::with_capacity(64 + db.len() * 32);
-    out.extend_from_slice(magic);
-    out.extend_from_slice(&(db.len() as u64).to_le_bytes());
+    let mut w = Writer::with_capacity(64 + db.len() * 32);
+    w.raw(magic(format)).u64(db.len() as u64);
     for (key, entry) in db.entries() {
-        put_bytes(&mut out, key);
-        out.extend_from_slice(&entry.expires_at.unwrap_or(0).to_le_bytes());
+        w.bytes(key).u64(entry.expires_at.unwrap_or(0));
         match &entry.value {
-            Value::Str(s) => {
-                out.push(0);
-                put_bytes(&mut out, s);
-            }
+            Value::Str(s) => w.u8(0).bytes(s),
             Value::List(items) => {
-                out.push(1);
-                out.extend_from_slice(&(items.len() as u32).to_le_bytes());
-                items.iter().for_each(|i| put_bytes(&mut out, i));
+                w.u8(1).u32(items.len() as u32);
+                items.iter().fold(&mut w, |w, item| w.bytes(item))
             }
             Value::Hash(fields) => {
-                out.push(2);
-                out.extend_from_slice(&(fields.len() as u32).to_le_bytes());
-                for (f, v) in fields {
-                    put_bytes(&mut out, f);
-                    put_bytes(&mut out, v);
-                }
+                w.u8(2).u32(fields.len() as u32);
+                fields.iter().fold(&mut w, |w, (f, v)| w.bytes(f).bytes(v))
             }
-        }
+        };
     }
-    out.extend_from_slice(&(conns.len() as u64).to_le_bytes());
-    for (id, pending) in conns {
-        out.extend_from_slice(&id.to_le_bytes());
-        put_bytes(&mut out, pending);
+    w.u64(pending.len() as u64);
+    for (conn, bytes) in pending {
+        w.u64(*conn).bytes(bytes);
     }
-    Ok(out)
+    Ok(w.finish())
 }
 
-/// Decodes a state in `format`; `now` drops keys already expired.
-pub fn import(state: &[u8], format: &str, now: u64) -> Result<(Db, HashMap<u64, Vec<u8>>), String> {
-    let magic = magic(format)?;
-    let mut r = Reader { buf: state, pos: 0 };
-    if r.take(4)? != magic {
-        return Err(format!("not a {format} state (bad magic)"));
-    }
-    let nkeys = r.u64()?;
-    // Every key takes at least 17 bytes of state: never reserve more.
-    let mut db = Db::with_capacity((nkeys as usize).min(state.len() / 17));
+/// Decodes a state in `format`.
+pub fn import(state: &[u8], format: &str) -> Result<(Kv, Pending), String> {
+    let mut r = Reader::new(state);
+    r.magic(magic(format))?;
+    // Every key takes at least 17 bytes (length, deadline, type).
+    let nkeys = r.count(17)?;
+    let mut db = Db::with_capacity(nkeys);
     for _ in 0..nkeys {
         let key = r.bytes()?.to_vec();
         let expires_at = Some(r.u64()?).filter(|&t| t != 0);
+        let at = r.offset();
         let value = match r.u8()? {
             0 => Value::Str(r.bytes()?.to_vec()),
             1 => {
@@ -129,72 +113,25 @@ pub fn import(state: &[u8], format: &str, now: u64) -> Result<(Db, HashMap<u64, 
             }
             2 if format == KV2 => {
                 let n = r.u32()?;
-                let mut fields = HashMap::with_capacity(n.min(1 << 16) as usize);
+                let mut fields =
+                    Map::with_capacity_and_hasher(n.min(1 << 16) as usize, Default::default());
                 for _ in 0..n {
                     let field = r.bytes()?.to_vec();
                     fields.insert(field, r.bytes()?.to_vec());
                 }
                 Value::Hash(fields)
             }
-            t => {
-                return Err(format!(
-                    "unknown value type {t} for a key in {format} state"
-                ));
-            }
+            t => return Err(format!("unknown value type {t} at byte {at}")),
         };
-        if expires_at.is_none_or(|t| t > now) {
-            db.insert(key, Entry { value, expires_at });
-        }
+        db.insert(key, Entry { value, expires_at });
     }
-    let mut conns = HashMap::new();
-    for _ in 0..r.u64()? {
-        let id = r.u64()?;
-        conns.insert(id, r.bytes()?.to_vec());
+    let mut pending = Pending::new();
+    for _ in 0..r.count(12)? {
+        let conn = r.u64()?;
+        pending.insert(conn, r.bytes()?.to_vec());
     }
-    if r.pos != state.len() {
-        return Err(format!(
-            "{} unexpected bytes after the kv/1 state",
-            state.len() - r.pos
-        ));
-    }
-    Ok((db, conns))
-}
-
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
-}
-
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
-        let end = end.ok_or_else(|| format!("kv/1 state truncated at byte {}", self.pos))?;
-        let s = &self.buf[self.pos..end];
-        self.pos = end;
-        Ok(s)
-    }
-    fn u8(&mut self) -> Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], String> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
+    r.finish()?;
+    Ok((Kv::with_db(db), pending))
 }
 
 #[cfg(test)]
@@ -202,36 +139,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_trip() {
+    fn round_trip_is_byte_for_byte() {
         let mut db = Db::default();
-        db.insert(
-            b"s".to_vec(),
-            Entry {
-                value: Value::Str(b"v".to_vec()),
-                expires_at: Some(5000),
-            },
-        );
-        db.insert(
-            b"l".to_vec(),
-            Entry {
-                value: Value::List(VecDeque::from([b"a".to_vec(), b"b".to_vec()])),
-                expires_at: None,
-            },
-        );
-        db.insert(
-            b"old".to_vec(),
-            Entry {
-                value: Value::Str(b"x".to_vec()),
-                expires_at: Some(10),
-            },
-        );
-        let conns = HashMap::from([(7, b"*1\r\n$4\r\nPI".to_vec())]);
-        let state = export(&db, &conns, KV1).unwrap();
-        let (mut back, back_conns) = import(&state, KV1, 100).unwrap();
-        assert_eq!(back.len(), 2);
-        assert_eq!(back.get(b"s", 100).unwrap().expires_at, Some(5000));
-        assert_eq!(back_conns, conns);
-        assert!(import(&state[..state.len() - 1], KV1, 100).is_err());
-        assert!(import(&state, "kv/9", 100).is_err());
+        let entry = |value, expires_at| Entry { value, expires_at };
+        db.insert(b"s".to_vec(), entry(Value::Str(b"v".to_vec()), Some(5000)));
+        let list = VecDeque::from([b"a".to_vec(), b"b".to_vec()]);
+        db.insert(b"l".to_vec(), entry(Value::List(list), None));
+        db.insert(b"old".to_vec(), entry(Value::Str(b"x".to_vec()), Some(10)));
+        let pending = Pending::from([(7, b"*1\r\n$4\r\nPI".to_vec()), (9, Vec::new())]);
+        let state = export(&db, &pending, KV1).unwrap();
+        let (back, back_pending) = import(&state, KV1).unwrap();
+        assert_eq!(back.db.len(), 3, "expired keys are kept until swept");
+        assert_eq!(back_pending, pending);
+        assert_eq!(export(&back.db, &back_pending, KV1).unwrap(), state);
+        let err = import(&state[..state.len() - 1], KV1).err().unwrap();
+        assert!(err.contains("truncated"), "{err}");
+    }
+
+    /// A state written by hand from the layout above, as another language
+    /// would write it.
+    #[test]
+    fn reads_the_documented_layout() {
+        let mut s = b"KV/1".to_vec();
+        s.extend(1u64.to_le_bytes());
+        s.extend(1u32.to_le_bytes());
+        s.extend(b"k");
+        s.extend(0u64.to_le_bytes());
+        s.push(1);
+        s.extend(2u32.to_le_bytes());
+        for item in [&b"x"[..], b"yz"] {
+            s.extend((item.len() as u32).to_le_bytes());
+            s.extend(item);
+        }
+        s.extend(1u64.to_le_bytes());
+        s.extend(42u64.to_le_bytes());
+        s.extend(3u32.to_le_bytes());
+        s.extend(b"GET");
+        let (kv, pending) = import(&s, KV1).unwrap();
+        assert_eq!(kv.db.entries().count(), 1);
+        assert_eq!(pending[&42], b"GET");
+        assert_eq!(export(&kv.db, &pending, KV1).unwrap(), s);
     }
 }
