@@ -1,7 +1,8 @@
-//! The benchmark harness's pieces: a load generator, process helpers,
+//! The benchmark harness's pieces: load generators (echo, IRC), process helpers,
 //! charts and the report. `src/main.rs` runs the benchmarks.
 
 pub mod chart;
+pub mod irc;
 pub mod loadgen;
 pub mod procs;
 pub mod report;

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::{ControlArgs, RollbackArgs, StatusArgs, SwapArgs, UpgradeArgs};
+use crate::cli::{ControlArgs, RollbackArgs, StatusArgs, SwapArgs, UpgradeArgs, ValidateMode};
 use crate::control::{self, client, protocol::Request, protocol::Response};
-use crate::service::{StatusReport, SwapReport};
+use crate::service::{StatusReport, SwapReport, Validation};
 
 fn socket(args: &ControlArgs) -> Result<std::path::PathBuf> {
     control::socket_path(args.control.clone(), &args.name)
@@ -28,15 +28,23 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
             path.display()
         );
     }
+    let roundtrip = args.validate == ValidateMode::Roundtrip;
     let request = Request::Swap {
         path,
         fresh: args.fresh,
         no_validate: args.no_validate,
+        roundtrip,
     };
     let report = swapped(
         client::request(&socket(&args.control)?, request).await?,
         "swap aborted",
     )?;
+    if roundtrip && report.validation != Some(Validation::RoundTrip) {
+        eprintln!(
+            "warning: the serving host did not report a round-trip validation (it predates \
+             --validate roundtrip): the swap committed after its own validation only"
+        );
+    }
     print_swap(&report, args.json)
 }
 
@@ -163,7 +171,11 @@ pub fn format_swap(r: &SwapReport) -> String {
     );
     match &r.format {
         Some(f) => {
-            let _ = writeln!(s, "  state   {f}, {} bytes", r.state_bytes);
+            let roundtrip = match r.validation {
+                Some(Validation::RoundTrip) => ", round trip identical",
+                _ => "",
+            };
+            let _ = writeln!(s, "  state   {f}, {} bytes{roundtrip}", r.state_bytes);
         }
         None => {
             let _ = writeln!(s, "  state   none (started fresh)");

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::net::ListenSpec;
 
@@ -30,10 +30,13 @@ pub enum Command {
     /// old one keeps serving. Then, between two events, the old version
     /// exports its state in the first format of the new version's
     /// `importable()` that the old version's `exportable()` offers, the new
-    /// version imports it (and, unless --no-validate, proves it can export
-    /// it again), and every later event goes to the new version.
-    /// Connections, timers and buffered bytes are untouched. On any failure
-    /// the old version keeps serving with its state and this exits non-zero.
+    /// version imports it, the import is validated (see --validate), and
+    /// every later event goes to the new version. Connections, timers and
+    /// buffered bytes are untouched. On any failure the old version keeps
+    /// serving with its state and this exits non-zero.
+    ///
+    /// `wasmhost check RUNNING.wasm --against NEW.wasm` tries the same
+    /// export, import and round trip ahead of time, outside any pause.
     Swap(SwapArgs),
     /// Show a running service: component, generation, counters, swap history.
     Status(StatusArgs),
@@ -62,6 +65,43 @@ pub enum Command {
     /// `kill -USR2 <pid>` of `wasmhost serve` does the same with the
     /// defaults.
     Upgrade(UpgradeArgs),
+    /// Check that a file is a valid guest and run a conformance check on it.
+    ///
+    /// Exits 1 with what is wrong and what to do when FILE is not a
+    /// component of the world wasmhost:service/service (not a file, not
+    /// WebAssembly, a core module, missing exports, imports the host does
+    /// not provide). Otherwise prints its imports and exports, importable()
+    /// and exportable(), size, hash, compile time (and whether it came from
+    /// the compile cache), instantiate time and its linear memory after
+    /// init, then checks, with the host's own loader, linker and state
+    /// transfer:
+    ///
+    /// * a new instance answers importable() (a swap asks it before init),
+    ///   and init succeeds with the --config pairs (none by default);
+    ///
+    /// * three connections are opened (on-connect) and each is sent a few
+    ///   bytes that are not a complete request or line of any protocol
+    ///   (on-data, no newline), so the state holds unfinished input;
+    ///
+    /// * for every format F in exportable(): F should be in importable()
+    ///   too (a warning if not); export-state(F), import-state(F) into a new
+    ///   instance (no init, as in a swap) and export-state(F) there must
+    ///   give the same bytes, else "not canonical / loses state on import"
+    ///   with the first differing offset and both lengths;
+    ///
+    /// * with --against OTHER.wasm (the next version): OTHER must import
+    ///   every F and accept FILE's export of it, and when OTHER then lists F
+    ///   in exportable(), its export of F must be the same bytes;
+    ///
+    /// * leaks: on a new instance, a warm-up batch of 250 connections, then
+    ///   --connections more in batches of 250, each opened, sent a few bytes
+    ///   and closed; the linear memory after the last batch may exceed the
+    ///   memory after the warm-up by 64 KiB or 1%, whichever is more.
+    ///
+    /// Exits 0 when every check passes (warnings allowed), 1 with a summary
+    /// of what failed. Guest calls run under serve's default deadlines and
+    /// memory limit.
+    Check(CheckArgs),
     /// Compile components into the compile cache ahead of time.
     ///
     /// `serve`, `swap` and `upgrade` then load them at once instead of
@@ -69,6 +109,33 @@ pub enum Command {
     /// file, its hash and whether it was compiled or already cached; exits
     /// 1 if any file is not a valid component.
     Compile(CompileArgs),
+    /// Create a guest project to start from: a working service in Rust,
+    /// Python or JavaScript.
+    ///
+    /// The service echoes lines back, numbered, and carries its count and
+    /// each connection's unfinished line across a swap (state format
+    /// NAME/1). The project has a `build` script that writes NAME.wasm, a
+    /// unit test of its logic and a README, and builds anywhere (inside
+    /// another workspace too): it carries a copy of the WIT contract and,
+    /// for Rust, of the guest SDK. Python and JavaScript toolchains are
+    /// installed by the first build at pinned versions.
+    New(NewArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct NewArgs {
+    /// The service's name: lower-case letters, digits and `-`. It names
+    /// the folder, the package, the component and the state format.
+    pub name: String,
+
+    /// The language of the guest.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub lang: crate::new::Lang,
+
+    /// Where to create the project [default: ./NAME]; must not exist or be
+    /// empty.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// Where compiled components are kept (shared by `serve` and `compile`).
@@ -88,6 +155,39 @@ pub struct CacheArgs {
     /// Compile the component every time; do not read or write the cache.
     #[arg(long)]
     pub no_cache: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// The component to check, e.g. target/guests/kv.wasm.
+    pub file: PathBuf,
+
+    /// The next version of the service: check that it imports every state
+    /// format FILE exports, accepts FILE's state and re-exports it
+    /// unchanged.
+    #[arg(long, value_name = "OTHER.wasm")]
+    pub against: Option<PathBuf>,
+
+    /// A KEY=VALUE pair passed to `init`; repeatable, in order.
+    #[arg(short, long = "config", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub config: Vec<(String, String)>,
+
+    /// How many connections the leak check opens and closes after its
+    /// warm-up batch.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    pub connections: u32,
+
+    /// Print the report as JSON on stdout (progress stays on stderr).
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub cache: CacheArgs,
 }
 
 #[derive(Args, Debug)]
@@ -159,10 +259,31 @@ pub struct SwapArgs {
     #[arg(long)]
     pub fresh: bool,
 
-    /// Skip checking that the new version can export the state it just
-    /// imported (shortens the pause by one export).
+    /// Skip validating the import: the new version goes live as soon as
+    /// its `import-state` succeeds (shortens the pause by one export).
     #[arg(long)]
     pub no_validate: bool,
+
+    /// How the new version's import is validated, inside the pause, before
+    /// it goes live. `export`: the new version's `export-state` in the
+    /// format it just imported must return the state (not an error, not a
+    /// trap); the bytes are not looked at, and the call is made even if
+    /// the format is not in its `exportable()`. `roundtrip`: the same, and
+    /// those bytes must equal what the running version exported, byte for
+    /// byte, else the swap aborts (the running version keeps serving)
+    /// naming the first differing byte. It catches a version that loses or
+    /// changes state on import, but needs a round-trip-stable format (the
+    /// same state always written as the same bytes: not in hash-map order,
+    /// no timestamps of the export). Both cost one more export-state inside
+    /// the pause than --no-validate; roundtrip adds a byte comparison.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        default_value = "export",
+        conflicts_with_all = ["no_validate", "fresh"]
+    )]
+    pub validate: ValidateMode,
 
     /// Print the report as JSON.
     #[arg(long)]
@@ -170,6 +291,15 @@ pub struct SwapArgs {
 
     #[command(flatten)]
     pub control: ControlArgs,
+}
+
+/// `swap --validate MODE`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ValidateMode {
+    /// The new version must export the format it imported.
+    Export,
+    /// ...and its export must equal the running version's, byte for byte.
+    Roundtrip,
 }
 
 #[derive(Args, Debug)]

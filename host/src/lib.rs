@@ -8,10 +8,12 @@
 
 pub mod admin;
 pub mod bindings;
+pub mod check;
 pub mod cli;
 pub mod control;
 pub mod engine;
 pub mod net;
+pub mod new;
 pub mod serve;
 pub mod service;
 pub mod shutdown;

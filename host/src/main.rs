@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wasmhost::cli::{CacheArgs, Cli, Command, CompileArgs, ServeArgs};
+use wasmhost::cli::{CacheArgs, CheckArgs, Cli, Command, CompileArgs, ServeArgs};
 use wasmhost::shutdown::{HostSignal, Signals};
 use wasmhost::upgrade::{self, UpgradeOptions};
 use wasmhost::{Launch, ServeOptions, Server, engine, net, service, systemd};
@@ -52,6 +52,8 @@ fn main() -> ExitCode {
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
             Command::Compile(args) => compile(args),
+            Command::New(args) => new_project(args),
+            Command::Check(args) => check(args).await,
         }
     });
     match result {
@@ -219,6 +221,29 @@ fn compile_cache(args: CacheArgs) -> Option<engine::CompileCache> {
     })
 }
 
+/// `wasmhost check`: the report on stdout, progress on stderr; an error
+/// (exit 1) when the file is not a valid guest or a check failed.
+async fn check(args: CheckArgs) -> Result<()> {
+    let runtime = engine::Runtime::new(compile_cache(args.cache))?;
+    let opts = wasmhost::check::CheckOptions {
+        file: args.file,
+        against: args.against,
+        config: args.config,
+        connections: args.connections as usize,
+        limits: service::InstanceLimits::default(),
+    };
+    let progress = |line: &str| eprintln!("check: {line}");
+    let report = wasmhost::check::check(&runtime, &opts, &progress).await;
+    match args.json {
+        true => println!("{}", serde_json::to_string_pretty(&report)?),
+        false => print!("{}", wasmhost::check::format_report(&report)),
+    }
+    if !report.ok {
+        anyhow::bail!("{}", report.summary());
+    }
+    Ok(())
+}
+
 /// `wasmhost compile`: fills the cache, one line per file.
 fn compile(args: CompileArgs) -> Result<()> {
     let Some(cache) = compile_cache(args.cache) else {
@@ -253,5 +278,13 @@ fn compile(args: CompileArgs) -> Result<()> {
             args.files.len()
         );
     }
+    Ok(())
+}
+
+/// `wasmhost new`.
+fn new_project(args: wasmhost::cli::NewArgs) -> Result<()> {
+    let dir = args.dir.unwrap_or_else(|| args.name.clone().into());
+    wasmhost::new::create(&args.name, args.lang, &dir)?;
+    print!("{}", wasmhost::new::next_steps(&args.name, args.lang, &dir));
     Ok(())
 }

@@ -252,10 +252,16 @@ impl Served {
     /// Runs `wasmhost swap GUEST.wasm` against this server and asserts it
     /// committed; returns the report (stdout).
     pub fn swap_to(&self, guest_name: &str) -> String {
-        let out = self.command("swap", &[guest(guest_name).to_str().unwrap()]);
+        self.swap_to_path(&guest(guest_name))
+    }
+
+    /// Swaps to the component at `path`; returns the report.
+    pub fn swap_to_path(&self, path: &Path) -> String {
+        let out = self.command("swap", &[path.to_str().unwrap()]);
         assert!(
             out.status.success(),
-            "swap to {guest_name} failed: {}\n{}",
+            "swap to {} failed: {}\n{}",
+            path.display(),
             out.stderr,
             self.stderr()
         );
@@ -362,6 +368,11 @@ pub fn run(args: &[&str]) -> Finished {
 
 /// Runs a prepared command to completion (at most 120 s).
 pub fn run_command(command: &mut Command) -> Finished {
+    run_command_for(command, Duration::from_secs(120))
+}
+
+/// [`run_command`] with its own time limit (builds take minutes).
+pub fn run_command_for(command: &mut Command, limit: Duration) -> Finished {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -372,7 +383,7 @@ pub fn run_command(command: &mut Command) -> Finished {
     let stderr = child.stderr.take().expect("piped");
     let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
     let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let status = wait_timeout(&mut child, Duration::from_secs(120));
+    let status = wait_timeout(&mut child, limit);
     Finished {
         status,
         stdout: out.join().expect("stdout reader"),

@@ -4,9 +4,8 @@
 use wasmhost_tests::Served;
 use wasmhost_tests::irc::IrcClient;
 
-#[test]
-fn registration_channels_private_messages_and_history() {
-    let server = Served::start("chat", &["--config", "history=3"]);
+fn registration_channels_private_messages_and_history(guest: &str) {
+    let server = Served::start(guest, &["--config", "history=3"]);
     let addr = server.addr();
     let mut alice = IrcClient::register(addr, "alice");
     let mut bob = IrcClient::register(addr, "bob");
@@ -108,9 +107,8 @@ fn registration_channels_private_messages_and_history() {
     );
 }
 
-#[test]
-fn partial_lines_are_kept_until_complete() {
-    let server = Served::start("chat", &[]);
+fn partial_lines_are_kept_until_complete(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut alice = IrcClient::register(server.addr(), "alice");
     let mut bob = IrcClient::register(server.addr(), "bob");
     bob.send("JOIN #x");
@@ -126,4 +124,31 @@ fn partial_lines_are_kept_until_complete() {
     std::thread::sleep(std::time::Duration::from_millis(20));
     alice.send_raw(b"ee\n");
     bob.expect(":alice!alice@127.0.0.1 PRIVMSG #x :three");
+}
+
+/// Every test above runs against each implementation of the service, which
+/// must answer byte for byte alike.
+macro_rules! against {
+    ($($module:ident => $guest:literal,)*) => {$(
+        mod $module {
+            tests_for! { $guest:
+                registration_channels_private_messages_and_history,
+                partial_lines_are_kept_until_complete,
+            }
+        }
+    )*};
+}
+
+macro_rules! tests_for {
+    ($guest:literal: $($test:ident,)*) => {$(
+        #[test]
+        fn $test() {
+            super::$test($guest)
+        }
+    )*};
+}
+
+against! {
+    rust => "chat",
+    javascript => "chat-js",
 }

@@ -27,9 +27,8 @@ fn err(c: &mut Connection, args: &[&str]) -> String {
     result.expect_err("expected an error reply").to_string()
 }
 
-#[test]
-fn strings_and_counters() {
-    let server = Served::start("kv", &[]);
+fn strings_and_counters(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut c = redis_connect(&server);
     let c = &mut c;
     assert_eq!(cmd::<String>(c, &["PING"]), "PONG");
@@ -74,9 +73,8 @@ fn strings_and_counters() {
     assert_eq!(cmd::<i64>(c, &["DBSIZE"]), 0);
 }
 
-#[test]
-fn lists() {
-    let server = Served::start("kv", &[]);
+fn lists(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut c = redis_connect(&server);
     let c = &mut c;
     assert_eq!(cmd::<i64>(c, &["RPUSH", "l", "b", "c"]), 2);
@@ -101,9 +99,8 @@ fn lists() {
     assert_eq!(cmd::<i64>(c, &["LLEN", "l"]), 0);
 }
 
-#[test]
-fn errors_match_redis() {
-    let server = Served::start("kv", &[]);
+fn errors_match_redis(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut c = redis_connect(&server);
     let c = &mut c;
     let _: () = c.set("s", "text").unwrap();
@@ -139,9 +136,8 @@ fn errors_match_redis() {
     assert_eq!(cmd::<i64>(c, &["EXISTS", "k"]), 0);
 }
 
-#[test]
-fn expiry() {
-    let server = Served::start("kv", &[]);
+fn expiry(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut c = redis_connect(&server);
     let c = &mut c;
     assert_eq!(cmd::<String>(c, &["SET", "short", "v", "PX", "150"]), "OK");
@@ -179,9 +175,8 @@ fn expiry() {
     assert_eq!(c.get::<_, String>("forever").unwrap(), "v");
 }
 
-#[test]
-fn pipelining() {
-    let server = Served::start("kv", &[]);
+fn pipelining(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut c = redis_connect(&server);
     let mut pipe = redis::pipe();
     for i in 0..500 {
@@ -197,9 +192,8 @@ fn pipelining() {
     assert_eq!(results[500], 500);
 }
 
-#[test]
-fn command_split_across_writes_and_inline_commands() {
-    let server = Served::start("kv", &[]);
+fn command_split_across_writes_and_inline_commands(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut conn = TcpStream::connect(server.addr()).unwrap();
     conn.set_nodelay(true).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
@@ -232,9 +226,8 @@ fn command_split_across_writes_and_inline_commands() {
     assert!(rest.is_empty());
 }
 
-#[test]
-fn protocol_error_closes_only_that_connection() {
-    let server = Served::start("kv", &[]);
+fn protocol_error_closes_only_that_connection(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut bad = TcpStream::connect(server.addr()).unwrap();
     bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut good = redis_connect(&server);
@@ -248,9 +241,8 @@ fn protocol_error_closes_only_that_connection() {
     );
 }
 
-#[test]
-fn handshake_commands_clients_send() {
-    let server = Served::start("kv", &[]);
+fn handshake_commands_clients_send(guest: &str) {
+    let server = Served::start(guest, &[]);
     let mut c = redis_connect(&server);
     let c = &mut c;
     assert_eq!(cmd::<String>(c, &["CLIENT", "SETNAME", "test"]), "OK");
@@ -273,8 +265,7 @@ fn handshake_commands_clients_send() {
     assert!(err(c, &["HELLO", "3"]).contains("NOPROTO"));
 }
 
-#[test]
-fn redis_cli_works_if_installed() {
+fn redis_cli_works_if_installed(guest: &str) {
     // redis-cli is a real client too; .ci/setup installs it, so under CI
     // its absence is a failure, not a skip.
     let Ok(out) = std::process::Command::new("redis-cli")
@@ -289,7 +280,7 @@ fn redis_cli_works_if_installed() {
         return;
     };
     assert!(out.status.success());
-    let server = Served::start("kv", &[]);
+    let server = Served::start(guest, &[]);
     let port = server.addr().port().to_string();
     let run = |args: &[&str]| {
         let out = std::process::Command::new("redis-cli")
@@ -303,4 +294,38 @@ fn redis_cli_works_if_installed() {
     assert_eq!(run(&["GET", "greeting"]), "hello world");
     assert_eq!(run(&["RPUSH", "l", "1", "2"]), "2");
     assert_eq!(run(&["LRANGE", "l", "0", "-1"]), "1\n2");
+}
+
+/// Every test above runs against each implementation of the service, which
+/// must answer byte for byte alike.
+macro_rules! against {
+    ($($module:ident => $guest:literal,)*) => {$(
+        mod $module {
+            tests_for! { $guest:
+                strings_and_counters,
+                lists,
+                errors_match_redis,
+                expiry,
+                pipelining,
+                command_split_across_writes_and_inline_commands,
+                protocol_error_closes_only_that_connection,
+                handshake_commands_clients_send,
+                redis_cli_works_if_installed,
+            }
+        }
+    )*};
+}
+
+macro_rules! tests_for {
+    ($guest:literal: $($test:ident,)*) => {$(
+        #[test]
+        fn $test() {
+            super::$test($guest)
+        }
+    )*};
+}
+
+against! {
+    rust => "kv",
+    python => "kv-py",
 }

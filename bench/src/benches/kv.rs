@@ -10,7 +10,7 @@ use wasmhost_bench::procs::redis_server;
 use wasmhost_bench::report::Section;
 use wasmhost_tests::Served;
 
-use super::{Benchmark, Ctx, median, thousands};
+use super::{Benchmark, Ctx, built, median, not_built, thousands};
 
 pub struct KvVsRedis;
 
@@ -113,30 +113,60 @@ impl Benchmark for KvVsRedis {
     fn run(&self, ctx: &Ctx) -> Result<Section> {
         let host = Served::start("kv", &[]);
         let redis = redis_server()?;
+        // The kv service in Python, in the same rounds (no target: an
+        // interpreter in WebAssembly, reported beside the Rust guest).
+        let py = built("kv-py").map(|_| Served::start("kv-py", &[]));
         let rounds = if ctx.quick { 1 } else { 3 };
         let mut s = Section::new("kv guest vs redis-server (redis-benchmark, 50 clients)");
         let _ = writeln!(
             s.body,
-            "`redis-benchmark -t {TESTS} -c 50 -P N --csv`, {rounds} rounds alternating between the two servers; \
-             medians. Ratio = wasmhost / redis.\n"
+            "`redis-benchmark -t {TESTS} -c 50 -P N --csv`, {rounds} rounds alternating between the servers; \
+             medians. Ratio = wasmhost / redis. *kv-py* is the same service written in Python (componentize-py: \
+             CPython inside the component), run in the same rounds with fewer requests per test; it has no \
+             target.\n"
         );
         let _ = writeln!(
             s.body,
-            "| test | -P | wasmhost ops/s | redis ops/s | ratio | wasmhost p50 / p99 ms | redis p50 / p99 ms |\n|---|---|---|---|---|---|---|"
+            "| test | -P | wasmhost kv ops/s | redis ops/s | ratio | wasmhost p50 / p99 ms | redis p50 / p99 ms | kv-py (Python) ops/s | kv-py ratio | kv-py p50 / p99 ms |\n|---|---|---|---|---|---|---|---|---|---|"
         );
-        for (pipeline, requests, goal) in [(1u32, 100_000u64, 0.8), (16, 500_000, 0.5)] {
-            let requests = if ctx.quick { requests / 5 } else { requests };
+        let mut summary = Vec::new();
+        // kv-py is a third as fast at -P 1 and a tenth at -P 16: fewer
+        // requests keep its runs about as long as the others'.
+        for (pipeline, requests, py_requests, goal) in [
+            (1u32, 100_000u64, 40_000u64, 0.8),
+            (16, 500_000, 50_000, 0.5),
+        ] {
+            let (requests, py_requests) = if ctx.quick {
+                (requests / 5, py_requests / 4)
+            } else {
+                (requests, py_requests)
+            };
             let mut ours = Vec::new();
             let mut theirs = Vec::new();
+            let mut python = Vec::new();
             for _ in 0..rounds {
                 ours.push(redis_benchmark(host.addr(), TESTS, requests, pipeline)?);
                 theirs.push(redis_benchmark(redis.addr, TESTS, requests, pipeline)?);
+                if let Some(py) = &py {
+                    python.push(redis_benchmark(py.addr(), TESTS, py_requests, pipeline)?);
+                }
             }
             let (ours, theirs) = (medians(&ours), medians(&theirs));
-            for (a, b) in ours.iter().zip(&theirs) {
+            let python = (!python.is_empty()).then(|| medians(&python));
+            for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+                let py_cells = match &python {
+                    Some(p) => format!(
+                        "{} | {:.2} | {:.3} / {:.3}",
+                        thousands(p[i].rps),
+                        p[i].rps / b.rps,
+                        p[i].p50_ms,
+                        p[i].p99_ms
+                    ),
+                    None => "not built | | ".into(),
+                };
                 let _ = writeln!(
                     s.body,
-                    "| {} | {pipeline} | {} | {} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} |",
+                    "| {} | {pipeline} | {} | {} | {:.2} | {:.3} / {:.3} | {:.3} / {:.3} | {py_cells} |",
                     a.test,
                     thousands(a.rps),
                     thousands(b.rps),
@@ -148,6 +178,7 @@ impl Benchmark for KvVsRedis {
                 );
             }
             let ratio = geomean_ratio(&ours, &theirs);
+            summary.push(format!("kv {:.0}% at -P {pipeline}", ratio * 100.0));
             s.target(
                 &format!("kv ops/s vs redis-server at -P {pipeline}"),
                 &format!(">= {:.0}%", goal * 100.0),
@@ -158,22 +189,44 @@ impl Benchmark for KvVsRedis {
                 format!("kv vs redis-server, -P {pipeline}"),
                 format!("{:.0}% of redis ops/s", ratio * 100.0),
             ));
+            let mut series = vec![
+                ("wasmhost kv".into(), ours.iter().map(|r| r.rps).collect()),
+                (
+                    "redis-server".into(),
+                    theirs.iter().map(|r| r.rps).collect(),
+                ),
+            ];
+            if let Some(p) = &python {
+                let ratio = geomean_ratio(p, &theirs);
+                let p50 = median(p.iter().map(|r| r.p50_ms).collect());
+                summary.push(format!("kv-py {:.0}% at -P {pipeline}", ratio * 100.0));
+                s.headline.push((
+                    format!("kv-py (Python guest, no target) vs redis-server, -P {pipeline}"),
+                    format!("{:.0}% of redis ops/s, p50 {p50:.3} ms", ratio * 100.0),
+                ));
+                series.push((
+                    "wasmhost kv-py (Python)".into(),
+                    p.iter().map(|r| r.rps).collect(),
+                ));
+            }
             let (path, file) = ctx.out.chart_path(&format!("kv-p{pipeline}"));
             grouped_bars(
                 &path,
-                &format!("kv guest vs redis-server, -P {pipeline} (ops/s)"),
+                &format!("kv guests vs redis-server, -P {pipeline} (ops/s)"),
                 "operations/s",
                 &ours.iter().map(|r| r.test.clone()).collect::<Vec<_>>(),
-                &[
-                    ("wasmhost kv".into(), ours.iter().map(|r| r.rps).collect()),
-                    (
-                        "redis-server".into(),
-                        theirs.iter().map(|r| r.rps).collect(),
-                    ),
-                ],
+                &series,
             )?;
             s.charts
                 .push((file, format!("kv vs redis at -P {pipeline}")));
+        }
+        let _ = writeln!(
+            s.body,
+            "\nThroughput as a share of redis-server's, geometric mean over the tests: {}.",
+            summary.join(", ")
+        );
+        if py.is_none() {
+            let _ = writeln!(s.body, "\n{}", not_built("kv-py"));
         }
         if let Some(profile) = profile(&host, ctx)? {
             let _ = writeln!(

@@ -56,8 +56,14 @@ fn per_connection(pid: u32, addr: SocketAddr, n: usize) -> Result<(f64, u64)> {
 
 /// RSS growth of this process per extra instance of `guest_name`.
 fn per_instance(ctx: &Ctx, guest_name: &str, n: usize) -> Result<f64> {
-    let runtime = Runtime::new(None)?;
+    let runtime = Runtime::new(Some(wasmhost_tests::test_cache()))?;
     let program = Program::prepare(&runtime, &guest(guest_name))?;
+    Ok(per_instance_of(ctx, &program, n)?.0)
+}
+
+/// RSS growth of this process per extra instance of `program` (each one
+/// `init`ed), after a warm-up instance, and the linear memory each holds.
+pub(super) fn per_instance_of(ctx: &Ctx, program: &Arc<Program>, n: usize) -> Result<(f64, usize)> {
     let limits = InstanceLimits::default();
     let me = std::process::id();
     ctx.rt.block_on(async {
@@ -71,7 +77,10 @@ fn per_instance(ctx: &Ctx, guest_name: &str, n: usize) -> Result<f64> {
             all.push(i);
         }
         let after = rss_bytes(me)?;
-        Ok(after.saturating_sub(before) as f64 / n as f64)
+        Ok((
+            after.saturating_sub(before) as f64 / n as f64,
+            warm.memory_bytes(),
+        ))
     })
 }
 
@@ -99,7 +108,7 @@ impl Benchmark for Memory {
             s.body,
             "RSS growth of the server process with {} idle connections (each did one echo round trip, so it is live), \
              after a warm-up; per-instance cost measured in-process by instantiating 20 more instances of a guest \
-             (with `init`).\n",
+             (with `init`); the same for every guest and language is in the start-up section's table.\n",
             thousands(n as f64)
         );
         let _ = writeln!(

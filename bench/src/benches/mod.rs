@@ -1,11 +1,14 @@
 //! The benchmarks, each against a real baseline measured in the same run.
 
+mod chat;
 mod echo;
 mod kv;
 mod memory;
 mod startup;
 mod swap;
 mod upgrade;
+
+use std::path::PathBuf;
 
 use anyhow::Result;
 use wasmhost_bench::report::{Output, Section};
@@ -28,10 +31,37 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(kv::KvVsRedis),
         Box::new(echo::EchoVsTokio),
         Box::new(swap::SwapPause),
+        Box::new(chat::ChatGuests),
         Box::new(upgrade::UpgradeBlackout),
         Box::new(memory::Memory),
         Box::new(startup::Startup),
     ]
+}
+
+/// The guests of each language the report covers: (name, language).
+pub const GUESTS: [(&str, &str); 5] = [
+    ("echo", "Rust"),
+    ("kv", "Rust"),
+    ("chat", "Rust"),
+    ("kv-py", "Python"),
+    ("chat-js", "JavaScript"),
+];
+
+/// A guest that may not be built: target/guests/NAME.wasm if it exists.
+/// The Python and JavaScript guests need their toolchains (`guests/build
+/// --skip-lang` leaves them out), so their rows say "not built" instead
+/// of failing the run.
+pub fn built(name: &str) -> Option<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| wasmhost_tests::workspace_root().join("target"));
+    let path = target.join("guests").join(format!("{name}.wasm"));
+    path.exists().then_some(path)
+}
+
+/// What a row of a guest that is not built says.
+pub fn not_built(name: &str) -> String {
+    format!("{name}: not built (`guests/build {name}`), skipped")
 }
 
 /// One line about the machine, for the report.

@@ -1,6 +1,6 @@
 //! Swap pause against state size: kv with 1 thousand to 1 million keys,
 //! repeated swaps between kv and kv-v2, while a client measures the worst
-//! latency it sees.
+//! latency it sees; then swaps across languages (kv <-> kv-py) at one size.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -17,7 +17,7 @@ use wasmhost_bench::chart::grouped_bars;
 use wasmhost_bench::report::Section;
 use wasmhost_tests::{Served, guest};
 
-use super::{Benchmark, Ctx, median, percentile};
+use super::{Benchmark, Ctx, built, median, not_built, percentile};
 
 pub struct SwapPause;
 
@@ -57,7 +57,17 @@ pub(super) struct Probe {
 }
 
 impl Probe {
+    /// A Redis client: `PING`, `+PONG`.
     pub(super) fn start(addr: SocketAddr) -> Result<Probe> {
+        Probe::start_with(addr, b"PING\r\n", b"+PONG\r\n")
+    }
+
+    /// A client that sends `ping` and expects exactly `pong` back.
+    pub(super) fn start_with(
+        addr: SocketAddr,
+        ping: &'static [u8],
+        pong: &'static [u8],
+    ) -> Result<Probe> {
         let stop = Arc::new(AtomicBool::new(false));
         let samples = Arc::new(Mutex::new(Vec::new()));
         let (s, v) = (stop.clone(), samples.clone());
@@ -66,12 +76,19 @@ impl Probe {
         c.set_read_timeout(Some(Duration::from_secs(120)))?;
         let thread = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(1800);
-            let mut pong = [0u8; 7];
+            let mut reply = vec![0u8; pong.len()];
             while !s.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let t = Instant::now();
-                c.write_all(b"PING\r\n")?;
-                c.read_exact(&mut pong)?;
+                c.write_all(ping)?;
+                c.read_exact(&mut reply)?;
                 v.lock().unwrap().push((t, t.elapsed()));
+                if reply != pong {
+                    bail!(
+                        "the probe expected {:?}, got {:?}",
+                        String::from_utf8_lossy(pong),
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
                 std::thread::sleep(Duration::from_micros(200));
             }
             Ok(())
@@ -111,11 +128,12 @@ impl Drop for Probe {
     }
 }
 
-fn swap(ctx: &Ctx, host: &Served, to: &str) -> Result<SwapReport> {
+pub(super) fn swap(ctx: &Ctx, host: &Served, to: &str) -> Result<SwapReport> {
     let request = Request::Swap {
         path: guest(to),
         fresh: false,
         no_validate: false,
+        roundtrip: false,
     };
     match ctx.rt.block_on(client::request(&host.control, request))? {
         Response::Swapped(report) => Ok(*report),
@@ -232,6 +250,98 @@ impl Benchmark for SwapPause {
             ],
         )?;
         s.charts.push((file, "swap pause split".into()));
+        drop(probe);
+        drop(host);
+        cross_language(ctx, &mut s)?;
         Ok(s)
     }
+}
+
+/// One row of swaps' figures: `| what | keys | bytes | swaps | pause | ... |`.
+pub(super) fn pause_row(what: &str, keys: &str, reports: &[SwapReport], worst: Duration) -> String {
+    let col = |f: fn(&SwapReport) -> u64| reports.iter().map(|r| f(r) as f64).collect::<Vec<f64>>();
+    let (pause, host_us) = (col(|r| r.pause.pause_us), col(|r| r.pause.host_us));
+    format!(
+        "| {what} | {keys} | {} | {} | {} / {} | {} | {} | {} | {:.0} / {:.0} | {:.2} |",
+        reports[0].state_bytes,
+        reports.len(),
+        ms(median(pause.clone())),
+        ms(percentile(pause, 99.0)),
+        ms(median(col(|r| r.pause.export_us))),
+        ms(median(col(|r| r.pause.import_us))),
+        ms(median(col(|r| r.pause.validate_us))),
+        median(host_us.clone()),
+        percentile(host_us, 99.0),
+        worst.as_secs_f64() * 1000.0
+    )
+}
+
+/// The column heads [`pause_row`] fills; `size` names the state's size
+/// (keys, users).
+pub(super) fn pause_head(size: &str) -> String {
+    format!(
+        "| swap | {size} | state bytes | swaps | pause p50 / p99 ms | export p50 ms | import p50 ms | validate p50 ms | host p50 / p99 µs | worst client ms |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
+}
+
+/// The state size of the swaps across languages: big enough that the
+/// guests' export and import dominate, small enough for the quick run.
+const CROSS_KEYS: u64 = 10_000;
+
+/// Swaps between the Rust kv and kv-py (Python) at one state size, beside
+/// kv <-> kv-v2 at the same size: what a swap to or from another language
+/// costs. No target (the pause is the guests' export and import).
+fn cross_language(ctx: &Ctx, s: &mut Section) -> Result<()> {
+    let rounds = if ctx.quick { 3 } else { 10 };
+    let _ = writeln!(
+        s.body,
+        "\n### Across languages: kv (Rust) <-> kv-py (Python), {CROSS_KEYS} keys\n\n\
+         The same `kv/1` state moved between the Rust kv and kv-py (the kv service in Python), in rounds of \
+         kv -> kv-v2 -> kv -> kv-py -> kv after one warm-up round; kv <-> kv-v2 at the same size is the \
+         Rust-to-Rust reference. No target: the pause is almost all the Python guest's export or import.\n"
+    );
+    if built("kv-py").is_none() {
+        let _ = writeln!(s.body, "{}", not_built("kv-py"));
+        return Ok(());
+    }
+    let host = Served::start(
+        "kv",
+        &["--max-memory", "4GiB", "--state-timeout-ms", "120000"],
+    );
+    load_keys(host.addr(), 0, CROSS_KEYS).context("loading keys")?;
+    let probe = Probe::start(host.addr())?;
+    const ORDER: [&str; 4] = ["kv-v2", "kv", "kv-py", "kv"];
+    // Which row each swap of ORDER counts in (0: Rust reference, both ways).
+    const ROW: [usize; 4] = [0, 0, 1, 2];
+    let mut reports: [Vec<SwapReport>; 3] = Default::default();
+    let mut worst = [Duration::ZERO; 3];
+    for round in 0..=rounds {
+        for (to, row) in ORDER.into_iter().zip(ROW) {
+            let t = Instant::now();
+            let report = swap(ctx, &host, to)?;
+            let w = probe.worst_between(t, Instant::now());
+            if round > 0 {
+                reports[row].push(report);
+                worst[row] = worst[row].max(w);
+            }
+        }
+    }
+    let _ = writeln!(s.body, "{}", pause_head("keys"));
+    let keys = CROSS_KEYS.to_string();
+    for (what, (r, w)) in [
+        "kv <-> kv-v2 (Rust, reference)",
+        "kv -> kv-py (Rust -> Python)",
+        "kv-py -> kv (Python -> Rust)",
+    ]
+    .into_iter()
+    .zip(reports.iter().zip(worst))
+    {
+        let _ = writeln!(s.body, "{}", pause_row(what, &keys, r, w));
+    }
+    let p50 = |r: &[SwapReport]| ms(median(r.iter().map(|r| r.pause.pause_us as f64).collect()));
+    s.headline.push((
+        format!("swap pause p50, kv -> kv-py / kv-py -> kv (Rust <-> Python), {CROSS_KEYS} keys"),
+        format!("{} / {} ms", p50(&reports[1]), p50(&reports[2])),
+    ));
+    Ok(())
 }

@@ -25,6 +25,25 @@
 //!                 "members": [7, 9], "history": [ { "from": "nick!user@host",
 //!                 "text": "hello" } ] } } }
 //! ```
+//!
+//! Precisely:
+//!
+//! * Ids are u64 and may exceed 2^53 (read them exactly, not as doubles);
+//!   numbers are plain integers (no `3.0`, `3e0`, `-0`); `history_limit`
+//!   fits in u32; `pending` holds byte values 0-255, at most 8192 of them
+//!   and never a `\n`.
+//! * A user's key is its `conn` in decimal; a channel's key is its `name`
+//!   with ASCII letters lower-cased (other characters unchanged). `nick`,
+//!   `user` and `topic` may be absent (= null); every other field is
+//!   required; unknown fields are ignored. `registered` implies `nick` and
+//!   `user`; `realname` is `""` until USER. `host` is the peer address
+//!   without the port, IPv6 brackets stripped.
+//! * History is oldest first, members in join order (the NAMES order).
+//!   Channels are kept when empty. The nick index is derived on import.
+//! * A chat/1 reader accepts chat/2's optional `time` and `caps` and uses
+//!   them; a chat/1 writer never writes them.
+//! * Writers order users by id and channels by key (as serde writes the
+//!   maps here), so a state imported and exported again is the same bytes.
 
 mod chat;
 mod irc;

@@ -17,6 +17,22 @@
 //! * `trap-import`:  `import-state` traps;
 //! * `trap-export`:  `import-state` succeeds, `export-state` traps (the
 //!   host's validation step catches it).
+//!
+//! One more feature build has a state of its own and loses part of it on
+//! import, which only a byte-for-byte round trip catches (`wasmhost check`,
+//! `wasmhost swap --validate roundtrip`); the default validation (the new
+//! version can export what it imported) lets it through:
+//!
+//! * `lossy-import`: imports and exports `faulty/1` (below), a kv-like
+//!   state: the line counter and each open connection's pending bytes (a
+//!   line received in part). `import-state` keeps the counter and the
+//!   connections but drops their pending bytes, so a line cut in two by a
+//!   swap loses its first part. With no pending bytes, its round trip is
+//!   exact.
+//!
+//! `faulty/1`: the counter (u64 little-endian), the number of connections
+//! (u32 LE), then per connection in ascending id order its id (u64 LE),
+//! the length of its pending bytes (u32 LE) and those bytes.
 
 wit_bindgen::generate!({ path: "../../guest-wit", world: "service" });
 
@@ -104,39 +120,102 @@ const POSES_AS_KV: bool = cfg!(any(
     feature = "trap-export"
 ));
 
+/// Whether this is the build with a state of its own (`faulty/1`).
+const LOSSY: bool = cfg!(feature = "lossy-import");
+
+const FORMAT: &str = "faulty/1";
+
+fn formats() -> Vec<String> {
+    if POSES_AS_KV {
+        vec!["kv/1".into()]
+    } else if LOSSY {
+        vec![FORMAT.into()]
+    } else {
+        Vec::new()
+    }
+}
+
 impl Migrate for Service {
     fn importable() -> Vec<String> {
-        if POSES_AS_KV {
-            vec!["kv/1".into()]
-        } else {
-            Vec::new()
-        }
+        formats()
     }
 
     fn exportable() -> Vec<String> {
-        if POSES_AS_KV {
-            vec!["kv/1".into()]
-        } else {
-            Vec::new()
-        }
+        formats()
     }
 
     fn export_state(format: String) -> Result<Vec<u8>, String> {
         if cfg!(feature = "trap-export") {
             panic!("trap-export: trapping in export-state as built to");
         }
+        if LOSSY && format == FORMAT {
+            return Ok(STATE.with_borrow(encode));
+        }
         Err(format!("faulty exports no state ({format})"))
     }
 
-    fn import_state(format: String, _state: Vec<u8>) -> Result<(), String> {
+    fn import_state(format: String, state: Vec<u8>) -> Result<(), String> {
         if cfg!(feature = "trap-import") {
             panic!("trap-import: trapping in import-state as built to");
         }
         if cfg!(feature = "trap-export") {
             return Ok(());
         }
+        if LOSSY && format == FORMAT {
+            let mut imported = decode(&state)?;
+            // The fault this build exists for: pending bytes are dropped.
+            for pending in imported.pending.values_mut() {
+                pending.clear();
+            }
+            STATE.with_borrow_mut(|s| *s = imported);
+            return Ok(());
+        }
         Err(format!("this build rejects every state (offered {format})"))
     }
+}
+
+/// Writes `faulty/1`.
+fn encode(s: &Faulty) -> Vec<u8> {
+    let mut ids: Vec<ConnId> = s.pending.keys().copied().collect();
+    ids.sort_unstable();
+    let mut out = Vec::new();
+    out.extend_from_slice(&s.handled.to_le_bytes());
+    out.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    for id in ids {
+        let pending = &s.pending[&id];
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&(pending.len() as u32).to_le_bytes());
+        out.extend_from_slice(pending);
+    }
+    out
+}
+
+/// Reads `faulty/1`.
+fn decode(mut bytes: &[u8]) -> Result<Faulty, String> {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+        if bytes.len() < n {
+            return Err(format!("{FORMAT} state is truncated"));
+        }
+        let (head, rest) = bytes.split_at(n);
+        *bytes = rest;
+        Ok(head)
+    }
+    let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let mut s = Faulty {
+        handled: u64_at(take(&mut bytes, 8)?),
+        ..Faulty::default()
+    };
+    let count = u32_at(take(&mut bytes, 4)?);
+    for _ in 0..count {
+        let id = u64_at(take(&mut bytes, 8)?);
+        let len = u32_at(take(&mut bytes, 4)?) as usize;
+        s.pending.insert(id, take(&mut bytes, len)?.to_vec());
+    }
+    if !bytes.is_empty() {
+        return Err(format!("{} bytes after the {FORMAT} state", bytes.len()));
+    }
+    Ok(s)
 }
 
 export!(Service);

@@ -22,7 +22,8 @@
 //!   pending  bytes     bytes received but not yet a whole command
 //! ```
 //!
-//! Keys already past their deadline may be present; they count as absent.
+//! A key whose deadline is at or before the current time (`expires <= now`)
+//! is expired. Keys already past their deadline may be present; they count as absent.
 //! An importer may drop them or keep them for its own expiry (kv keeps
 //! them, so that importing a state and exporting it again gives the same
 //! bytes).
@@ -30,7 +31,19 @@
 //! Keys are written in kv's map order, which the import restores: kv's
 //! export of an imported state is byte for byte the state it imported.
 //! Connections are written in increasing id order; every open connection
-//! is listed, with an empty `pending` if it has no unparsed bytes.
+//! is listed, with an empty `pending` if it has no unparsed bytes (an open
+//! connection missing from the list has none). A writer never writes a key
+//! or a connection twice, nor an empty list (Redis deletes a list when its
+//! last element goes); an importer keeps the last of duplicates.
+//!
+//! An importer rejects, with an error naming the byte offset: a magic that
+//! is not the format's, a value type the format does not have (type 2 in
+//! `kv/1`), a state that ends early, and bytes after the last connection.
+//!
+//! Timers move with the service: kv's expiry sweep is timer token 1, armed
+//! while any key has a deadline, and it stays armed across a swap. An
+//! importer must accept `on-timer(1)` (and should arm token 1 for its own
+//! sweep if the imported keys have deadlines, as kv does).
 
 use std::collections::VecDeque;
 

@@ -173,11 +173,11 @@ macro_rules! export_service {
                     format: ::std::string::String,
                     state: ::std::vec::Vec<u8>,
                 ) -> ::std::result::Result<(), ::std::string::String> {
-            RUNTIME.with_borrow_mut(|rt| rt.import(&format, &state))
+                    RUNTIME.with_borrow_mut(|rt| rt.import(&format, &state))
                 }
             }
 
-            $crate::bindings::export_world!(Exports with_types_in $crate::bindings);
+    $crate::bindings::export_world!(Exports with_types_in $crate::bindings);
         };
     };
 }

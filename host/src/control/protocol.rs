@@ -43,6 +43,13 @@ pub enum Request {
         /// imported.
         #[serde(default)]
         no_validate: bool,
+        /// Also require the new version's validating export to equal the
+        /// running version's export byte for byte (`--validate
+        /// roundtrip`). Left out when false, so the request is the same as
+        /// before for hosts that predate it; a host that does not know it
+        /// ignores it, and its report then has no `validation`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        roundtrip: bool,
     },
     /// Swap back to the previous generation's component.
     Rollback {
@@ -139,4 +146,55 @@ where
     writer.write_all(&body).await?;
     writer.flush().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swap_requests_stay_compatible_with_hosts_and_clients_before_roundtrip() {
+        // What clients before `--validate roundtrip` send.
+        let old: Request = serde_json::from_str(
+            r#"{"command":"swap","path":"/a.wasm","fresh":false,"no_validate":false}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            old,
+            Request::Swap {
+                path: "/a.wasm".into(),
+                fresh: false,
+                no_validate: false,
+                roundtrip: false,
+            }
+        );
+        // Without roundtrip the request is what it always was.
+        let plain = serde_json::to_string(&old).unwrap();
+        assert!(!plain.contains("roundtrip"), "{plain}");
+        let Request::Swap { path, fresh, .. } = old else {
+            unreachable!()
+        };
+        let roundtrip = Request::Swap {
+            path,
+            fresh,
+            no_validate: false,
+            roundtrip: true,
+        };
+        let json = serde_json::to_string(&roundtrip).unwrap();
+        assert!(json.contains(r#""roundtrip":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<Request>(&json).unwrap(), roundtrip);
+    }
+
+    #[test]
+    fn reports_without_a_validation_field_still_parse() {
+        let report: crate::service::SwapReport = serde_json::from_str(
+            r#"{"service":"s","kind":"swap","generation_from":1,"generation_to":2,
+                "from":{"path":"a","hash":"00"},"to":{"path":"b","hash":"11"},
+                "format":"kv/1","state_bytes":3,"compile_us":1,"from_cache":true,
+                "instantiate_us":1,"pause_us":1,"export_us":0,"import_us":0,
+                "validate_us":0,"host_us":1,"connections":0,"warnings":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(report.validation, None);
+    }
 }

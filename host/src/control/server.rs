@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 use super::protocol::{self, FrameError, Request, RequestFrame, Response, ResponseFrame, VERSION};
 use crate::engine::Runtime;
 use crate::service::{
-    self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions, SwapReport,
+    self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions, SwapReport, Validation,
 };
 use crate::upgrade::{self, UpgradeOptions, Upgrader};
 
@@ -288,8 +288,24 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             path,
             fresh,
             no_validate,
-        } => swap(ctx, &path, fresh, !no_validate).await,
-        Request::Rollback { no_validate, fresh } => rollback(ctx, fresh, !no_validate).await,
+            roundtrip,
+        } => match (no_validate, roundtrip) {
+            (true, true) => Err(
+                "bad request: no_validate and roundtrip exclude each other (--no-validate skips the \
+                 export that --validate roundtrip compares)"
+                    .into(),
+            ),
+            (true, false) => swap(ctx, &path, fresh, Validation::None).await,
+            (false, true) => swap(ctx, &path, fresh, Validation::RoundTrip).await,
+            (false, false) => swap(ctx, &path, fresh, Validation::Export).await,
+        },
+        Request::Rollback { no_validate, fresh } => {
+            let validation = match no_validate {
+                true => Validation::None,
+                false => Validation::Export,
+            };
+            rollback(ctx, fresh, validation).await
+        }
         Request::Upgrade {
             binary,
             component,
@@ -330,7 +346,7 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
 pub async fn reload(ctx: &ControlCtx) -> Result<SwapReport, String> {
     let status = ctx.service.status().await.map_err(|e| e.to_string())?;
     let path = PathBuf::from(status.component.path);
-    match swap(ctx, &path, false, true).await? {
+    match swap(ctx, &path, false, Validation::Export).await? {
         Response::Swapped(report) => Ok(*report),
         other => Err(format!("unexpected outcome: {other:?}")),
     }
@@ -340,7 +356,7 @@ async fn swap(
     ctx: &ControlCtx,
     path: &Path,
     fresh: bool,
-    validate: bool,
+    validation: Validation,
 ) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a swap")?;
     let runtime = ctx.runtime.clone();
@@ -352,13 +368,17 @@ async fn swap(
     let opts = SwapOptions {
         kind: SwapKind::Swap,
         fresh,
-        validate,
+        validation,
         expect_generation: None,
     };
     run_swap(ctx, program, opts, true).await
 }
 
-async fn rollback(ctx: &ControlCtx, fresh: bool, validate: bool) -> Result<Response, String> {
+async fn rollback(
+    ctx: &ControlCtx,
+    fresh: bool,
+    validation: Validation,
+) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a rollback")?;
     let previous = ctx.service.previous().await.map_err(|e| e.to_string())?;
     let Some((program, generation)) = previous else {
@@ -367,7 +387,7 @@ async fn rollback(ctx: &ControlCtx, fresh: bool, validate: bool) -> Result<Respo
     let opts = SwapOptions {
         kind: SwapKind::Rollback,
         fresh,
-        validate,
+        validation,
         expect_generation: Some(generation),
     };
     run_swap(ctx, program, opts, false).await

@@ -16,7 +16,7 @@ use wasmtime::{Store, UpdateDeadline};
 
 use super::state::{Effect, StoreData};
 use crate::bindings::{ConnInfo, Service, ServicePre};
-use crate::engine::Runtime;
+use crate::engine::{Loaded, Runtime};
 
 /// The error a guest call fails with when it overruns its CPU budget.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +62,13 @@ impl Program {
     /// Reads, compiles (or loads from the cache) and type-checks `path`
     /// against the `wasmhost:service/service` world.
     pub fn prepare(runtime: &Runtime, path: &Path) -> Result<Arc<Program>> {
-        let loaded = runtime.load(path)?;
+        Program::link(runtime, runtime.load(path)?)
+    }
+
+    /// Type-checks a component [`Runtime::load`] read and compiled (the
+    /// second half of [`prepare`](Self::prepare)).
+    pub fn link(runtime: &Runtime, loaded: Loaded) -> Result<Arc<Program>> {
+        let path = &loaded.path;
         let mut linker = Linker::<StoreData>::new(runtime.engine());
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from)?;
         Service::add_to_linker::<_, HasSelf<_>>(&mut linker, |data| data)
@@ -138,6 +144,12 @@ impl Instance {
             program,
             limits: limits.clone(),
         })
+    }
+
+    /// Bytes of linear memory the instance holds (every memory of its
+    /// core instances), as allowed by the store's limiter.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limits.memory_bytes
     }
 
     /// Effects recorded by the calls since the last drain.

@@ -33,7 +33,9 @@ pub use report::{
 };
 pub use state::Effect;
 pub use swap::{Prepared, SwapOptions, prepare};
-pub use transfer::{Pause, SwapKind, Timings, import, negotiate};
+pub use transfer::{
+    Difference, Pause, SwapKind, Timings, Validation, import, negotiate, no_common_format, root,
+};
 
 use crate::bindings::ConnInfo;
 use crate::net::conn::Outbox;

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::transfer::Pause;
+use super::transfer::{Pause, Validation};
 use super::{Actor, Program};
 
 /// Most swap records kept for `status`.
@@ -87,6 +87,10 @@ pub struct SwapReport {
     /// For a host upgrade: the processes and what moved between them.
     #[serde(default)]
     pub upgrade: Option<UpgradeInfo>,
+    /// How the new version's import was checked (`none` for a fresh
+    /// start). Absent from the reports of hosts that predate the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
 }
 
 /// What a host upgrade moved, beyond a swap's state.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -35,7 +35,7 @@ pub enum Effect {
 pub struct StoreData {
     wasi: WasiCtx,
     table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: MeteredLimits,
     pub service: Arc<str>,
     /// Effects recorded by the current call, drained by the actor after it.
     pub effects: Vec<Effect>,
@@ -57,12 +57,75 @@ impl StoreData {
         StoreData {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(max_memory).build(),
+            limits: MeteredLimits {
+                limits: StoreLimitsBuilder::new().memory_size(max_memory).build(),
+                memory_bytes: 0,
+                last_growth: 0,
+            },
             service,
             effects: Vec::new(),
             call_started: Instant::now(),
             call_budget: Duration::from_secs(1),
         }
+    }
+}
+
+/// The store's limits ([`StoreLimits`]), which also count the linear
+/// memory its instances hold: wasmtime asks the limiter before creating a
+/// memory (from 0 bytes) and before each growth, so the sum of what it
+/// allowed is the store's linear memory (`wasmhost check` reports it).
+pub struct MeteredLimits {
+    limits: StoreLimits,
+    /// Bytes of linear memory across the store's memories.
+    pub memory_bytes: usize,
+    /// The growth last allowed, taken back if it then failed.
+    last_growth: usize,
+}
+
+impl ResourceLimiter for MeteredLimits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        self.last_growth = 0;
+        if allowed && maximum.is_none_or(|max| desired <= max) {
+            self.last_growth = desired.saturating_sub(current);
+            self.memory_bytes += self.last_growth;
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_bytes -= std::mem::take(&mut self.last_growth);
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 

@@ -4,9 +4,10 @@
 //! The slow part happens before, off the actor ([`prepare`]): compiling,
 //! type-checking and instantiating the new component and asking which
 //! formats it imports. The pause holds only the negotiation, the old
-//! instance's `export-state`, the new one's `import-state`, an optional
-//! validation (the new instance exports what it imported) and the pointer
-//! switch. Any failure aborts: the old instance stays live with its state
+//! instance's `export-state`, the new one's `import-state`, the validation
+//! ([`Validation`]: by default the new instance's `export-state` in the
+//! format it imported must succeed; `roundtrip` also compares its bytes
+//! with the old export; `none` skips it) and the pointer switch. Any failure aborts: the old instance stays live with its state
 //! and the new one is dropped with everything it did.
 
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 
 use super::report::{ComponentInfo, SwapRecord, SwapReport, micros, unix_ms};
-use super::transfer::{Exported, Pause, SwapKind, Timings, import, root};
+use super::transfer::{Exported, Pause, SwapKind, Timings, Validation, import, root};
 use super::{Actor, Instance, InstanceLimits, Program};
 
 /// A new version, instantiated and ready to take over.
@@ -57,8 +58,8 @@ pub struct SwapOptions {
     pub kind: SwapKind,
     /// Start the new version with `init` and drop the state.
     pub fresh: bool,
-    /// Check that the new instance can export the state it imported.
-    pub validate: bool,
+    /// How to check the new instance's import before it goes live.
+    pub validation: Validation,
     /// Abort unless the service is still at this generation (rollback
     /// prepares against a specific previous generation).
     pub expect_generation: Option<u64>,
@@ -166,7 +167,7 @@ impl Actor {
                     Ok(exported) => exported,
                     Err(why) => return Ok(Err(why)),
                 };
-            let validated = match import(&mut new, &format, &state, opts.validate, &mut t).await {
+            let validated = match import(&mut new, &format, &state, opts.validation, &mut t).await {
                 Ok(validated) => validated,
                 Err(why) => return Ok(Err(why)),
             };
@@ -198,6 +199,10 @@ impl Actor {
             connections,
             warnings,
             upgrade: None,
+            validation: Some(match opts.fresh {
+                true => Validation::None,
+                false => opts.validation,
+            }),
         }))
     }
 

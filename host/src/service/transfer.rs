@@ -1,7 +1,20 @@
 //! The one way to move a service's state from one instance to another:
 //! negotiate a format, export it from the running instance, import it into
-//! the new one (and, if asked, prove the new one can export it again), and
+//! the new one (and, if asked, validate the import: [`Validation`]), and
 //! account for the pause.
+//!
+//! What validation checks, exactly: with [`Validation::Export`] (the
+//! default of `swap`, `rollback`, SIGHUP and upgrade) the new instance's
+//! `export-state` in the very format it just imported must return the
+//! state (not an error, not a trap); the bytes are not looked at, and the
+//! format need not be in the new version's `exportable()` (the call is made
+//! all the same, so a version that imports a format it cannot write fails
+//! it). [`Validation::RoundTrip`] (`swap --validate roundtrip`) also compares
+//! those bytes with what the old version exported and aborts on the first
+//! difference: the format must then be round-trip stable (the same state
+//! always written as the same bytes). [`Validation::None`]
+//! (`--no-validate`) skips the export. `wasmhost check` runs the same
+//! round trip ahead of time, outside any pause.
 //!
 //! Swap and rollback run both halves in this process ([`super::swap`]);
 //! host upgrade runs [`Actor::export_for`] in the old process and
@@ -73,6 +86,57 @@ impl Pause {
 /// The first format the new version imports that the old one exports.
 pub fn negotiate(importable: &[String], exportable: &[String]) -> Option<String> {
     importable.iter().find(|f| exportable.contains(f)).cloned()
+}
+
+/// How the new version's import is checked before it goes live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Validation {
+    /// No check beyond `import-state` succeeding (`--no-validate`).
+    #[serde(rename = "none")]
+    None,
+    /// The new instance's `export-state` in the format it imported must
+    /// return the state (not an error, not a trap); its bytes are not
+    /// looked at. One more export inside the pause.
+    #[default]
+    #[serde(rename = "export")]
+    Export,
+    /// As `Export`, and those bytes must equal the old version's export
+    /// (`--validate roundtrip`): nothing was lost or changed on import. The
+    /// same export plus a comparison of the bytes.
+    #[serde(rename = "roundtrip")]
+    RoundTrip,
+}
+
+/// Where two exports of a state first differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Difference {
+    /// The first byte offset at which they differ (the shorter one's length
+    /// when it is a prefix of the other).
+    pub offset: usize,
+    /// The length of the first export (the running version's, or the one
+    /// `wasmhost check` started from).
+    pub first_len: usize,
+    /// The length of the second (the re-export after the import).
+    pub second_len: usize,
+}
+
+impl Difference {
+    /// Compares two exports; `None` when they are identical.
+    pub fn between(first: &[u8], second: &[u8]) -> Option<Difference> {
+        if first == second {
+            return None;
+        }
+        let offset = first
+            .iter()
+            .zip(second)
+            .position(|(a, b)| a != b)
+            .unwrap_or(first.len().min(second.len()));
+        Some(Difference {
+            offset,
+            first_len: first.len(),
+            second_len: second.len(),
+        })
+    }
 }
 
 /// The innermost cause of a guest call's failure, without the wasm
@@ -153,14 +217,15 @@ impl Actor {
     }
 }
 
-/// The new half: the new instance's `import-state`, then (if asked) a
-/// validating `export-state` in the same format, whose bytes are returned
-/// so the caller can free them off the pause.
+/// The new half: the new instance's `import-state`, then (unless
+/// [`Validation::None`]) a validating `export-state` in the same format,
+/// compared with `state` for [`Validation::RoundTrip`]. The validating
+/// export is returned so the caller can free it off the pause.
 pub async fn import(
     new: &mut Instance,
     format: &str,
     state: &[u8],
-    validate: bool,
+    validation: Validation,
     t: &mut Timings,
 ) -> Result<Option<Vec<u8>>, String> {
     let began = Instant::now();
@@ -180,12 +245,27 @@ pub async fn import(
             ));
         }
     }
-    if !validate {
+    if validation == Validation::None {
         return Ok(None);
     }
     let began = Instant::now();
     let result = new.export_state(format).await;
+    let difference = match &result {
+        Ok(Ok(exported)) if validation == Validation::RoundTrip => {
+            Difference::between(state, exported)
+        }
+        _ => None,
+    };
     t.validate = began.elapsed();
+    if let Some(d) = difference {
+        return Err(format!(
+            "round-trip validation failed: the new version re-exported the {format} state it \
+             imported with different bytes: first difference at byte {} (the running version \
+             exported {} bytes, the new version {}); it loses or changes state on import, or its \
+             {format} encoding is not canonical (the same state written in another order)",
+            d.offset, d.first_len, d.second_len
+        ));
+    }
     match result {
         Ok(Ok(exported)) => Ok(Some(exported)),
         Ok(Err(msg)) => Err(format!(

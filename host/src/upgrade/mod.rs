@@ -182,6 +182,7 @@ pub(crate) fn report(
             unread_bytes,
             unsent_bytes: moved.conn_bytes - unread_bytes,
         }),
+        validation: Some(crate::service::Validation::Export),
     }
 }
 

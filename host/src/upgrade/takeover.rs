@@ -223,7 +223,16 @@ pub(super) async fn import(
             "test: {}=import: rejecting the state",
             super::FAIL_ENV
         )),
-        false => service::import(&mut instance, &image.format, &payload, true, &mut timings).await,
+        false => {
+            service::import(
+                &mut instance,
+                &image.format,
+                &payload,
+                service::Validation::Export,
+                &mut timings,
+            )
+            .await
+        }
     };
     let (adopted, adopt_time) = sockets.await.context("adopting the sockets panicked")?;
     let Sockets {
