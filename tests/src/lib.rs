@@ -390,3 +390,74 @@ pub fn run_command_for(command: &mut Command, limit: Duration) -> Finished {
         stderr: err.join().expect("stderr reader"),
     }
 }
+
+/// A client of a line-based service: sends lines, reads replies line by
+/// line (10 s timeout).
+pub struct LineConn {
+    reader: std::io::BufReader<std::net::TcpStream>,
+    writer: std::net::TcpStream,
+}
+
+impl LineConn {
+    pub fn open(server: &Served) -> LineConn {
+        LineConn::connect(server.addr())
+    }
+
+    pub fn connect(addr: SocketAddr) -> LineConn {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        LineConn {
+            reader: std::io::BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    /// Sends `line` and a newline.
+    pub fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\n").as_bytes());
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        std::io::Write::write_all(&mut self.writer, bytes).unwrap();
+    }
+
+    /// Sends part of a line and gives the server time to hand it to the
+    /// guest (nothing comes back to wait for).
+    pub fn send_partial(&mut self, bytes: &[u8]) {
+        self.send_raw(bytes);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    /// The next line, without its line ending.
+    pub fn recv(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.reader, &mut line).unwrap();
+        line.trim_end().to_string()
+    }
+}
+
+/// Runs each listed test function (taking the guest's name) once per
+/// implementation of a service, in a module per implementation:
+///
+/// ```ignore
+/// against! { rust => "kv", python => "kv-py"; strings, lists }
+/// ```
+#[macro_export]
+macro_rules! against {
+    ($($module:ident => $guest:literal),+; $($test:ident),+ $(,)?) => {
+        $crate::against!(@each [$($test),+] $($module => $guest),+);
+    };
+    (@each $tests:tt $($module:ident => $guest:literal),+) => {$(
+        $crate::against!(@module $module $guest $tests);
+    )+};
+    (@module $module:ident $guest:literal [$($test:ident),+]) => {
+        mod $module {
+            $(
+                #[test]
+                fn $test() {
+                    super::$test($guest)
+                }
+            )+
+        }
+    };
+}

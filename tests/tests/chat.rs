@@ -126,29 +126,10 @@ fn partial_lines_are_kept_until_complete(guest: &str) {
     bob.expect(":alice!alice@127.0.0.1 PRIVMSG #x :three");
 }
 
-/// Every test above runs against each implementation of the service, which
-/// must answer byte for byte alike.
-macro_rules! against {
-    ($($module:ident => $guest:literal,)*) => {$(
-        mod $module {
-            tests_for! { $guest:
-                registration_channels_private_messages_and_history,
-                partial_lines_are_kept_until_complete,
-            }
-        }
-    )*};
-}
-
-macro_rules! tests_for {
-    ($guest:literal: $($test:ident,)*) => {$(
-        #[test]
-        fn $test() {
-            super::$test($guest)
-        }
-    )*};
-}
-
-against! {
-    rust => "chat",
-    javascript => "chat-js",
+// Every test above runs against each implementation of the service, which
+// must answer byte for byte alike.
+wasmhost_tests::against! {
+    rust => "chat", javascript => "chat-js";
+    registration_channels_private_messages_and_history,
+    partial_lines_are_kept_until_complete,
 }

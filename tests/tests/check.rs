@@ -7,12 +7,12 @@
 //! pass, and the kv and chat versions in Rust, Python and JavaScript must
 //! read each other's state.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use wasmhost_tests::{Finished, Served, guest, run, test_cache_dir};
+use wasmhost_tests::{Finished, LineConn, Served, guest, run, test_cache_dir};
 
 /// Runs `wasmhost check ARGS... --cache-dir <the tests' cache>`.
 fn check(args: &[&str]) -> Finished {
@@ -315,40 +315,6 @@ fn versions_in_other_languages_read_each_others_state() {
             "swap format: a swap from {from}.wasm to {to}.wasm would carry the state in {format}"
         );
         assert!(out.stdout.contains(&expected), "{}", out.stdout);
-    }
-}
-
-/// A line client of the faulty guests.
-struct LineConn {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl LineConn {
-    fn open(server: &Served) -> LineConn {
-        let s = TcpStream::connect(server.addr()).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        LineConn {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
-        }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).unwrap();
-    }
-
-    fn recv(&mut self) -> String {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        line.trim_end().to_string()
-    }
-
-    /// Sends part of a line and gives the server time to hand it to the
-    /// guest (nothing comes back to wait for).
-    fn send_partial(&mut self, bytes: &[u8]) {
-        self.send_raw(bytes);
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

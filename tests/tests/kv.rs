@@ -296,36 +296,17 @@ fn redis_cli_works_if_installed(guest: &str) {
     assert_eq!(run(&["LRANGE", "l", "0", "-1"]), "1\n2");
 }
 
-/// Every test above runs against each implementation of the service, which
-/// must answer byte for byte alike.
-macro_rules! against {
-    ($($module:ident => $guest:literal,)*) => {$(
-        mod $module {
-            tests_for! { $guest:
-                strings_and_counters,
-                lists,
-                errors_match_redis,
-                expiry,
-                pipelining,
-                command_split_across_writes_and_inline_commands,
-                protocol_error_closes_only_that_connection,
-                handshake_commands_clients_send,
-                redis_cli_works_if_installed,
-            }
-        }
-    )*};
-}
-
-macro_rules! tests_for {
-    ($guest:literal: $($test:ident,)*) => {$(
-        #[test]
-        fn $test() {
-            super::$test($guest)
-        }
-    )*};
-}
-
-against! {
-    rust => "kv",
-    python => "kv-py",
+// Every test above runs against each implementation of the service, which
+// must answer byte for byte alike.
+wasmhost_tests::against! {
+    rust => "kv", python => "kv-py";
+    strings_and_counters,
+    lists,
+    errors_match_redis,
+    expiry,
+    pipelining,
+    command_split_across_writes_and_inline_commands,
+    protocol_error_closes_only_that_connection,
+    handshake_commands_clients_send,
+    redis_cli_works_if_installed,
 }
