@@ -53,6 +53,29 @@ thread_local! {
     static STATE: RefCell<Faulty> = RefCell::new(Faulty::default());
 }
 
+/// What the guest sees of time and randomness within one event: each
+/// clock read twice, two random numbers (`clock` answers with them).
+fn clock_reading() -> String {
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    };
+    let (w1, m1) = (wall(), std::time::Instant::now());
+    // Work that takes real time: the clocks must not move.
+    let mut x = 0u64;
+    for i in 0..2_000_000u64 {
+        x = std::hint::black_box(x.wrapping_add(i));
+    }
+    let (w2, m2) = (wall(), std::time::Instant::now());
+    let r1 = getrandom::u64().unwrap_or(0);
+    let r2 = getrandom::u64().unwrap_or(0);
+    format!(
+        "clock wall {w1} {w2} mono-elapsed {} random {r1:016x} {r2:016x}",
+        m2.duration_since(m1).as_nanos()
+    )
+}
+
 fn misbehave(line: &str) {
     match line {
         "loop" => {
@@ -96,8 +119,11 @@ impl Handler for Service {
             }
             lines
         });
-        for line in lines {
+        for mut line in lines {
             misbehave(&line);
+            if line == "clock" {
+                line = clock_reading();
+            }
             let n = STATE.with_borrow_mut(|s| {
                 s.handled += 1;
                 s.handled

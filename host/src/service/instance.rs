@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use wasmtime::component::{HasSelf, Linker};
 use wasmtime::{Store, UpdateDeadline};
 
+use super::event_time::{EventTime, Stamp};
 use super::state::{Effect, StoreData};
 use crate::bindings::{ConnInfo, Service, ServicePre};
 use crate::engine::{Loaded, Runtime};
@@ -108,6 +109,8 @@ pub struct Instance {
     bindings: Service,
     pub program: Arc<Program>,
     limits: InstanceLimits,
+    /// The clocks and generators the guest sees (see `event_time`).
+    time: EventTime,
 }
 
 impl Instance {
@@ -118,7 +121,10 @@ impl Instance {
         limits: &InstanceLimits,
     ) -> Result<Instance> {
         let engine = program.pre.engine();
-        let mut store = Store::new(engine, StoreData::new(service, limits.max_memory));
+        let time = EventTime::new();
+        // Instantiation runs the component's start functions: a call too.
+        time.begin(time.next());
+        let mut store = Store::new(engine, StoreData::new(service, limits.max_memory, &time));
         store.limiter(|data| &mut data.limits);
         store.epoch_deadline_callback(|ctx| {
             let data = ctx.data();
@@ -143,6 +149,7 @@ impl Instance {
             bindings,
             program,
             limits: limits.clone(),
+            time,
         })
     }
 
@@ -157,8 +164,16 @@ impl Instance {
         std::mem::take(&mut self.store.data_mut().effects)
     }
 
-    /// Starts the deadline clock for one call.
+    /// The stamp of the call in progress, or of the last one: its time and
+    /// sequence number.
+    pub fn stamp(&self) -> Stamp {
+        self.time.stamp()
+    }
+
+    /// Starts one call: its stamp (the time the guest sees during it, the
+    /// seed of its random bytes) and its deadline.
     fn arm(&mut self, budget: Duration) {
+        self.time.begin(self.time.next());
         let data = self.store.data_mut();
         data.call_started = Instant::now();
         data.call_budget = budget;

@@ -7,12 +7,15 @@
 //! instance at a quiescent point. Guest calls record effects (send, close,
 //! timers) which the actor carries out after each call.
 
+mod event_time;
 mod freeze;
 mod instance;
 mod report;
 mod state;
 mod swap;
 mod transfer;
+
+pub use event_time::{EventTime, Stamp};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

@@ -19,6 +19,7 @@ use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::event_time::EventTime;
 use crate::bindings::LogLevel;
 use crate::bindings::wasmhost::service::host;
 
@@ -45,13 +46,19 @@ pub struct StoreData {
 }
 
 impl StoreData {
-    pub fn new(service: Arc<str>, max_memory: usize) -> StoreData {
+    /// `time` provides the guest's clocks and random bytes, set per call.
+    pub fn new(service: Arc<str>, max_memory: usize, time: &EventTime) -> StoreData {
         let mut wasi = wasmtime_wasi::WasiCtxBuilder::new();
         // Nothing is granted: no preopened directories, no environment, no
         // arguments, no sockets, no name lookups.
         wasi.allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .wall_clock(time.wall_clock())
+            .monotonic_clock(time.monotonic_clock())
+            .secure_random(time.random())
+            .insecure_random(time.random())
+            .insecure_random_seed(time.insecure_seed())
             .stdout(GuestOutput::new(&service, "stdout"))
             .stderr(GuestOutput::new(&service, "stderr"));
         StoreData {
