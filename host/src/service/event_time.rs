@@ -61,7 +61,16 @@ struct Inner {
     stamp: Stamp,
     /// The monotonic clock's reading for this call.
     mono_ns: u64,
-    rng: StdRng,
+    /// The call's generator, made when the guest first asks for random
+    /// bytes in the call (most calls never do; seeding costs a SHA-256).
+    rng: Option<StdRng>,
+}
+
+impl Inner {
+    fn rng(&mut self) -> &mut StdRng {
+        let (key, seq) = (self.key, self.stamp.seq);
+        self.rng.get_or_insert_with(|| rng_for(&key, seq))
+    }
 }
 
 impl EventTime {
@@ -81,7 +90,7 @@ impl EventTime {
                 key,
                 stamp,
                 mono_ns: 0,
-                rng: rng_for(&key, 0),
+                rng: None,
             })),
         }
     }
@@ -108,7 +117,7 @@ impl EventTime {
     pub fn begin(&self, stamp: Stamp) {
         let mut inner = self.lock();
         inner.mono_ns = inner.mono_ns.max(stamp.wall_ns);
-        inner.rng = rng_for(&inner.key, stamp.seq);
+        inner.rng = None;
         inner.stamp = stamp;
     }
 
@@ -189,15 +198,15 @@ impl rand::TryRng for Random {
     type Error = std::convert::Infallible;
 
     fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        self.0.lock().rng.try_next_u32()
+        self.0.lock().rng().try_next_u32()
     }
 
     fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
-        self.0.lock().rng.try_next_u64()
+        self.0.lock().rng().try_next_u64()
     }
 
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-        self.0.lock().rng.try_fill_bytes(dst)
+        self.0.lock().rng().try_fill_bytes(dst)
     }
 }
 
