@@ -253,6 +253,8 @@ class Call:
     now: int
     conn: int
     reply: Reply
+    # ``--config enable-debug-command=yes``: DEBUG may be used.
+    debug: bool = False
 
 
 def parse_int(text: bytes | bytearray) -> int | None:
@@ -673,8 +675,27 @@ def cmd_client(call: Call) -> None:
         raise CommandError(f"ERR unknown subcommand '{lossy(call.args[1])}'. Try CLIENT HELP.")
 
 
-# The Rust kv answers 41 (its table has 37 names); kept for identical replies.
-COMMAND_COUNT = 41
+# How many commands COMMANDS knows (as the Rust kv answers).
+COMMAND_COUNT = 38
+
+DEBUG_NOT_ALLOWED = (
+    'ERR DEBUG command not allowed. If the enable-debug-command option is set to "local", you '
+    "can run it from a local connection, otherwise you need to set this option in the "
+    "configuration file, and then restart the server."
+)
+
+
+class DebugSegfault(Exception):
+    """DEBUG SEGFAULT: not caught anywhere, so the guest traps."""
+
+
+def cmd_debug(call: Call) -> None:
+    """DEBUG SEGFAULT crashes the service (the guest traps), if enabled."""
+    if not call.debug:
+        raise CommandError(DEBUG_NOT_ALLOWED)
+    if call.args[1].lower() == b"segfault":
+        raise DebugSegfault("DEBUG SEGFAULT")
+    raise CommandError(f"ERR unknown subcommand '{lossy(call.args[1])}'. Try DEBUG HELP.")
 
 
 def cmd_command(call: Call) -> None:
@@ -788,6 +809,7 @@ COMMANDS: dict[bytes, Command] = {
     b"client": Command(-2, cmd_client),
     b"command": Command(-1, cmd_command),
     b"config": Command(-2, cmd_config),
+    b"debug": Command(-2, cmd_debug),
     b"info": Command(-1, cmd_info),
     b"hello": Command(-1, cmd_hello),
     b"quit": Command(-1, lambda call: call.reply.ok()),  # execute() closes
@@ -846,10 +868,17 @@ class KvService:
         self.clock = clock
         self.keyspace = Keyspace()
         self.readers: dict[int, CommandReader] = {}  # per connection
+        # Not part of the state: a version swapped in starts with it off.
+        self.debug = False
 
     def init(self, config: list[tuple[str, str]]) -> None:
-        if config:
-            raise ValueError(f"kv takes no configuration, got `{config[0][0]}`")
+        """Reads ``--config``: ``enable-debug-command=yes|no`` (Redis's option)."""
+        for key, value in config:
+            if key != "enable-debug-command":
+                raise ValueError(f"unknown setting `{key}` (kv knows enable-debug-command=yes|no)")
+            if value not in ("yes", "no"):
+                raise ValueError(f"enable-debug-command takes yes or no, got `{value}`")
+            self.debug = value == "yes"
 
     def on_connect(self, conn: int) -> None:
         self.readers[conn] = CommandReader()
@@ -873,7 +902,7 @@ class KvService:
                 break
             if args is None:
                 break
-            if args and execute(Call(self.keyspace, args, now, conn, reply)):
+            if args and execute(Call(self.keyspace, args, now, conn, reply, self.debug)):
                 close = True
                 break
         if reply:

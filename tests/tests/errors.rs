@@ -84,7 +84,7 @@ fn init_error_is_shown() {
     let err = serve_fails(kv.to_str().unwrap(), &["--config", "colour=blue"]);
     assert!(err.contains("init returned an error"), "{err}");
     assert!(
-        err.contains("kv takes no configuration, got `colour`"),
+        err.contains("unknown setting `colour` (kv knows enable-debug-command=yes|no)"),
         "{err}"
     );
     let chat = guest("chat");

@@ -296,6 +296,33 @@ fn redis_cli_works_if_installed(guest: &str) {
     assert_eq!(run(&["LRANGE", "l", "0", "-1"]), "1\n2");
 }
 
+/// Redis's DEBUG SEGFAULT, behind its `enable-debug-command` option: how any
+/// test makes kv trap. The host restarts the guest and every connection
+/// stays open (keeping the keys through a trap is the durable-state work).
+fn debug_segfault_traps_only_when_enabled(guest: &str) {
+    let server = Served::start(guest, &[]);
+    let mut c = redis_connect(&server);
+    let e = err(&mut c, &["DEBUG", "SEGFAULT"]);
+    assert!(e.contains("DEBUG command not allowed"), "{e}");
+    drop(server);
+
+    let mut server = Served::start(guest, &["--config", "enable-debug-command=yes"]);
+    let mut other = redis_connect(&server);
+    assert_eq!(cmd::<String>(&mut other, &["PING"]), "PONG");
+    let mut crasher = TcpStream::connect(server.addr()).unwrap();
+    crasher
+        .write_all(b"*2\r\n$5\r\nDEBUG\r\n$8\r\nSEGFAULT\r\n")
+        .unwrap();
+    server.wait_for_output(|t| t.contains("restarting it"), Duration::from_secs(20));
+    assert_eq!(cmd::<String>(&mut other, &["PING"]), "PONG");
+    // The connection whose command trapped is still served, by the new
+    // instance (its command died with the old one).
+    crasher.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    expect_reply(&mut crasher, b"+PONG\r\n");
+    let status = server.command("status", &["--json"]);
+    assert!(status.stdout.contains("\"traps\": 1"), "{}", status.stdout);
+}
+
 // Every test above runs against each implementation of the service, which
 // must answer byte for byte alike.
 wasmhost_tests::against! {
@@ -309,4 +336,5 @@ wasmhost_tests::against! {
     protocol_error_closes_only_that_connection,
     handshake_commands_clients_send,
     redis_cli_works_if_installed,
+    debug_segfault_traps_only_when_enabled,
 }

@@ -67,7 +67,9 @@ class AppTest(unittest.TestCase):
     def test_errors_become_err(self) -> None:
         with self.assertRaises(Err) as caught:
             self.app.Handler().init([("x", "1")])
-        self.assertEqual(caught.exception.value, "kv takes no configuration, got `x`")
+        self.assertEqual(
+            caught.exception.value, "unknown setting `x` (kv knows enable-debug-command=yes|no)"
+        )
         migrate = self.app.Migrate()
         self.assertEqual((migrate.importable(), migrate.exportable()), (["kv/1"], ["kv/1"]))
         with self.assertRaises(Err) as caught:

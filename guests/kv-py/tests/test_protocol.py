@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from protocol import (  # noqa: E402
     SWEEP_TIMER,
     CommandReader,
+    DebugSegfault,
     KvService,
     ProtocolError,
     Reply,
@@ -274,7 +275,7 @@ class CommandTest(Harness):
         self.assertEqual(self.cmd("CLIENT", "SETNAME", "x"), b"+OK\r\n")
         self.assertEqual(self.cmd("CLIENT", "ID"), b":1\r\n")
         self.assertEqual(self.cmd("CLIENT", "kill"), b"-ERR unknown subcommand 'kill'. Try CLIENT HELP.\r\n")
-        self.assertEqual(self.cmd("COMMAND", "COUNT"), b":41\r\n")
+        self.assertEqual(self.cmd("COMMAND", "COUNT"), b":38\r\n")
         self.assertEqual(self.cmd("COMMAND", "DOCS"), b"*0\r\n")
         self.assertEqual(self.cmd("COMMAND", "INFO", "get"), b"*1\r\n*-1\r\n")
         self.assertEqual(self.cmd("CONFIG", "GET", "SAVE"), resp_array(b"save", b""))
@@ -331,9 +332,16 @@ class ConnectionTest(Harness):
         self.kv.on_close(1)
         self.assertEqual(self.kv.readers, {})
 
+    def test_debug_segfault_only_when_enabled(self) -> None:
+        self.assertTrue(self.cmd("DEBUG", "SEGFAULT").startswith(b"-ERR DEBUG command not allowed."))
+        self.kv.init([("enable-debug-command", "yes")])
+        self.assertEqual(self.cmd("DEBUG", "x"), b"-ERR unknown subcommand 'x'. Try DEBUG HELP.\r\n")
+        with self.assertRaises(DebugSegfault):
+            self.cmd("DEBUG", "SEGFAULT")
+
     def test_init_rejects_configuration(self) -> None:
         self.kv.init([])
-        with self.assertRaisesRegex(ValueError, "^kv takes no configuration, got `a`$"):
+        with self.assertRaisesRegex(ValueError, "^unknown setting `a` \\(kv knows enable-debug-command=yes\\|no\\)$"):
             self.kv.init([("a", "1")])
 
 

@@ -26,6 +26,8 @@ pub struct Call<'a> {
     pub now: u64,
     pub conn: u64,
     pub out: &'a mut Out,
+    /// `--config enable-debug-command=yes`: DEBUG may be used.
+    pub debug: bool,
 }
 
 /// Arity as in Redis's command table: `n` means exactly n arguments
@@ -38,7 +40,7 @@ fn arity(name: &[u8]) -> Option<i32> {
         b"lrange" => 4,
         b"dbsize" => 1,
         b"set" | b"mset" | b"lpush" | b"rpush" | b"expire" | b"pexpire" => -3,
-        b"del" | b"exists" | b"mget" | b"lpop" | b"rpop" | b"client" | b"config" => -2,
+        b"del" | b"exists" | b"mget" | b"lpop" | b"rpop" | b"client" | b"config" | b"debug" => -2,
         b"ping" | b"quit" | b"command" | b"info" | b"hello" | b"flushall" | b"flushdb" => -1,
         #[cfg(feature = "v2")]
         b"hget" => 3,
@@ -102,6 +104,7 @@ pub fn execute(call: &mut Call) -> After {
         b"lpop" => pop(call, true),
         b"rpop" => pop(call, false),
         b"lrange" => lrange(call),
+        b"debug" => debug(call),
         b"llen" => llen(call),
         #[cfg(feature = "v2")]
         b"hset" | b"hget" | b"hdel" | b"hgetall" | b"hlen" | b"hincrby" => {
@@ -624,7 +627,27 @@ fn handshake(call: &mut Call, name: &[u8]) {
 }
 
 /// How many commands `arity` knows.
-const COMMAND_COUNT: i64 = if cfg!(feature = "v2") { 47 } else { 41 };
+const COMMAND_COUNT: i64 = if cfg!(feature = "v2") { 44 } else { 38 };
+
+/// DEBUG, as far as tests need it: `DEBUG SEGFAULT` crashes the service
+/// (here: the guest traps), so a test can make any kv trap. Off unless
+/// `--config enable-debug-command=yes`, with Redis's refusal otherwise.
+fn debug(call: &mut Call) {
+    if !call.debug {
+        return call.out.error(
+            "ERR DEBUG command not allowed. If the enable-debug-command option is set to \"local\", \
+             you can run it from a local connection, otherwise you need to set this option in the \
+             configuration file, and then restart the server.",
+        );
+    }
+    match call.args[1].to_ascii_lowercase().as_slice() {
+        b"segfault" => panic!("DEBUG SEGFAULT"),
+        _ => call.out.error(&format!(
+            "ERR unknown subcommand '{}'. Try DEBUG HELP.",
+            lossy(&call.args[1])
+        )),
+    }
+}
 
 fn config(call: &mut Call, sub: &[u8]) {
     if sub != b"get" {

@@ -30,6 +30,10 @@ const SWEEP_BUDGET: usize = 1000;
 
 pub struct Kv {
     db: Db,
+    /// `--config enable-debug-command=yes` (Redis's option): DEBUG SEGFAULT
+    /// makes the guest trap. Not part of the state: a version swapped in
+    /// starts with it off.
+    debug: bool,
 }
 
 impl Kv {
@@ -39,7 +43,7 @@ impl Kv {
         if db.has_deadlines() {
             host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
         }
-        Kv { db }
+        Kv { db, debug: false }
     }
 }
 
@@ -49,10 +53,27 @@ impl Service for Kv {
     const MAX_INPUT: usize = 1 << 30;
 
     fn init(config: Vec<(String, String)>) -> Result<Self, String> {
-        if let Some((key, _)) = config.first() {
-            return Err(format!("kv takes no configuration, got `{key}`"));
+        let mut debug = false;
+        for (key, value) in config {
+            debug = match (key.as_str(), value.as_str()) {
+                ("enable-debug-command", "yes") => true,
+                ("enable-debug-command", "no") => false,
+                ("enable-debug-command", _) => {
+                    return Err(format!(
+                        "enable-debug-command takes yes or no, got `{value}`"
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown setting `{key}` (kv knows enable-debug-command=yes|no)"
+                    ));
+                }
+            };
         }
-        Ok(Kv { db: Db::default() })
+        Ok(Kv {
+            db: Db::default(),
+            debug,
+        })
     }
 
     fn on_data(&mut self, conn: ConnId, input: &mut Input) {
@@ -77,6 +98,7 @@ impl Service for Kv {
                         now,
                         conn,
                         out: &mut out,
+                        debug: self.debug,
                     };
                     if commands::execute(&mut call) == After::Close {
                         break After::Close;
