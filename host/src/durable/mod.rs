@@ -1,0 +1,94 @@
+//! Durable state: snapshots plus a journal of stamped events (issue 9).
+//!
+//! DESIGN DRAFT (branch `journal-design`, not compiled yet: `lib.rs` does
+//! not declare this module). Written down first, as the project's rules
+//! ask; the code follows in the next increments.
+//!
+//! # Model
+//!
+//! A guest's state after event *n* is a function of its state after a
+//! snapshot *s* (s <= n) and the events s+1..n, each with its [`Stamp`]
+//! (time and sequence number; `service/event_time.rs`) and the instance's
+//! random key. So the host keeps, per service:
+//!
+//! * the last **snapshot**: `export-state` in the format the running
+//!   component itself imports (the first of its `importable()` that its
+//!   `exportable()` offers), with the key, the sequence number it was taken
+//!   at, the timer table and each open connection's id and info;
+//! * the **journal**: every event delivered since, in order, with its stamp:
+//!   `connect(info)`, `data(conn, bytes)`, `close(conn)`, `timer(token)`.
+//!   Effects are not journaled: they are the guest's output, recomputed by a
+//!   replay and discarded (they already happened).
+//!
+//! A guest whose `exportable()` is empty is stateless: no snapshot, no
+//! journal; a trap restarts it fresh as today.
+//!
+//! # Snapshots
+//!
+//! Taken by the actor between two events (an update point) when the journal
+//! passes `--snapshot-bytes` (default 64 MiB), `--snapshot-events`
+//! (default 1,000,000) or `--snapshot-age` (default 60 s), after every
+//! committed swap (the transferred state is one), and on `wasmhost
+//! snapshot`. The export runs inside the actor like a swap's (a pause,
+//! measured and shown in `status`); the defaults are to be chosen by the
+//! benchmark so that kv with 100,000 keys under redis-benchmark loses under
+//! 5% throughput. A snapshot resets the journal.
+//!
+//! # Trap recovery (in memory)
+//!
+//! 1. The trapping event is known (the one being delivered). Drop the
+//!    instance.
+//! 2. New instance of the same program **with the same key**; import the
+//!    snapshot; replay journal events 1..k-1 (k = the trapping one) with
+//!    their stamps, effects discarded, timers recomputed from the snapshot's
+//!    table plus the replayed `set-timer`/`cancel-timer` effects (compared
+//!    with the live table: they must agree).
+//! 3. The trapping event: a `data` or `connect` event's connection is
+//!    closed (its input may be poison) and `on-close` is delivered; a trapping
+//!    `timer` is dropped; a trapping `close` is simply done.
+//! 4. Serve on. A trap during replay, or more than `--restart-budget` traps
+//!    (default 5) within `--restart-window` (default 10 s) without a
+//!    successful event in between, stops recovery: the service restarts
+//!    fresh (as today) with a log line and a `status` entry, never a spin.
+//!
+//! # On disk: `--state-dir DIR`
+//!
+//! ```text
+//! DIR/snapshot-<seq>.bin     header (magic "WHSNAP1\n", format name, key,
+//!                            seq, timers, connections), then the state;
+//!                            written to a temporary file, fsynced, renamed,
+//!                            directory fsynced
+//! DIR/journal-<seq>.log      records after snapshot <seq>:
+//!                            u32 length, u32 CRC-32C, u8 kind, stamp
+//!                            (wall_ns u64, seq u64), payload
+//! ```
+//!
+//! Group commit, as Redis's appendfsync: the actor appends each event's
+//! record to an in-memory batch; a writer thread writes the batch with one
+//! `write` (and one `fdatasync` with `--fsync always`; every second with
+//! `everysec`, the default; never with `no`) and only then releases the
+//! batch's replies to the connection tasks (each connection's outbox holds
+//! sends until its event's batch is written). Never one fsync per event.
+//!
+//! Start with an existing state dir: load the newest complete snapshot,
+//! replay its journal; a record cut at the journal's end (the crash
+//! interrupted it) is dropped with a warning; a bad CRC elsewhere stops the
+//! start with an error naming the file, offset and what to do (move the
+//! journal aside to start from the snapshot). Then deliver `on-close` for
+//! every connection open at the crash (they are gone), and accept. A
+//! different component goes through the usual format negotiation. Older
+//! snapshots and journals are removed once a newer snapshot is durable.
+//!
+//! # Failure at each step
+//!
+//! | step | fails how | what happens |
+//! |---|---|---|
+//! | snapshot export | error or trap | no new snapshot; the journal keeps growing; a trap is recovered from the previous snapshot |
+//! | snapshot write | disk full, I/O error | logged, `status` shows it; the old snapshot and journal stay valid; retried at the next threshold |
+//! | journal write | I/O error | with `always`/`everysec`: the service stops accepting writes' replies (clients wait) and logs; `status` shows it |
+//! | recovery replay | trap | fresh start (the budget), state lost, logged and in `status` |
+//! | start-up load | corrupt record mid-journal | start refused with the file and offset |
+//!
+//! Every row gets a test that makes it fail on purpose
+//! (`WASMHOST_TEST_DURABLE_FAIL=<step>`), and the service must still serve
+//! afterwards.
