@@ -11,6 +11,7 @@ pub mod bindings;
 pub mod check;
 pub mod cli;
 pub mod control;
+pub mod durable;
 pub mod engine;
 pub mod net;
 pub mod new;

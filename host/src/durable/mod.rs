@@ -1,8 +1,8 @@
 //! Durable state: snapshots plus a journal of stamped events (issue 9).
 //!
-//! DESIGN DRAFT (branch `journal-design`, not compiled yet: `lib.rs` does
-//! not declare this module). Written down first, as the project's rules
-//! ask; the code follows in the next increments.
+//! DESIGN DRAFT (branch `journal-design`): written down first, as the
+//! project's rules ask. So far only the journal's record format exists
+//! ([`journal`]); nothing records or replays yet.
 //!
 //! # Model
 //!
@@ -92,3 +92,5 @@
 //! Every row gets a test that makes it fail on purpose
 //! (`WASMHOST_TEST_DURABLE_FAIL=<step>`), and the service must still serve
 //! afterwards.
+
+pub mod journal;
