@@ -5,8 +5,11 @@
 //! and compiled by [`Runtime::load`] (the compile cache included), linked by
 //! [`Program::link`] (the linker a swap uses, so a component of another
 //! world fails here exactly as `serve` or `swap` would refuse it),
-//! instantiated by [`Instance::new`], and state is moved with the swap's
-//! [`service::import`]. The checks, in order:
+//! instantiated by [`Instance::new`], and state is moved by the one
+//! transfer mechanism a swap, rollback and upgrade use: its old half
+//! ([`service::export`]: `exportable()`, negotiation, `export-state`) and
+//! its new half with round-trip validation ([`service::import_checked`],
+//! as `swap --validate roundtrip`). The checks, in order:
 //!
 //! 1. `importable()` answers on a new instance (a swap asks it before
 //!    anything else), and `init` succeeds with the `--config` pairs.
@@ -615,25 +618,27 @@ impl Checker<'_> {
         let mut exports = Vec::new();
         for format in &exportable {
             (self.progress)(&format!("round trip of {format}..."));
-            let state = match instance.export_state(format).await {
-                Ok(Ok(state)) => state,
+            // The swap's own export, asked for this format.
+            let wanted = [format.clone()];
+            let mut timings = Timings::default();
+            let exported = service::export(
+                &mut instance,
+                &wanted,
+                service::SwapKind::Swap,
+                &mut timings,
+            )
+            .await;
+            let state = match exported {
+                Ok(Ok(exported)) => exported.state,
                 Ok(Err(msg)) => {
-                    self.push(
-                        format!("export {format}"),
-                        Outcome::Fail,
-                        format!(
-                            "exportable() lists {format}, but export-state returned an error: {msg}"
-                        ),
-                    );
+                    let detail = format!("exportable() lists {format}, but: {msg}");
+                    self.push(format!("export {format}"), Outcome::Fail, detail);
                     continue;
                 }
-                Err(trap) => {
+                Err(service::ExportTrap { call, trap }) => {
                     let why = service::root(&trap);
-                    self.push(
-                        format!("export {format}"),
-                        Outcome::Fail,
-                        format!("trapped in export-state({format}): {why}"),
-                    );
+                    let detail = format!("trapped in {call}: {why}");
+                    self.push(format!("export {format}"), Outcome::Fail, detail);
                     break; // the instance is lost
                 }
             };
@@ -905,10 +910,12 @@ impl Check {
     }
 }
 
-/// Imports `state` into `target` with the swap's import (no validation),
-/// then, when `target` lists `format` in `exportable()`, exports it again
-/// and compares. Returns the check (unnamed) and `target`'s
-/// `exportable()` after the import.
+/// Imports `state` into `target` with the swap's own import and round-trip
+/// validation ([`service::import_checked`]). Returns the check (unnamed)
+/// and `target`'s `exportable()` after the import. When the validating
+/// export fails and `target` does not list `format` in `exportable()`,
+/// that is the finding: a failure for the same version
+/// (`unlisted_fails`), else a warning.
 async fn round_trip(
     mut target: Instance,
     format: &str,
@@ -923,32 +930,57 @@ async fn round_trip(
         difference: None,
     };
     let mut timings = Timings::default();
-    let imported =
-        service::import(&mut target, format, state, Validation::None, &mut timings).await;
-    if let Err(why) = imported {
-        let why = why.replace("the new version", target_name);
-        return (check(Outcome::Fail, why), Vec::new());
-    }
-    let exportable = match target.exportable().await {
-        Ok(formats) => formats,
-        Err(trap) => {
-            let why = service::root(&trap);
-            let detail = format!("{target_name} trapped in exportable() after importing: {why}");
-            return (check(Outcome::Fail, detail), Vec::new());
-        }
+    let result = service::import_checked(
+        &mut target,
+        format,
+        state,
+        Validation::RoundTrip,
+        &mut timings,
+    )
+    .await;
+    let exportable = match &result {
+        Err(e) if !e.in_validation => Vec::new(),
+        _ => target.exportable().await.unwrap_or_default(),
     };
-    if !exportable.contains(&format.to_string()) {
+    let listed = exportable.iter().any(|f| f == format);
+    let failure = match result {
+        Ok(_) => {
+            let detail = format!(
+                "{} bytes exported, imported into {target_name}, re-exported identically",
+                state.len()
+            );
+            return (check(Outcome::Pass, detail), exportable);
+        }
+        Err(failure) => failure,
+    };
+    if let Some((d, again)) = failure.mismatch {
+        let detail = format!(
+            "not canonical / loses state on import: exported {} bytes, imported into \
+             {target_name}, which re-exported {} bytes; first difference at byte {}{}",
+            d.first_len,
+            d.second_len,
+            d.offset,
+            excerpt(state, &again, d.offset)
+        );
+        let failed = Check {
+            difference: Some(d),
+            ..check(Outcome::Fail, detail)
+        };
+        return (failed, exportable);
+    }
+    let why = failure.message.replace("the new version", target_name);
+    if failure.in_validation && !listed {
         let detail = format!(
             "{target_name} imported {} bytes of {format} but then does not list {format} in \
-             exportable() ([{}]), so its export was not compared{}",
+             exportable() ([{}]), and {why}{}",
             state.len(),
             exportable.join(", "),
             match unlisted_fails {
                 true =>
                     ": the same state should offer the same formats (it loses state on import?)",
                 false =>
-                    "; a swap with the default validation calls export-state in the imported \
-                          format all the same and aborts if it fails (--no-validate skips it)",
+                    "; a swap with the default validation fails the same way (--no-validate \
+                     skips it)",
             }
         );
         let outcome = match unlisted_fails {
@@ -957,47 +989,7 @@ async fn round_trip(
         };
         return (check(outcome, detail), exportable);
     }
-    let again = match target.export_state(format).await {
-        Ok(Ok(again)) => again,
-        Ok(Err(msg)) => {
-            let detail = format!(
-                "{target_name} imported {format} and lists it in exportable(), but export-state \
-                 returned an error: {msg}"
-            );
-            return (check(Outcome::Fail, detail), exportable);
-        }
-        Err(trap) => {
-            let why = service::root(&trap);
-            let detail = format!(
-                "{target_name} imported {format}, then trapped in export-state({format}): {why}"
-            );
-            return (check(Outcome::Fail, detail), exportable);
-        }
-    };
-    let outcome = match Difference::between(state, &again) {
-        None => check(
-            Outcome::Pass,
-            format!(
-                "{} bytes exported, imported into {target_name}, re-exported identically",
-                state.len()
-            ),
-        ),
-        Some(d) => Check {
-            difference: Some(d),
-            ..check(
-                Outcome::Fail,
-                format!(
-                    "not canonical / loses state on import: exported {} bytes, imported into \
-                     {target_name}, which re-exported {} bytes; first difference at byte {}{}",
-                    d.first_len,
-                    d.second_len,
-                    d.offset,
-                    excerpt(state, &again, d.offset)
-                ),
-            )
-        },
-    };
-    (outcome, exportable)
+    (check(Outcome::Fail, why), exportable)
 }
 
 /// A few bytes of each side around `offset`, for the message.

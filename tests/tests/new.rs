@@ -34,7 +34,7 @@ fn new_builds_and_serves(lang: &str) {
 
 /// Lines come back numbered; a half line and the count survive a swap.
 fn serve_and_swap(component: &Path, name: &str) {
-    let server = Served::start_raw(component, &[], 1);
+    let server = Served::start_raw(component, &["--listen", "127.0.0.1:0"], 1);
     let mut conn = TcpStream::connect(server.addr()).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();

@@ -295,7 +295,7 @@ fn rollback_fresh_uses_the_kept_previous_version_and_status_flags_a_replaced_fil
     let dir = tempfile::tempdir().unwrap();
     let served = dir.path().join("service.wasm");
     std::fs::copy(guest("kv"), &served).unwrap();
-    let server = Served::start_raw(&served, &[], 1);
+    let server = Served::start_raw(&served, &["--listen", "127.0.0.1:0"], 1);
     let mut c = redis_connect(&server);
     server.swap_to("kv-v2");
     let _: () = redis::cmd("HSET")

@@ -37,7 +37,8 @@ pub use report::{
 pub use state::Effect;
 pub use swap::{Prepared, SwapOptions, prepare};
 pub use transfer::{
-    Difference, Pause, SwapKind, Timings, Validation, import, negotiate, no_common_format, root,
+    Difference, ExportTrap, ImportError, Pause, SwapKind, Timings, Validation, export, import,
+    import_checked, negotiate, no_common_format, root,
 };
 
 use crate::bindings::ConnInfo;

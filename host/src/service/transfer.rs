@@ -171,36 +171,54 @@ pub fn no_common_format(kind: SwapKind, importable: &[String], exportable: &[Str
     }
 }
 
+/// A trap in the old half: which call trapped, and the trap.
+pub struct ExportTrap {
+    pub call: String,
+    pub trap: anyhow::Error,
+}
+
+/// The old half on an instance: asks it what it exports now, picks the
+/// first of `importable` it offers, and exports the state in it. The outer
+/// error is a trap (the instance is lost); the inner one says why nothing
+/// could be exported.
+pub async fn export(
+    old: &mut Instance,
+    importable: &[String],
+    kind: SwapKind,
+    t: &mut Timings,
+) -> Result<Result<Exported, String>, ExportTrap> {
+    let trapped = |call: String| move |trap| ExportTrap { call, trap };
+    let exportable = old
+        .exportable()
+        .await
+        .map_err(trapped("exportable()".into()))?;
+    let Some(format) = negotiate(importable, &exportable) else {
+        return Ok(Err(no_common_format(kind, importable, &exportable)));
+    };
+    let began = Instant::now();
+    let result = old.export_state(&format).await;
+    t.export = began.elapsed();
+    match result.map_err(trapped(format!("export-state({format})")))? {
+        Ok(state) => Ok(Ok(Exported { format, state })),
+        Err(msg) => Ok(Err(format!(
+            "the running version refused to export {format}: {msg}"
+        ))),
+    }
+}
+
 impl Actor {
-    /// The old half: asks the running version what it exports now, picks
-    /// the first of `importable` it offers, and exports the state in it.
-    /// The outer error is fatal for the service (the old instance trapped
-    /// and could not be restarted); the inner one aborts the move.
+    /// The old half on the running instance ([`export`]). The outer error
+    /// is fatal for the service (the old instance trapped and could not be
+    /// restarted); the inner one aborts the move.
     pub(super) async fn export_for(
         &mut self,
         importable: &[String],
         kind: SwapKind,
         t: &mut Timings,
     ) -> Result<Result<Exported, String>> {
-        let exportable = match self.instance.exportable().await {
-            Ok(formats) => formats,
-            Err(trap) => return self.old_trapped("exportable()", trap).await,
-        };
-        let Some(format) = negotiate(importable, &exportable) else {
-            return Ok(Err(no_common_format(kind, importable, &exportable)));
-        };
-        let began = Instant::now();
-        let result = self.instance.export_state(&format).await;
-        t.export = began.elapsed();
-        match result {
-            Ok(Ok(state)) => Ok(Ok(Exported { format, state })),
-            Ok(Err(msg)) => Ok(Err(format!(
-                "the running version refused to export {format}: {msg}"
-            ))),
-            Err(trap) => {
-                self.old_trapped(&format!("export-state({format})"), trap)
-                    .await
-            }
+        match export(&mut self.instance, importable, kind, t).await {
+            Ok(exported) => Ok(exported),
+            Err(ExportTrap { call, trap }) => self.old_trapped(&call, trap).await,
         }
     }
 
@@ -228,21 +246,52 @@ pub async fn import(
     validation: Validation,
     t: &mut Timings,
 ) -> Result<Option<Vec<u8>>, String> {
+    import_checked(new, format, state, validation, t)
+        .await
+        .map_err(|e| e.message)
+}
+
+/// Why [`import_checked`] failed.
+pub struct ImportError {
+    /// The text for the user (about "the new version").
+    pub message: String,
+    /// False when `import-state` itself failed, true when the validating
+    /// export did.
+    pub in_validation: bool,
+    /// For a failed round trip: where the bytes differ, and the new
+    /// version's export.
+    pub mismatch: Option<(Difference, Vec<u8>)>,
+}
+
+/// [`import`], saying which step failed and, for a round trip, what the
+/// new version exported (`wasmhost check` shows it).
+pub async fn import_checked(
+    new: &mut Instance,
+    format: &str,
+    state: &[u8],
+    validation: Validation,
+    t: &mut Timings,
+) -> Result<Option<Vec<u8>>, ImportError> {
+    let failed = |message, in_validation| ImportError {
+        message,
+        in_validation,
+        mismatch: None,
+    };
     let began = Instant::now();
     let result = new.import_state(format, state).await;
     t.import = began.elapsed();
     match result {
         Ok(Ok(())) => {}
         Ok(Err(msg)) => {
-            return Err(format!(
-                "the new version rejected the {format} state: {msg}"
-            ));
+            let why = format!("the new version rejected the {format} state: {msg}");
+            return Err(failed(why, false));
         }
         Err(trap) => {
-            return Err(format!(
+            let why = format!(
                 "the new version trapped in import-state({format}): {}",
                 root(&trap)
-            ));
+            );
+            return Err(failed(why, false));
         }
     }
     if validation == Validation::None {
@@ -250,30 +299,38 @@ pub async fn import(
     }
     let began = Instant::now();
     let result = new.export_state(format).await;
-    let difference = match &result {
-        Ok(Ok(exported)) if validation == Validation::RoundTrip => {
-            Difference::between(state, exported)
-        }
-        _ => None,
-    };
     t.validate = began.elapsed();
-    if let Some(d) = difference {
-        return Err(format!(
+    let exported = match result {
+        Ok(Ok(exported)) => exported,
+        Ok(Err(msg)) => {
+            let why = format!(
+                "validation failed: the new version cannot export the {format} state it imported: {msg}"
+            );
+            return Err(failed(why, true));
+        }
+        Err(trap) => {
+            let why = format!(
+                "validation failed: the new version trapped exporting the {format} state it imported: {}",
+                root(&trap)
+            );
+            return Err(failed(why, true));
+        }
+    };
+    if validation == Validation::RoundTrip
+        && let Some(d) = Difference::between(state, &exported)
+    {
+        let message = format!(
             "round-trip validation failed: the new version re-exported the {format} state it \
              imported with different bytes: first difference at byte {} (the running version \
              exported {} bytes, the new version {}); it loses or changes state on import, or its \
              {format} encoding is not canonical (the same state written in another order)",
             d.offset, d.first_len, d.second_len
-        ));
+        );
+        return Err(ImportError {
+            message,
+            in_validation: true,
+            mismatch: Some((d, exported)),
+        });
     }
-    match result {
-        Ok(Ok(exported)) => Ok(Some(exported)),
-        Ok(Err(msg)) => Err(format!(
-            "validation failed: the new version cannot export the {format} state it imported: {msg}"
-        )),
-        Err(trap) => Err(format!(
-            "validation failed: the new version trapped exporting the {format} state it imported: {}",
-            root(&trap)
-        )),
-    }
+    Ok(Some(exported))
 }
