@@ -235,11 +235,50 @@ pub fn format_status(r: &StatusReport) -> String {
         "connections  {} open, {} since start",
         r.connections, r.connections_total
     );
+    let d = &r.durable;
     let _ = writeln!(
         s,
-        "events       {} served, {} traps, {} timers armed",
-        r.events, r.traps, r.timers
+        "events       {} served, {} traps ({} rebuilt with their state), {} timers armed",
+        r.events, r.traps, d.recoveries, r.timers
     );
+    if let Some(why) = &d.stopped {
+        let _ = writeln!(
+            s,
+            "STOPPED      {why}; swap in a fixed version with `wasmhost swap --fresh FILE`"
+        );
+    }
+    if d.journal == "on" {
+        let _ = writeln!(
+            s,
+            "journal      {} events, {} bytes since the last snapshot ({}, {} bytes, {:.0} s ago)",
+            d.journal_events,
+            d.journal_bytes,
+            d.snapshot_format,
+            d.snapshot_bytes,
+            d.snapshot_age_s
+        );
+        let _ = writeln!(
+            s,
+            "snapshots    {} taken, {} failed, pause last {} max {}{}",
+            d.snapshots,
+            d.snapshot_failures,
+            us(d.last_snapshot_pause_us),
+            us(d.max_snapshot_pause_us),
+            d.last_snapshot_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    } else {
+        let _ = writeln!(s, "journal      {}", d.journal);
+    }
+    if d.recoveries > 0 {
+        let _ = writeln!(
+            s,
+            "recovery     last rebuild took {}",
+            us(d.last_recovery_us)
+        );
+    }
     if let Some(p) = &r.previous {
         let _ = writeln!(
             s,

@@ -386,7 +386,7 @@ pub struct ServeArgs {
     pub read_chunk: usize,
 
     /// How long one event call may run before it is interrupted (a trap:
-    /// the service restarts with fresh state).
+    /// the state is rebuilt and the connection whose event it was closed).
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub event_timeout_ms: u64,
 
@@ -397,6 +397,34 @@ pub struct ServeArgs {
     /// Most linear memory one service instance may grow to.
     #[arg(long, value_name = "BYTES", default_value = "1GiB", value_parser = parse_size)]
     pub max_memory: usize,
+
+    /// Record every event since the last snapshot, so that a trap loses
+    /// only the event that trapped: the state is rebuilt in a new instance
+    /// from the snapshot and the journal. `off`: a trap restarts the
+    /// service with fresh state (`init`). Stateless guests (empty
+    /// `exportable()`) are never journaled.
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    pub journal: OnOff,
+
+    /// Take a snapshot (the state exported in a format the component
+    /// imports itself, between two events) once the journal holds this
+    /// many bytes...
+    #[arg(long, value_name = "BYTES", default_value = "32MiB", value_parser = parse_size)]
+    pub snapshot_bytes: usize,
+
+    /// ... or this many events...
+    #[arg(long, value_name = "N", default_value_t = 500_000)]
+    pub snapshot_events: u64,
+
+    /// ... or its first event is this many seconds old.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub snapshot_age_s: u64,
+
+    /// Traps in a row, with no event served between them, that are
+    /// recovered; one more stops the service (its connections are closed,
+    /// `status` says why, `swap --fresh` with a fixed version serves again).
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub restart_budget: u32,
 
     #[command(flatten)]
     pub cache: CacheArgs,
@@ -411,6 +439,13 @@ pub struct ServeArgs {
     /// serves about 30% more requests than two.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
+}
+
+/// A switch.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 /// The default worker thread count: half the cores, at least 1, at most 4.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use wasmhost::cli::{CacheArgs, CheckArgs, Cli, Command, CompileArgs, ServeArgs};
+use wasmhost::cli::{self, CacheArgs, CheckArgs, Cli, Command, CompileArgs, ServeArgs};
 use wasmhost::shutdown::{HostSignal, Signals};
 use wasmhost::upgrade::{self, UpgradeOptions};
 use wasmhost::{Launch, ServeOptions, Server, engine, net, service, systemd};
@@ -203,6 +203,13 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
             event_timeout: Duration::from_millis(args.event_timeout_ms),
             state_timeout: Duration::from_millis(args.state_timeout_ms),
             max_memory: args.max_memory,
+        },
+        durable: wasmhost::durable::Policy {
+            journal: args.journal == cli::OnOff::On,
+            snapshot_bytes: args.snapshot_bytes,
+            snapshot_events: args.snapshot_events,
+            snapshot_age: Duration::from_secs(args.snapshot_age_s),
+            restart_budget: args.restart_budget,
         },
         cache,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),

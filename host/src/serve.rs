@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub max_connections: usize,
     pub conn_limits: ConnLimits,
     pub instance_limits: InstanceLimits,
+    /// Journal, snapshots and the restart budget.
+    pub durable: crate::durable::Policy,
     /// The compile cache; `None` compiles every time.
     pub cache: Option<crate::engine::CompileCache>,
     /// How long shutdown waits for connections to flush.
@@ -112,6 +114,7 @@ impl Server {
             name: opts.name.as_str().into(),
             config: opts.config.clone(),
             limits: opts.instance_limits.clone(),
+            durable: opts.durable.clone(),
             listeners: listeners
                 .iter()
                 .map(|l| {

@@ -7,8 +7,9 @@
 //! len      u32 LE   bytes after this field and the checksum (kind .. payload)
 //! crc      u32 LE   CRC-32 (IEEE) of those bytes
 //! kind     u8       1 connect, 2 data, 3 close, 4 timer
-//! wall_ns  u64 LE   the event's stamp
-//! seq      u64 LE
+//! wall_ns  u64 LE   the event's stamp: wall clock,
+//! mono_ns  u64 LE   monotonic clock,
+//! seq      u64 LE   sequence number
 //! payload           connect: conn u64, listener (u32 len + bytes), peer (u32 len + bytes)
 //!                   data:    conn u64, bytes (u32 len + bytes)
 //!                   close:   conn u64
@@ -46,47 +47,83 @@ pub const MAX_RECORD: usize = 64 << 20;
 
 const HEAD: usize = 8;
 
-impl Record {
-    /// Appends the record's encoding to `out`.
-    pub fn encode(&self, out: &mut Vec<u8>) {
-        let start = out.len();
-        out.extend_from_slice(&[0; HEAD]);
-        let (kind, payload_start) = (self.kind(), out.len());
-        out.push(kind);
-        out.extend_from_slice(&self.stamp.wall_ns.to_le_bytes());
-        out.extend_from_slice(&self.stamp.seq.to_le_bytes());
-        match &self.event {
+/// An event borrowed from where it is delivered, to be recorded without a
+/// copy.
+#[derive(Clone, Copy, Debug)]
+pub enum EventRef<'a> {
+    Connect {
+        conn: u64,
+        listener: &'a str,
+        peer: &'a str,
+    },
+    Data(u64, &'a [u8]),
+    Close(u64),
+    Timer(u64),
+}
+
+impl Event {
+    pub fn as_ref(&self) -> EventRef<'_> {
+        match self {
             Event::Connect {
                 conn,
                 listener,
                 peer,
-            } => {
-                out.extend_from_slice(&conn.to_le_bytes());
-                put_bytes(out, listener.as_bytes());
-                put_bytes(out, peer.as_bytes());
-            }
-            Event::Data(conn, data) => {
-                out.extend_from_slice(&conn.to_le_bytes());
-                put_bytes(out, data);
-            }
-            Event::Close(conn) => out.extend_from_slice(&conn.to_le_bytes()),
-            Event::Timer(token) => out.extend_from_slice(&token.to_le_bytes()),
+            } => EventRef::Connect {
+                conn: *conn,
+                listener,
+                peer,
+            },
+            Event::Data(conn, data) => EventRef::Data(*conn, data),
+            Event::Close(conn) => EventRef::Close(*conn),
+            Event::Timer(token) => EventRef::Timer(*token),
         }
-        let body = &out[payload_start..];
-        let len = (body.len() as u32).to_le_bytes();
-        let crc = crc32fast::hash(body).to_le_bytes();
-        out[start..start + 4].copy_from_slice(&len);
-        out[start + 4..start + HEAD].copy_from_slice(&crc);
     }
+}
 
-    fn kind(&self) -> u8 {
-        match self.event {
-            Event::Connect { .. } => 1,
-            Event::Data(..) => 2,
-            Event::Close(_) => 3,
-            Event::Timer(_) => 4,
-        }
+impl Record {
+    /// Appends the record's encoding to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        encode(out, self.stamp, self.event.as_ref());
     }
+}
+
+/// Appends the record of `event` with `stamp` to `out`.
+pub fn encode(out: &mut Vec<u8>, stamp: Stamp, event: EventRef<'_>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; HEAD]);
+    let kind = match event {
+        EventRef::Connect { .. } => 1,
+        EventRef::Data(..) => 2,
+        EventRef::Close(_) => 3,
+        EventRef::Timer(_) => 4,
+    };
+    let body_start = out.len();
+    out.push(kind);
+    out.extend_from_slice(&stamp.wall_ns.to_le_bytes());
+    out.extend_from_slice(&stamp.mono_ns.to_le_bytes());
+    out.extend_from_slice(&stamp.seq.to_le_bytes());
+    match event {
+        EventRef::Connect {
+            conn,
+            listener,
+            peer,
+        } => {
+            out.extend_from_slice(&conn.to_le_bytes());
+            put_bytes(out, listener.as_bytes());
+            put_bytes(out, peer.as_bytes());
+        }
+        EventRef::Data(conn, data) => {
+            out.extend_from_slice(&conn.to_le_bytes());
+            put_bytes(out, data);
+        }
+        EventRef::Close(conn) => out.extend_from_slice(&conn.to_le_bytes()),
+        EventRef::Timer(token) => out.extend_from_slice(&token.to_le_bytes()),
+    }
+    let body = &out[body_start..];
+    let len = (body.len() as u32).to_le_bytes();
+    let crc = crc32fast::hash(body).to_le_bytes();
+    out[start..start + 4].copy_from_slice(&len);
+    out[start + 4..start + HEAD].copy_from_slice(&crc);
 }
 
 fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -162,6 +199,7 @@ fn read_one(data: &[u8]) -> Result<(Record, usize), String> {
     let kind = r.u8()?;
     let stamp = Stamp {
         wall_ns: r.u64()?,
+        mono_ns: r.u64()?,
         seq: r.u64()?,
     };
     let event = match kind {
@@ -216,6 +254,7 @@ mod tests {
     fn sample() -> Vec<Record> {
         let stamp = |seq| Stamp {
             wall_ns: 1_000 + seq,
+            mono_ns: 2_000 + seq,
             seq,
         };
         vec![

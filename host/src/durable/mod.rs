@@ -1,8 +1,10 @@
 //! Durable state: snapshots plus a journal of stamped events (issue 9).
 //!
-//! DESIGN DRAFT (branch `journal-design`): written down first, as the
-//! project's rules ask. So far only the journal's record format exists
-//! ([`journal`]); nothing records or replays yet.
+//! Built so far: the in-memory part. Every event is recorded ([`Journal`],
+//! in the on-disk record format of [`journal`]), snapshots are taken at
+//! update points ([`Policy`]), and a trap rebuilds the state from the
+//! snapshot and the journal (`service/recovery.rs`). Still a design below:
+//! `--state-dir` (the on-disk layout, group commit, start-up recovery).
 //!
 //! # Model
 //!
@@ -94,3 +96,145 @@
 //! afterwards.
 
 pub mod journal;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::service::Stamp;
+
+/// When snapshots are taken and how traps are recovered (`wasmhost serve`
+/// flags; the defaults are documented in the README's "Limits and failure
+/// behaviour").
+#[derive(Clone, Debug)]
+pub struct Policy {
+    /// Record events and rebuild the state after a trap (`--journal`).
+    pub journal: bool,
+    /// Take a snapshot once the journal holds this many bytes.
+    pub snapshot_bytes: usize,
+    /// ... or this many events.
+    pub snapshot_events: u64,
+    /// ... or its oldest event is this old (checked at each event).
+    pub snapshot_age: Duration,
+    /// Traps in a row (with no event served between them) after which the
+    /// service is stopped instead of rebuilt.
+    pub restart_budget: u32,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            journal: true,
+            snapshot_bytes: 32 << 20,
+            snapshot_events: 500_000,
+            snapshot_age: Duration::from_secs(60),
+            restart_budget: 5,
+        }
+    }
+}
+
+/// What a rebuilt instance starts from before the journal is replayed:
+/// the same component instantiated with the same key, then `init` or the
+/// snapshot's import, each with its recorded stamp.
+#[derive(Clone)]
+pub struct Base {
+    /// The instance's secret key: its random bytes derive from it.
+    pub key: [u8; 32],
+    /// The instantiation's stamp.
+    pub born: Stamp,
+    pub start: Begin,
+}
+
+#[derive(Clone)]
+pub enum Begin {
+    /// `init` with the service's `--config`, at this stamp.
+    Init(Stamp),
+    /// `import-state` of a snapshot: `export-state` in a format the
+    /// component itself imports.
+    Snapshot {
+        format: String,
+        state: Bytes,
+        stamp: Stamp,
+    },
+}
+
+impl Base {
+    /// The snapshot's size in bytes (0 for `init`).
+    pub fn state_bytes(&self) -> usize {
+        match &self.start {
+            Begin::Init(_) => 0,
+            Begin::Snapshot { state, .. } => state.len(),
+        }
+    }
+}
+
+/// The events since the base, encoded as [`journal`] records.
+pub struct Journal {
+    pub base: Base,
+    bytes: Vec<u8>,
+    events: u64,
+    /// When the base was taken.
+    since: Instant,
+}
+
+impl Journal {
+    pub fn new(base: Base) -> Journal {
+        Journal {
+            base,
+            bytes: Vec::new(),
+            events: 0,
+            since: Instant::now(),
+        }
+    }
+
+    /// Records one event the instance handled.
+    pub fn record(&mut self, stamp: Stamp, event: journal::EventRef<'_>) {
+        journal::encode(&mut self.bytes, stamp, event);
+        self.events += 1;
+    }
+
+    /// Starts again from `base` (a snapshot, or `init` after a fresh
+    /// start); the journal is emptied.
+    pub fn reset(&mut self, base: Base) {
+        self.base = base;
+        self.bytes.clear();
+        // Give back the memory of a large journal.
+        if self.bytes.capacity() > 1 << 20 {
+            self.bytes = Vec::new();
+        }
+        self.events = 0;
+        self.since = Instant::now();
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// How long ago the base was taken.
+    pub fn age(&self) -> Duration {
+        self.since.elapsed()
+    }
+
+    /// Why a snapshot is due now, if it is.
+    pub fn due(&self, policy: &Policy) -> Option<&'static str> {
+        if self.events == 0 {
+            None
+        } else if self.bytes.len() >= policy.snapshot_bytes {
+            Some("journal size")
+        } else if self.events >= policy.snapshot_events {
+            Some("event count")
+        } else if self.since.elapsed() >= policy.snapshot_age {
+            Some("age")
+        } else {
+            None
+        }
+    }
+}

@@ -44,6 +44,9 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock};
 pub struct Stamp {
     /// Wall-clock time, nanoseconds since the Unix epoch.
     pub wall_ns: u64,
+    /// The monotonic clock's reading: `wall_ns`, or more when the wall
+    /// clock stepped back since an earlier call of the instance.
+    pub mono_ns: u64,
     /// The call's sequence number in its instance, from 1.
     pub seq: u64,
 }
@@ -59,8 +62,6 @@ pub struct EventTime {
 struct Inner {
     key: [u8; 32],
     stamp: Stamp,
-    /// The monotonic clock's reading for this call.
-    mono_ns: u64,
     /// The call's generator, made when the guest first asks for random
     /// bytes in the call (most calls never do; seeding costs a SHA-256).
     rng: Option<StdRng>,
@@ -84,12 +85,15 @@ impl EventTime {
     /// Clocks whose random bytes derive from `key` (a replay uses the key of
     /// the instance it rebuilds).
     pub fn with_key(key: [u8; 32]) -> EventTime {
-        let stamp = Stamp { wall_ns: 0, seq: 0 };
+        let stamp = Stamp {
+            wall_ns: 0,
+            mono_ns: 0,
+            seq: 0,
+        };
         EventTime {
             inner: Arc::new(Mutex::new(Inner {
                 key,
                 stamp,
-                mono_ns: 0,
                 rng: None,
             })),
         }
@@ -100,25 +104,43 @@ impl EventTime {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The stamp of a call beginning now: the current wall-clock time and
-    /// the next sequence number.
+    /// The instance's secret key (a rebuilt instance gets the same one).
+    pub fn key(&self) -> [u8; 32] {
+        self.lock().key
+    }
+
+    /// The stamp of a call beginning now: the current wall-clock time, the
+    /// monotonic reading (never less than the last call's) and the next
+    /// sequence number.
     pub fn next(&self) -> Stamp {
         let wall_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
+        let last = self.lock().stamp;
         Stamp {
             wall_ns,
-            seq: self.lock().stamp.seq + 1,
+            mono_ns: last.mono_ns.max(wall_ns),
+            seq: last.seq + 1,
         }
     }
 
     /// Begins a call with `stamp`: from now until the next `begin`, the
-    /// clocks read its time and the generators give its bytes.
+    /// clocks read its time and the generators give its bytes. A replay
+    /// begins each call with the stamp the journal recorded for it.
     pub fn begin(&self, stamp: Stamp) {
         let mut inner = self.lock();
-        inner.mono_ns = inner.mono_ns.max(stamp.wall_ns);
         inner.rng = None;
         inner.stamp = stamp;
+    }
+
+    /// Makes the next call's stamp come after `last` (a rebuilt instance
+    /// goes on after the instance it replaces, whose last calls may not
+    /// have been replayed).
+    pub fn advance_past(&self, last: Stamp) {
+        let mut inner = self.lock();
+        let stamp = &mut inner.stamp;
+        stamp.seq = stamp.seq.max(last.seq);
+        stamp.mono_ns = stamp.mono_ns.max(last.mono_ns);
     }
 
     /// The stamp of the call in progress (or of the last one).
@@ -187,7 +209,7 @@ impl HostMonotonicClock for MonotonicClock {
     }
 
     fn now(&self) -> u64 {
-        self.0.lock().mono_ns
+        self.0.lock().stamp.mono_ns
     }
 }
 
@@ -221,20 +243,23 @@ mod tests {
         let time = EventTime::with_key([7; 32]);
         let wall = time.wall_clock();
         let mono = time.monotonic_clock();
+        let first = time.next();
+        time.begin(first);
+        assert_eq!(wall.now(), Duration::from_nanos(first.wall_ns));
+        assert_eq!(mono.now(), first.wall_ns);
+        assert_eq!(mono.now(), first.wall_ns, "no time passes inside a call");
+        // A call whose monotonic reading ran ahead of the wall clock (the
+        // wall clock stepped back since): the next reading does not go back.
+        let ahead = first.wall_ns + 3_600_000_000_000;
         time.begin(Stamp {
-            wall_ns: 5_000,
-            seq: 1,
-        });
-        assert_eq!(wall.now(), Duration::from_nanos(5_000));
-        assert_eq!(mono.now(), 5_000);
-        assert_eq!(mono.now(), 5_000, "no time passes inside a call");
-        // The wall clock stepped back: the monotonic clock stays.
-        time.begin(Stamp {
-            wall_ns: 4_000,
+            wall_ns: first.wall_ns,
+            mono_ns: ahead,
             seq: 2,
         });
-        assert_eq!(wall.now(), Duration::from_nanos(4_000));
-        assert_eq!(mono.now(), 5_000);
+        assert_eq!(mono.now(), ahead);
+        let next = time.next();
+        assert!(next.wall_ns < ahead);
+        assert_eq!(next.mono_ns, ahead);
         assert_eq!(time.next().seq, 3);
     }
 
@@ -242,7 +267,11 @@ mod tests {
     fn random_bytes_repeat_for_the_same_key_and_call() {
         let draw = |key: [u8; 32], seq: u64| {
             let time = EventTime::with_key(key);
-            time.begin(Stamp { wall_ns: 1, seq });
+            time.begin(Stamp {
+                wall_ns: 1,
+                mono_ns: 1,
+                seq,
+            });
             let mut random = time.random();
             let mut bytes = [0u8; 16];
             random.fill_bytes(&mut bytes);

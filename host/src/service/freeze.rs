@@ -139,6 +139,9 @@ pub struct Start {
     pub stats: Stats,
     pub timers: Vec<TimerImage>,
     pub parked: Parked,
+    /// What a rebuild after a trap starts from: the state a host upgrade
+    /// carried over (`None`: the instance was started with `init`).
+    pub base: Option<crate::durable::Base>,
 }
 
 impl Start {
@@ -155,6 +158,7 @@ impl Start {
                 listeners,
                 conns: BTreeMap::new(),
             },
+            base: None,
         }
     }
 }
@@ -280,7 +284,7 @@ impl Actor {
             Msg::Event(Event::ReadClosed(id)) => {
                 // The guest sees the bytes before the end, as always.
                 if let Some(data) = f.unread.remove(&id) {
-                    self.deliver(id, &data).await?;
+                    self.deliver_late(id, &data).await?;
                 }
                 self.handle(Event::ReadClosed(id)).await?;
             }
@@ -433,7 +437,7 @@ impl Actor {
         }
         net::start_accepting(parked.listeners, &self.net);
         for (id, data) in unread {
-            self.deliver(id, &data).await?;
+            self.deliver_late(id, &data).await?;
         }
         Ok(())
     }

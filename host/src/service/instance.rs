@@ -111,6 +111,10 @@ pub struct Instance {
     limits: InstanceLimits,
     /// The clocks and generators the guest sees (see `event_time`).
     time: EventTime,
+    /// The stamp of the instantiation (the component's start functions).
+    born: Stamp,
+    /// While replaying: the stamp the next calls get instead of a new one.
+    pinned: Option<Stamp>,
 }
 
 impl Instance {
@@ -120,10 +124,36 @@ impl Instance {
         service: Arc<str>,
         limits: &InstanceLimits,
     ) -> Result<Instance> {
-        let engine = program.pre.engine();
         let time = EventTime::new();
+        let born = time.next();
+        Instance::instantiate(program, service, limits, time, born).await
+    }
+
+    /// Instantiates `program` again as the instance with `key` was, its
+    /// instantiation stamped `born`: the start of a rebuild, which then
+    /// imports a snapshot and replays the journal with
+    /// [`pin`](Self::pin)ned stamps.
+    pub async fn rebuild(
+        program: Arc<Program>,
+        service: Arc<str>,
+        limits: &InstanceLimits,
+        key: [u8; 32],
+        born: Stamp,
+    ) -> Result<Instance> {
+        let time = EventTime::with_key(key);
+        Instance::instantiate(program, service, limits, time, born).await
+    }
+
+    async fn instantiate(
+        program: Arc<Program>,
+        service: Arc<str>,
+        limits: &InstanceLimits,
+        time: EventTime,
+        born: Stamp,
+    ) -> Result<Instance> {
+        let engine = program.pre.engine();
         // Instantiation runs the component's start functions: a call too.
-        time.begin(time.next());
+        time.begin(born);
         let mut store = Store::new(engine, StoreData::new(service, limits.max_memory, &time));
         store.limiter(|data| &mut data.limits);
         store.epoch_deadline_callback(|ctx| {
@@ -150,7 +180,30 @@ impl Instance {
             program,
             limits: limits.clone(),
             time,
+            born,
+            pinned: None,
         })
+    }
+
+    /// The instance's secret key (its random bytes derive from it).
+    pub fn key(&self) -> [u8; 32] {
+        self.time.key()
+    }
+
+    /// The stamp of the instantiation.
+    pub fn born(&self) -> Stamp {
+        self.born
+    }
+
+    /// Gives the next calls `stamp` instead of a new one (`None`: new
+    /// stamps again). A replay pins each event's recorded stamp.
+    pub fn pin(&mut self, stamp: Option<Stamp>) {
+        self.pinned = stamp;
+    }
+
+    /// Makes the next call's stamp come after `last`.
+    pub fn advance_past(&self, last: Stamp) {
+        self.time.advance_past(last);
     }
 
     /// Bytes of linear memory the instance holds (every memory of its
@@ -173,7 +226,8 @@ impl Instance {
     /// Starts one call: its stamp (the time the guest sees during it, the
     /// seed of its random bytes) and its deadline.
     fn arm(&mut self, budget: Duration) {
-        self.time.begin(self.time.next());
+        let stamp = self.pinned.unwrap_or_else(|| self.time.next());
+        self.time.begin(stamp);
         let data = self.store.data_mut();
         data.call_started = Instant::now();
         data.call_budget = budget;

@@ -10,6 +10,7 @@
 mod event_time;
 mod freeze;
 mod instance;
+mod recovery;
 mod report;
 mod state;
 mod swap;
@@ -19,10 +20,12 @@ pub use event_time::{EventTime, Stamp};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
+
 use bytes::Bytes;
+use recovery::Call;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::time::{DelayQueue, delay_queue};
 
@@ -31,6 +34,7 @@ pub use freeze::{
     Start, TimerImage,
 };
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
+pub use recovery::{DurableStatus, SnapshotReport, base_of_state};
 pub use report::{
     ComponentInfo, HISTORY_LEN, StatusReport, SwapRecord, SwapReport, UpgradeInfo, micros, unix_ms,
 };
@@ -174,6 +178,8 @@ pub struct ServiceSpec {
     pub limits: InstanceLimits,
     /// Bound listeners, for `status`.
     pub listeners: Vec<(String, std::net::SocketAddr)>,
+    /// Journal, snapshots and the restart budget.
+    pub durable: crate::durable::Policy,
 }
 
 /// Starts a fresh instance of `program` and calls `init`. Errors here mean
@@ -218,6 +224,9 @@ pub fn spawn(
     start: Start,
 ) -> tokio::task::JoinHandle<Result<Ended>> {
     swap::start_reaper();
+    let base = start
+        .base
+        .unwrap_or_else(|| recovery::base_after_init(&instance));
     let mut actor = Actor {
         spec,
         generation: start.generation,
@@ -235,11 +244,16 @@ pub fn spawn(
         stats: start.stats,
         shutdown_requested: None,
         late_unread: Vec::new(),
+        journal: None,
+        durable: Default::default(),
+        own_formats: Vec::new(),
+        stopped: None,
     };
     for timer in &start.timers {
         actor.set_timer(timer.token, Duration::from_millis(timer.remaining_ms));
     }
     tokio::spawn(async move {
+        actor.start_journal(base, &[]).await;
         actor.thaw(start.parked).await?;
         actor.run().await
     })
@@ -260,6 +274,10 @@ pub struct Stats {
     pub events: u64,
     pub traps: u64,
     pub connections_total: u64,
+    /// Traps after which the state was rebuilt from the snapshot and the
+    /// journal.
+    #[serde(default)]
+    pub recoveries: u64,
 }
 
 struct Conn {
@@ -293,6 +311,15 @@ struct Actor {
     /// Bytes read during a freeze that timed out, from connections whose
     /// task had not stopped yet: the guest gets them when it resumes.
     late_unread: Vec<(u64, Vec<u8>)>,
+    /// Every event since the last snapshot; `None` for a stateless guest,
+    /// `--journal off`, or a stopped service.
+    journal: Option<crate::durable::Journal>,
+    durable: recovery::DurableStats,
+    /// The formats the running component imports (a snapshot is in the
+    /// first of them that it exports).
+    own_formats: Vec<String>,
+    /// Why the service was stopped (restart budget spent), if it was.
+    stopped: Option<String>,
 }
 
 impl Actor {
@@ -326,8 +353,7 @@ impl Actor {
                 Some(expired) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)), if timers_armed => {
                     let token = expired.into_inner();
                     self.timer_keys.remove(&token);
-                    let result = self.instance.on_timer(token).await;
-                    self.after_call(result).await?;
+                    self.deliver(Call::Timer(token)).await?;
                 }
             }
         }
@@ -350,27 +376,35 @@ impl Actor {
     async fn handle(&mut self, event: Event) -> Result<()> {
         match event {
             Event::Connected { info, outbox } => {
+                if self.stopped.is_some() {
+                    outbox.close();
+                    return Ok(());
+                }
                 self.stats.connections_total += 1;
                 let info = guest_conn_info(info);
-                let result = self.instance.on_connect(&info).await;
-                self.conns.insert(info.id, Conn { info, outbox });
-                self.after_call(result).await
+                let conn = Conn {
+                    info: info.clone(),
+                    outbox,
+                };
+                self.conns.insert(info.id, conn);
+                self.deliver(Call::Connect(&info)).await
             }
             Event::Data(id, data) => {
-                let Some(conn) = self.conns.get(&id) else {
+                if !self.conns.contains_key(&id) {
                     return Ok(()); // closed by the service; drop late bytes
-                };
+                }
                 // The table does not change during the call: effects are
                 // applied after it.
-                let result = self.instance.on_data(id, &data).await;
-                conn.outbox.consumed(data.len());
-                self.after_call(result).await
+                self.deliver(Call::Data(id, &data)).await?;
+                if let Some(conn) = self.conns.get(&id) {
+                    conn.outbox.consumed(data.len());
+                }
+                Ok(())
             }
             Event::ReadClosed(id) => {
                 if let Some(conn) = self.conns.remove(&id) {
                     conn.outbox.close();
-                    let result = self.instance.on_close(id).await;
-                    self.after_call(result).await?;
+                    self.deliver(Call::Close(id)).await?;
                 }
                 Ok(())
             }
@@ -388,35 +422,11 @@ impl Actor {
 
     /// Gives the guest bytes of `id` (if it is still open) outside the
     /// connection's flow control (they were accounted for when read).
-    async fn deliver(&mut self, id: u64, data: &[u8]) -> Result<()> {
+    async fn deliver_late(&mut self, id: u64, data: &[u8]) -> Result<()> {
         if !self.conns.contains_key(&id) {
             return Ok(());
         }
-        let result = self.instance.on_data(id, data).await;
-        self.after_call(result).await
-    }
-
-    /// Carries out a call's effects, delivers `on-close` for connections
-    /// the service closed, and recovers from a trap.
-    async fn after_call(&mut self, result: Result<()>) -> Result<()> {
-        self.stats.events += 1;
-        if let Err(trap) = result {
-            self.recover(trap).await?;
-        }
-        self.apply_effects();
-        self.deliver_closes().await
-    }
-
-    /// Delivers `on-close` for the connections that effects closed.
-    async fn deliver_closes(&mut self) -> Result<()> {
-        while let Some(id) = self.closing.pop_front() {
-            let result = self.instance.on_close(id).await;
-            if let Err(trap) = result {
-                self.recover(trap).await?;
-            }
-            self.apply_effects();
-        }
-        Ok(())
+        self.deliver(Call::Data(id, data)).await
     }
 
     fn apply_effects(&mut self) {
@@ -476,41 +486,6 @@ impl Actor {
         }
     }
 
-    /// A trapped instance cannot be re-entered: start a fresh one with
-    /// `init` and replay `on-connect` for every open connection. The old
-    /// instance's state is lost; connections and timers are kept.
-    async fn recover(&mut self, trap: anyhow::Error) -> Result<()> {
-        self.stats.traps += 1;
-        // Effects of the failed call are dropped with the instance.
-        tracing::error!(
-            service = &*self.spec.name,
-            component = %self.instance.program.path.display(),
-            "guest trapped; restarting it with fresh state: {trap:#}"
-        );
-        let started = Instant::now();
-        let program = self.instance.program.clone();
-        self.instance = start_fresh(program, &self.spec)
-            .await
-            .context("restarting the service after a trap failed")?;
-        let mut ids: Vec<u64> = self.conns.keys().copied().collect();
-        ids.sort_unstable();
-        for id in ids {
-            let info = self.conns[&id].info.clone();
-            // A trap here again is not retried: the service is broken.
-            self.instance
-                .on_connect(&info)
-                .await
-                .context("the restarted service trapped again in on-connect")?;
-            self.apply_effects();
-        }
-        tracing::info!(
-            service = &*self.spec.name,
-            "service restarted in {:?}",
-            started.elapsed()
-        );
-        Ok(())
-    }
-
     /// Shutdown: close every connection after its output is flushed and
     /// tell the service.
     async fn close_all(&mut self) -> Result<()> {
@@ -519,8 +494,7 @@ impl Actor {
         for id in ids {
             if let Some(conn) = self.conns.remove(&id) {
                 conn.outbox.close();
-                let result = self.instance.on_close(id).await;
-                self.after_call(result).await?;
+                self.deliver(Call::Close(id)).await?;
             }
         }
         Ok(())

@@ -152,6 +152,9 @@ pub struct StatusReport {
     pub previous: Option<ComponentInfo>,
     /// The most recent swaps, oldest first.
     pub swaps: Vec<SwapRecord>,
+    /// Journal, snapshots and trap recovery.
+    #[serde(default)]
+    pub durable: super::DurableStatus,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -188,6 +191,7 @@ impl Actor {
             timers: self.timer_keys.len(),
             previous: self.previous.as_deref().map(ComponentInfo::of),
             swaps: self.history.iter().cloned().collect(),
+            durable: self.durable_status(),
         }
     }
 

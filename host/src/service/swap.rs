@@ -15,9 +15,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Result;
 
+use super::event_time::Stamp;
+use super::recovery::{base_after_init, base_of_state};
 use super::report::{ComponentInfo, SwapRecord, SwapReport, micros, unix_ms};
 use super::transfer::{Exported, Pause, SwapKind, Timings, Validation, import, root};
 use super::{Actor, Instance, InstanceLimits, Program};
+use crate::bindings::ConnInfo;
+use crate::durable::Base;
+use bytes::Bytes;
 
 /// A new version, instantiated and ready to take over.
 pub struct Prepared {
@@ -82,6 +87,7 @@ impl Actor {
             (SwapKind::Swap, true) => "fresh",
             (SwapKind::Swap, false) => "swap",
             (SwapKind::Upgrade, _) => "upgrade",
+            (SwapKind::Snapshot, _) => "snapshot",
         };
         let result = self.transfer(prepared, &opts, started).await?;
         let record = |format: Option<String>, state_bytes, pause_us, outcome| SwapRecord {
@@ -145,6 +151,14 @@ impl Actor {
                 self.generation
             )));
         }
+        if let Some(why) = &self.stopped
+            && !opts.fresh
+        {
+            return Ok(Err(format!(
+                "the service is stopped ({why}): it has no state to carry over; swap in a fixed \
+                 version with --fresh"
+            )));
+        }
         let Prepared {
             instance: mut new,
             importable,
@@ -153,10 +167,13 @@ impl Actor {
         } = prepared;
         let mut t = Timings::default();
         let mut warnings = Vec::new();
+        let mut fresh_start = None;
+        let mut transferred = None;
         let (format, state_bytes) = if opts.fresh {
-            if let Err(why) = self.start_fresh_in(&mut new).await {
-                return Ok(Err(why));
-            }
+            fresh_start = match self.start_fresh_in(&mut new).await {
+                Ok(started) => Some(started),
+                Err(why) => return Ok(Err(why)),
+            };
             warnings.push(
                 "state dropped: the new version started fresh (init) and saw every open connection as new".into(),
             );
@@ -173,12 +190,28 @@ impl Actor {
             };
             let len = state.len();
             // Freeing megabytes can mean unmapping them: not in the pause.
-            reap(Box::new((state, validated)));
+            reap(Box::new(validated));
+            // The transferred state is the new generation's first snapshot.
+            transferred = Some(Bytes::from(state));
             (Some(format), len)
         };
         let connections = self.conns.len();
         let old_program = self.commit(new, opts.fresh);
         let pause = Pause::new(started.elapsed(), &t);
+        // After the pause: the new generation's journal starts from the
+        // transferred state (or its `init`).
+        let (base, connects) = match (fresh_start, &format, transferred) {
+            (Some(started), _, _) => started,
+            (None, Some(format), Some(state)) => (
+                base_of_state(&self.instance, format.clone(), state),
+                Vec::new(),
+            ),
+            (None, _, _) => unreachable!("a swap that is not fresh transfers a state"),
+        };
+        if let Some(old) = self.journal.take() {
+            reap(Box::new(old));
+        }
+        self.start_journal(base, &connects).await;
         Ok(Ok(SwapReport {
             service: self.spec.name.to_string(),
             kind: String::new(),
@@ -207,24 +240,33 @@ impl Actor {
     }
 
     /// `--fresh`: `init` and `on-connect` for every open connection, on the
-    /// new instance; its effects wait for the commit.
-    async fn start_fresh_in(&mut self, new: &mut Instance) -> Result<(), String> {
+    /// new instance; its effects wait for the commit. Returns the base of
+    /// the new generation's journal (its `init`) and the `on-connect` calls
+    /// that follow it.
+    async fn start_fresh_in(
+        &mut self,
+        new: &mut Instance,
+    ) -> Result<(Base, Vec<(Stamp, ConnInfo)>), String> {
         match new.init(&self.spec.config).await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Err(format!("the new version's init failed: {msg}")),
             Err(trap) => return Err(format!("the new version trapped in init: {}", root(&trap))),
         }
+        let base = base_after_init(new);
+        let mut connects = Vec::new();
         let mut ids: Vec<u64> = self.conns.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            if let Err(trap) = new.on_connect(&self.conns[&id].info).await {
+            let info = &self.conns[&id].info;
+            if let Err(trap) = new.on_connect(info).await {
                 return Err(format!(
                     "the new version trapped in on-connect({id}): {}",
                     root(&trap)
                 ));
             }
+            connects.push((new.stamp(), info.clone()));
         }
-        Ok(())
+        Ok((base, connects))
     }
 
     /// Makes `new` the live instance; returns the old program. The old
@@ -237,6 +279,9 @@ impl Actor {
             self.timers.clear();
             self.timer_keys.clear();
         }
+        // A stopped service serves again with the new version.
+        self.stopped = None;
+        self.durable.trap_streak = 0;
         let old = std::mem::replace(&mut self.instance, new);
         self.apply_effects(); // what the new instance recorded while importing
         // The generation before the previous one is no longer needed; its
@@ -253,7 +298,7 @@ impl Actor {
 /// Drops `garbage` on a long-lived background thread: freeing a store
 /// (its memory, its fiber stack) or a program (its compiled code) means
 /// unmapping memory, which takes time the actor should spend serving.
-fn reap(garbage: Box<dyn Send>) {
+pub(super) fn reap(garbage: Box<dyn Send>) {
     let item = (Instant::now(), garbage);
     if let Err(mpsc::SendError(item)) = reaper().lock().expect("reaper lock").send(item) {
         drop(item); // the reaper is gone: drop it here

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::recovery::Recovered;
 use super::report::micros;
 use super::{Actor, Instance};
 
@@ -38,6 +39,8 @@ pub enum SwapKind {
     Rollback,
     /// A new host process takes the service over.
     Upgrade,
+    /// A snapshot: the running version's state in a format it imports itself.
+    Snapshot,
 }
 
 /// Guest and transfer time spent inside a pause.
@@ -168,6 +171,10 @@ pub fn no_common_format(kind: SwapKind, importable: &[String], exportable: &[Str
             "no state format in common: the component the new host loaded imports [{imports}], the \
              running version exports [{exports}] now; upgrade with a --component that imports one of them"
         ),
+        SwapKind::Snapshot => format!(
+            "the running version exports [{exports}] now, none of which it imports itself \
+             ([{imports}]): no snapshot can be taken until it does"
+        ),
     }
 }
 
@@ -228,9 +235,13 @@ impl Actor {
         trap: anyhow::Error,
     ) -> Result<Result<T, String>> {
         let why = root(&trap);
-        self.recover(trap).await?;
+        let outcome = match self.recover(trap, call).await? {
+            Recovered::Rebuilt => "its state was rebuilt from the last snapshot and the journal",
+            Recovered::Fresh => "it was restarted with fresh state (its state is lost)",
+            Recovered::Stopped => "the service is stopped (see `wasmhost status`)",
+        };
         Ok(Err(format!(
-            "the running version trapped in {call}: {why}; it was restarted with fresh state (its state is lost)"
+            "the running version trapped in {call}: {why}; {outcome}"
         )))
     }
 }

@@ -251,6 +251,7 @@ pub(super) async fn import(
         name: image.service.as_str().into(),
         config: opts.config.clone(),
         limits: opts.instance_limits.clone(),
+        durable: opts.durable.clone(),
         listeners: image
             .listeners
             .iter()
@@ -265,6 +266,12 @@ pub(super) async fn import(
         stats: image.stats.clone(),
         timers: image.timers.clone(),
         parked: service::Parked { listeners, conns },
+        // The carried state is where a rebuild after a trap starts.
+        base: Some(service::base_of_state(
+            &instance,
+            image.format.clone(),
+            bytes::Bytes::from(payload),
+        )),
     };
     let parts = Parts {
         runtime: loaded.runtime,
