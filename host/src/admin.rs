@@ -7,7 +7,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cli::{ControlArgs, RollbackArgs, StatusArgs, SwapArgs, UpgradeArgs, ValidateMode};
+use crate::cli::{
+    ControlArgs, RollbackArgs, SnapshotArgs, StatusArgs, SwapArgs, UpgradeArgs, ValidateMode,
+};
 use crate::control::{self, client, protocol::Request, protocol::Response};
 use crate::service::{StatusReport, SwapReport, Validation};
 
@@ -88,6 +90,27 @@ pub async fn upgrade(args: UpgradeArgs) -> Result<()> {
         other => bail!("unexpected reply: {other:?}"),
     };
     print_swap(&report, args.json)
+}
+
+pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
+    match client::request(&socket(&args.control)?, Request::Snapshot).await? {
+        Response::Snapshot(r) => match args.json {
+            true => println!("{}", serde_json::to_string_pretty(&r)?),
+            false => println!(
+                "snapshot of `{}`: {} bytes of {} in {} (export {}), replacing {} journaled events ({} bytes)",
+                r.service,
+                r.state_bytes,
+                r.format,
+                us(r.pause_us),
+                us(r.export_us),
+                r.journal_events,
+                r.journal_bytes
+            ),
+        },
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
 }
 
 pub async fn status(args: StatusArgs) -> Result<()> {

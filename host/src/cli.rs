@@ -40,6 +40,15 @@ pub enum Command {
     Swap(SwapArgs),
     /// Show a running service: component, generation, counters, swap history.
     Status(StatusArgs),
+    /// Take a snapshot of a running service's state now.
+    ///
+    /// Between two events the service exports its state in the first format
+    /// it imports itself, and its journal starts again from there: a trap
+    /// after this replays only the events since. Snapshots are also taken
+    /// by themselves (`serve --snapshot-bytes/--snapshot-events/
+    /// --snapshot-age-s`) and after every swap. Fails, with the reason, for
+    /// a stateless service or one running with `--journal off`.
+    Snapshot(SnapshotArgs),
     /// Swap back to the previous generation's component, with its state.
     ///
     /// Works when the running version can export a format the previous one
@@ -304,6 +313,16 @@ pub enum ValidateMode {
 
 #[derive(Args, Debug)]
 pub struct StatusArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

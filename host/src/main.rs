@@ -49,6 +49,7 @@ fn main() -> ExitCode {
             Command::Serve(args) => serve(args, handoff, activated).await,
             Command::Swap(args) => wasmhost::admin::swap(args).await,
             Command::Status(args) => wasmhost::admin::status(args).await,
+            Command::Snapshot(args) => wasmhost::admin::snapshot(args).await,
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
             Command::Compile(args) => compile(args),

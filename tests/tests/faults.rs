@@ -10,7 +10,7 @@ use wasmhost_tests::irc::IrcClient;
 use wasmhost_tests::{LineConn, Served};
 
 #[test]
-fn a_looping_guest_is_interrupted_and_restarted_connections_stay_open() {
+fn a_looping_guest_is_interrupted_and_rebuilt_other_connections_stay_open() {
     let mut server = Served::start("faulty", &["--event-timeout-ms", "300"]);
     let mut a = LineConn::open(&server);
     let mut b = LineConn::open(&server);
@@ -23,49 +23,58 @@ fn a_looping_guest_is_interrupted_and_restarted_connections_stay_open() {
         |t| t.contains("faulty: entering an endless loop"),
         Duration::from_secs(10),
     );
-    // B's event waits behind the loop, then goes to the restarted instance.
+    // B's event waits behind the loop, then goes to the rebuilt instance,
+    // which has the state from before the runaway event.
     b.send("after");
-    assert_eq!(b.recv(), "1 after", "state restarts after the trap");
+    assert_eq!(b.recv(), "3 after", "the state is rebuilt after the trap");
     // The log reaches the test through a reader thread: wait for it.
     server.wait_for_output(
         |t| {
             t.contains("exceeded its CPU deadline of 300 ms")
-                && t.contains("restarting it with fresh state")
+                && t.contains("state rebuilt")
+                && t.contains("closing the connection whose event made the guest trap")
         },
         Duration::from_secs(10),
     );
-    // A's connection survived its own runaway request.
-    a.send("still here");
-    assert_eq!(a.recv(), "2 still here");
+    // A's input made the guest loop: its connection is closed (sending it
+    // again would only loop again).
+    assert_eq!(a.recv(), "", "A is closed");
 }
 
 #[test]
-fn a_trapping_guest_is_restarted() {
-    let mut server = Served::start("faulty", &[]);
+fn without_a_journal_a_trapping_guest_restarts_fresh() {
+    let mut server = Served::start("faulty", &["--journal", "off"]);
     let mut a = LineConn::open(&server);
+    let mut b = LineConn::open(&server);
     a.send("x");
     assert_eq!(a.recv(), "1 x");
     a.send("trap");
-    // The bytes of the event that trapped are lost with the instance.
+    // The state is lost with the instance; A's connection is closed.
     server.wait_for_output(|t| t.contains("service restarted"), Duration::from_secs(10));
     assert!(server.stderr().contains("trap requested"));
-    a.send("y");
-    assert_eq!(a.recv(), "1 y");
+    assert!(server.stderr().contains("off (--journal off)"));
+    assert_eq!(a.recv(), "", "A is closed");
+    b.send("y");
+    assert_eq!(b.recv(), "1 y");
 }
 
 #[test]
-fn a_guest_over_its_memory_limit_is_restarted() {
+fn a_guest_over_its_memory_limit_is_rebuilt() {
     let mut server = Served::start("faulty", &["--max-memory", "32MiB"]);
+    let mut b = LineConn::open(&server);
+    b.send("before");
+    assert_eq!(b.recv(), "1 before");
     let mut a = LineConn::open(&server);
     a.send("grow");
-    server.wait_for_output(|t| t.contains("service restarted"), Duration::from_secs(10));
+    server.wait_for_output(|t| t.contains("state rebuilt"), Duration::from_secs(10));
     assert!(
         server
             .stderr()
             .contains("memory allocation of 1048576 bytes failed")
     );
-    a.send("z");
-    assert_eq!(a.recv(), "1 z");
+    assert_eq!(a.recv(), "", "A is closed");
+    b.send("z");
+    assert_eq!(b.recv(), "2 z");
 }
 
 #[test]

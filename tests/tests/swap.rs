@@ -172,10 +172,10 @@ fn failed_swaps_leave_the_old_version_serving_with_its_state() {
 }
 
 #[test]
-fn an_old_version_that_traps_in_export_is_restarted_and_the_swap_aborted() {
+fn an_old_version_that_traps_in_export_is_rebuilt_and_the_swap_aborted() {
     // trap-export imports anything and traps when asked to export: as the
     // running version it cannot hand its state over. The host cannot keep
-    // a trapped instance, so it restarts it fresh and says so.
+    // a trapped instance, so it rebuilds it from its journal and says so.
     let server = Served::start("trap-export", &[]);
     let out = server.command("swap", &[guest("kv").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", out.stderr);
@@ -186,7 +186,8 @@ fn an_old_version_that_traps_in_export_is_restarted_and_the_swap_aborted() {
         out.stderr
     );
     assert!(
-        out.stderr.contains("restarted with fresh state"),
+        out.stderr
+            .contains("its state was rebuilt from the last snapshot and the journal"),
         "{}",
         out.stderr
     );

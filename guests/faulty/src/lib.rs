@@ -7,11 +7,20 @@
 //!
 //! * `loop`  spins forever (the host's CPU deadline must interrupt it);
 //! * `trap`  panics, which traps the instance;
-//! * `grow`  allocates memory until the host's memory limit stops it.
+//! * `grow`  allocates memory until the host's memory limit stops it;
+//! * `clock` answers what the guest sees of time and randomness in the call;
+//! * `remember` keeps the call's wall and monotonic clock and a random
+//!   number in the state and answers with them; `recall` answers with
+//!   everything remembered (replaying the journal must rebuild the same);
+//! * `trap-timer` arms timer 7, which traps when it fires.
 //!
-//! Its plain build imports and exports no state format. Three feature
-//! builds pose as a new version of kv (they import `kv/1`) and fail a swap
-//! on purpose:
+//! With `--config trap-every-event=yes` every event traps (a guest the
+//! host's restart budget must stop).
+//!
+//! Its plain build imports and exports `faulty/1` (below) exactly, so the
+//! host can snapshot it and rebuild it after a trap. Three feature builds
+//! pose as a new version of kv (they import `kv/1`) and fail a swap on
+//! purpose:
 //!
 //! * `reject-state`: `import-state` returns an error;
 //! * `trap-import`:  `import-state` traps;
@@ -32,7 +41,8 @@
 //!
 //! `faulty/1`: the counter (u64 little-endian), the number of connections
 //! (u32 LE), then per connection in ascending id order its id (u64 LE),
-//! the length of its pending bytes (u32 LE) and those bytes.
+//! the length of its pending bytes (u32 LE) and those bytes; then the
+//! number of memories (u32 LE) and each as its length (u32 LE) and UTF-8.
 
 wit_bindgen::generate!({ path: "../../guest-wit", world: "service" });
 
@@ -47,6 +57,34 @@ use wasmhost::service::{host, types::LogLevel};
 struct Faulty {
     handled: u64,
     pending: HashMap<ConnId, Vec<u8>>,
+    /// What `remember` kept.
+    memories: Vec<String>,
+}
+
+thread_local! {
+    /// `--config trap-every-event=yes`.
+    static TRAP_EVERY_EVENT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The timer `trap-timer` arms.
+const TRAP_TIMER: u64 = 7;
+
+fn maybe_trap(event: &str) {
+    if TRAP_EVERY_EVENT.get() {
+        panic!("trap-every-event: trapping in {event}");
+    }
+}
+
+/// The call's time and a random number, as the guest sees them.
+fn memory() -> String {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mono = std::time::Instant::now();
+    // `Instant` shows its raw reading (WASI's monotonic clock) in its
+    // debug form.
+    let random = getrandom::u64().unwrap_or(0);
+    format!("wall={wall} mono={mono:?} random={random:016x}")
 }
 
 thread_local! {
@@ -86,6 +124,7 @@ fn misbehave(line: &str) {
             }
         }
         "trap" => panic!("trap requested"),
+        "trap-timer" => host::set_timer(TRAP_TIMER, 20),
         "grow" => {
             let mut hoard = Vec::new();
             loop {
@@ -100,15 +139,24 @@ fn misbehave(line: &str) {
 struct Service;
 
 impl Handler for Service {
-    fn init(_config: Vec<(String, String)>) -> Result<(), String> {
+    fn init(config: Vec<(String, String)>) -> Result<(), String> {
+        for (key, value) in config {
+            match (key.as_str(), value.as_str()) {
+                ("trap-every-event", "yes") => TRAP_EVERY_EVENT.set(true),
+                ("trap-every-event", "no") => TRAP_EVERY_EVENT.set(false),
+                _ => return Err(format!("unknown setting `{key}={value}`")),
+            }
+        }
         Ok(())
     }
 
     fn on_connect(conn: ConnInfo) {
+        maybe_trap("on-connect");
         STATE.with_borrow_mut(|s| s.pending.insert(conn.id, Vec::new()));
     }
 
     fn on_data(conn: ConnId, data: Vec<u8>) {
+        maybe_trap("on-data");
         let lines: Vec<String> = STATE.with_borrow_mut(|s| {
             let buf = s.pending.entry(conn).or_default();
             buf.extend_from_slice(&data);
@@ -123,6 +171,11 @@ impl Handler for Service {
             misbehave(&line);
             if line == "clock" {
                 line = clock_reading();
+            } else if line == "remember" {
+                line = format!("remember {}", memory());
+                STATE.with_borrow_mut(|s| s.memories.push(line.clone()));
+            } else if line == "recall" {
+                line = STATE.with_borrow(|s| format!("recall [{}]", s.memories.join("; ")));
             }
             let n = STATE.with_borrow_mut(|s| {
                 s.handled += 1;
@@ -133,10 +186,16 @@ impl Handler for Service {
     }
 
     fn on_close(conn: ConnId) {
+        maybe_trap("on-close");
         STATE.with_borrow_mut(|s| s.pending.remove(&conn));
     }
 
-    fn on_timer(_token: u64) {}
+    fn on_timer(token: u64) {
+        maybe_trap("on-timer");
+        if token == TRAP_TIMER {
+            panic!("trap-timer: trapping in on-timer({token})");
+        }
+    }
 }
 
 /// Whether this is one of the builds that pose as a new kv.
@@ -154,10 +213,8 @@ const FORMAT: &str = "faulty/1";
 fn formats() -> Vec<String> {
     if POSES_AS_KV {
         vec!["kv/1".into()]
-    } else if LOSSY {
-        vec![FORMAT.into()]
     } else {
-        Vec::new()
+        vec![FORMAT.into()]
     }
 }
 
@@ -174,7 +231,7 @@ impl Migrate for Service {
         if cfg!(feature = "trap-export") {
             panic!("trap-export: trapping in export-state as built to");
         }
-        if LOSSY && format == FORMAT {
+        if !POSES_AS_KV && format == FORMAT {
             return Ok(STATE.with_borrow(encode));
         }
         Err(format!("faulty exports no state ({format})"))
@@ -187,11 +244,13 @@ impl Migrate for Service {
         if cfg!(feature = "trap-export") {
             return Ok(());
         }
-        if LOSSY && format == FORMAT {
+        if !POSES_AS_KV && format == FORMAT {
             let mut imported = decode(&state)?;
-            // The fault this build exists for: pending bytes are dropped.
-            for pending in imported.pending.values_mut() {
-                pending.clear();
+            if LOSSY {
+                // The fault this build exists for: pending bytes are dropped.
+                for pending in imported.pending.values_mut() {
+                    pending.clear();
+                }
             }
             STATE.with_borrow_mut(|s| *s = imported);
             return Ok(());
@@ -212,6 +271,11 @@ fn encode(s: &Faulty) -> Vec<u8> {
         out.extend_from_slice(&id.to_le_bytes());
         out.extend_from_slice(&(pending.len() as u32).to_le_bytes());
         out.extend_from_slice(pending);
+    }
+    out.extend_from_slice(&(s.memories.len() as u32).to_le_bytes());
+    for memory in &s.memories {
+        out.extend_from_slice(&(memory.len() as u32).to_le_bytes());
+        out.extend_from_slice(memory.as_bytes());
     }
     out
 }
@@ -237,6 +301,13 @@ fn decode(mut bytes: &[u8]) -> Result<Faulty, String> {
         let id = u64_at(take(&mut bytes, 8)?);
         let len = u32_at(take(&mut bytes, 4)?) as usize;
         s.pending.insert(id, take(&mut bytes, len)?.to_vec());
+    }
+    let count = u32_at(take(&mut bytes, 4)?);
+    for _ in 0..count {
+        let len = u32_at(take(&mut bytes, 4)?) as usize;
+        let memory = String::from_utf8(take(&mut bytes, len)?.to_vec())
+            .map_err(|_| format!("a {FORMAT} memory is not UTF-8"))?;
+        s.memories.push(memory);
     }
     if !bytes.is_empty() {
         return Err(format!("{} bytes after the {FORMAT} state", bytes.len()));

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::service::{StatusReport, SwapReport};
+use crate::service::{SnapshotReport, StatusReport, SwapReport};
 
 /// The protocol version this host speaks.
 pub const VERSION: u32 = 1;
@@ -59,6 +59,8 @@ pub enum Request {
         #[serde(default)]
         fresh: bool,
     },
+    /// Take a snapshot of the state now (`wasmhost snapshot`).
+    Snapshot,
     /// Hand the service to a new host process (`wasmhost upgrade`).
     Upgrade {
         /// The new binary [default: the path the host started from].
@@ -92,6 +94,7 @@ pub struct ResponseFrame {
 pub enum Response {
     Status(Box<StatusReport>),
     Swapped(Box<SwapReport>),
+    Snapshot(Box<SnapshotReport>),
     Error {
         message: String,
     },

@@ -299,6 +299,11 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             (false, true) => swap(ctx, &path, fresh, Validation::RoundTrip).await,
             (false, false) => swap(ctx, &path, fresh, Validation::Export).await,
         },
+        Request::Snapshot => match ctx.service.snapshot().await {
+            Ok(Ok(report)) => Ok(Response::Snapshot(Box::new(report))),
+            Ok(Err(why)) => Err(why),
+            Err(stopped) => Err(stopped.to_string()),
+        },
         Request::Rollback { no_validate, fresh } => {
             let validation = match no_validate {
                 true => Validation::None,

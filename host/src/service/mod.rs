@@ -84,6 +84,7 @@ enum Msg {
         oneshot::Sender<Result<SwapReport, String>>,
     ),
     Handoff(Box<HandoffRequest>),
+    Snapshot(oneshot::Sender<Result<SnapshotReport, String>>),
 }
 
 /// The service actor is gone (it has shut down).
@@ -123,6 +124,14 @@ impl ServiceHandle {
         let msg = Msg::Swap(Box::new(prepared), opts, tx);
         self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
         rx.await.map_err(|_| Stopped.to_string())?
+    }
+
+    /// Takes a snapshot at the next update point; the error says why none
+    /// was taken.
+    pub async fn snapshot(&self) -> Result<Result<SnapshotReport, String>, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Msg::Snapshot(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
     }
 
     /// Freezes the service at its next update point for a host upgrade:
@@ -337,6 +346,11 @@ impl Actor {
                     Some(Msg::Shutdown(done)) => self.shutdown_requested = Some(done),
                     Some(Msg::Swap(prepared, opts, reply)) => {
                         let result = self.swap(*prepared, opts).await?;
+                        let _ = reply.send(result);
+                    }
+                    Some(Msg::Snapshot(reply)) => {
+                        let result = self.snapshot("wasmhost snapshot").await?;
+                        self.deliver_closes().await?;
                         let _ = reply.send(result);
                     }
                     Some(Msg::Handoff(request)) => {
