@@ -87,6 +87,16 @@ impl Record {
     }
 }
 
+/// How many bytes [`encode`] appends for `event`.
+pub fn encoded_len(event: EventRef<'_>) -> usize {
+    let payload = match event {
+        EventRef::Connect { listener, peer, .. } => 8 + 4 + listener.len() + 4 + peer.len(),
+        EventRef::Data(_, data) => 8 + 4 + data.len(),
+        EventRef::Close(_) | EventRef::Timer(_) => 8,
+    };
+    HEAD + 1 + 24 + payload
+}
+
 /// Appends the record of `event` with `stamp` to `out`.
 pub fn encode(out: &mut Vec<u8>, stamp: Stamp, event: EventRef<'_>) {
     let start = out.len();

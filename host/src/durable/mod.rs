@@ -168,10 +168,16 @@ impl Base {
     }
 }
 
-/// The events since the base, encoded as [`journal`] records.
+/// Bytes per journal chunk: the journal grows by chunks, never by copying
+/// what it holds (a reallocation of megabytes would stall the actor).
+const CHUNK: usize = 1 << 20;
+
+/// The events since the base, encoded as [`journal`] records, in chunks
+/// (no record spans two).
 pub struct Journal {
     pub base: Base,
-    bytes: Vec<u8>,
+    chunks: Vec<Vec<u8>>,
+    len: usize,
     events: u64,
     /// When the base was taken.
     since: Instant,
@@ -181,7 +187,8 @@ impl Journal {
     pub fn new(base: Base) -> Journal {
         Journal {
             base,
-            bytes: Vec::new(),
+            chunks: Vec::new(),
+            len: 0,
             events: 0,
             since: Instant::now(),
         }
@@ -189,7 +196,16 @@ impl Journal {
 
     /// Records one event the instance handled.
     pub fn record(&mut self, stamp: Stamp, event: journal::EventRef<'_>) {
-        journal::encode(&mut self.bytes, stamp, event);
+        let need = journal::encoded_len(event);
+        let chunk = match self.chunks.last_mut() {
+            Some(chunk) if chunk.capacity() - chunk.len() >= need => chunk,
+            _ => {
+                self.chunks.push(Vec::with_capacity(need.max(CHUNK)));
+                self.chunks.last_mut().expect("just pushed")
+            }
+        };
+        journal::encode(chunk, stamp, event);
+        self.len += need;
         self.events += 1;
     }
 
@@ -197,21 +213,23 @@ impl Journal {
     /// start); the journal is emptied.
     pub fn reset(&mut self, base: Base) {
         self.base = base;
-        self.bytes.clear();
-        // Give back the memory of a large journal.
-        if self.bytes.capacity() > 1 << 20 {
-            self.bytes = Vec::new();
+        // The first chunk is kept for the next events; the rest are freed.
+        self.chunks.truncate(1);
+        if let Some(first) = self.chunks.first_mut() {
+            first.clear();
         }
+        self.len = 0;
         self.events = 0;
         self.since = Instant::now();
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+    /// The records, chunk by chunk (each chunk holds whole records).
+    pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
+        self.chunks.iter().map(Vec::as_slice)
     }
 
     pub fn len_bytes(&self) -> usize {
-        self.bytes.len()
+        self.len
     }
 
     pub fn events(&self) -> u64 {
@@ -227,7 +245,7 @@ impl Journal {
     pub fn due(&self, policy: &Policy) -> Option<&'static str> {
         if self.events == 0 {
             None
-        } else if self.bytes.len() >= policy.snapshot_bytes {
+        } else if self.len >= policy.snapshot_bytes {
             Some("journal size")
         } else if self.events >= policy.snapshot_events {
             Some("event count")

@@ -330,9 +330,13 @@ impl Actor {
             }
         }
         new.take_effects(); // they already happened
-        let (records, stop) = journal::read(journal.bytes());
-        if let Some(stop) = stop {
-            bail!("the journal does not read back: {stop:?}");
+        let mut records = Vec::new();
+        for chunk in journal.chunks() {
+            let (read, stop) = journal::read(chunk);
+            if let Some(stop) = stop {
+                bail!("the journal does not read back: {stop:?}");
+            }
+            records.extend(read);
         }
         for (i, record) in records.iter().enumerate() {
             new.pin(Some(record.stamp));
