@@ -9,7 +9,7 @@
 //! # Model
 //!
 //! A guest's state after event *n* is a function of its state after a
-//! snapshot *s* (s <= n) and the events s+1..n, each with its [`Stamp`]
+//! snapshot *s* (s <= n) and the events s+1..n, each with its `Stamp`
 //! (time and sequence number; `service/event_time.rs`) and the instance's
 //! random key. So the host keeps, per service:
 //!
@@ -28,13 +28,13 @@
 //! # Snapshots
 //!
 //! Taken by the actor between two events (an update point) when the journal
-//! passes `--snapshot-bytes` (default 64 MiB), `--snapshot-events`
-//! (default 1,000,000) or `--snapshot-age` (default 60 s), after every
-//! committed swap (the transferred state is one), and on `wasmhost
-//! snapshot`. The export runs inside the actor like a swap's (a pause,
-//! measured and shown in `status`); the defaults are to be chosen by the
-//! benchmark so that kv with 100,000 keys under redis-benchmark loses under
-//! 5% throughput. A snapshot resets the journal.
+//! passes `--snapshot-bytes` (default 32 MiB), `--snapshot-events`
+//! (default 500,000) or `--snapshot-age-s` (default 60 s), after every
+//! committed swap or host upgrade (the transferred state is one), and on
+//! `wasmhost snapshot`. The export runs inside the actor like a swap's (a
+//! pause, measured and shown in `status`). A snapshot resets the journal.
+//! A failed snapshot is retried once the journal has doubled; a journal
+//! past 8 x `--snapshot-bytes` is dropped (traps then restart fresh).
 //!
 //! # Trap recovery (in memory)
 //!
@@ -48,10 +48,12 @@
 //! 3. The trapping event: a `data` or `connect` event's connection is
 //!    closed (its input may be poison) and `on-close` is delivered; a trapping
 //!    `timer` is dropped; a trapping `close` is simply done.
-//! 4. Serve on. A trap during replay, or more than `--restart-budget` traps
-//!    (default 5) within `--restart-window` (default 10 s) without a
-//!    successful event in between, stops recovery: the service restarts
-//!    fresh (as today) with a log line and a `status` entry, never a spin.
+//! 4. Serve on. A trap during replay starts the service fresh (`init`, the
+//!    state lost, logged). More than `--restart-budget` traps (default 5)
+//!    in a row, with no event served in between, stop the service: its
+//!    connections are closed, new ones are closed at once, `status` says
+//!    why, and `swap --fresh` with a fixed version serves again. Never a
+//!    spin.
 //!
 //! # On disk: `--state-dir DIR`
 //!
@@ -61,8 +63,8 @@
 //!                            written to a temporary file, fsynced, renamed,
 //!                            directory fsynced
 //! DIR/journal-<seq>.log      records after snapshot <seq>:
-//!                            u32 length, u32 CRC-32C, u8 kind, stamp
-//!                            (wall_ns u64, seq u64), payload
+//!                            u32 length, u32 CRC-32, u8 kind, stamp
+//!                            (wall_ns, mono_ns, seq: u64), payload
 //! ```
 //!
 //! Group commit, as Redis's appendfsync: the actor appends each event's
@@ -93,7 +95,8 @@
 //!
 //! Every row gets a test that makes it fail on purpose
 //! (`WASMHOST_TEST_DURABLE_FAIL=<step>`), and the service must still serve
-//! afterwards.
+//! afterwards. Built and tested so far (tests/tests/durable.rs):
+//! `snapshot-export` and `rebuild` (a replay that fails).
 
 pub mod journal;
 
