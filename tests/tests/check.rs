@@ -186,13 +186,14 @@ fn a_guest_that_loses_state_on_import_fails() {
     let out = check(&[&path("lossy-import")]);
     assert_eq!(out.status.code(), Some(1), "{}\n{}", out.stdout, out.stderr);
     let o = &out.stdout;
-    // 3 connections: 8 (counter) + 4 (count) + 3 x 12 (id, length) = 48
-    // bytes, plus their 6 + 7 + 9 pending bytes; the first difference is the
-    // first connection's length of pending bytes, after 8 + 4 + 8 bytes.
+    // 3 connections: 8 (counter) + 4 (count) + 3 x 12 (id, length) + 4 (no
+    // memories) = 52 bytes, plus their 6 + 7 + 9 pending bytes; the first
+    // difference is the first connection's length of pending bytes, after
+    // 8 + 4 + 8 bytes.
     assert!(
         o.contains(
-            "FAIL  faulty/1 round trip: not canonical / loses state on import: exported 70 \
-             bytes, imported into a new instance, which re-exported 48 bytes; first difference \
+            "FAIL  faulty/1 round trip: not canonical / loses state on import: exported 74 \
+             bytes, imported into a new instance, which re-exported 52 bytes; first difference \
              at byte 20"
         ),
         "{o}"
@@ -213,8 +214,8 @@ fn a_guest_that_loses_state_on_import_fails() {
         "\"ok\": false",
         "\"outcome\": \"fail\"",
         "\"offset\": 20",
-        "\"first_len\": 70",
-        "\"second_len\": 48",
+        "\"first_len\": 74",
+        "\"second_len\": 52",
     ] {
         assert!(o.contains(expected), "missing {expected:?} in:\n{o}");
     }
@@ -257,7 +258,7 @@ fn against_the_next_version() {
     assert!(
         out.stdout.contains(
             "FAIL  faulty/1 into lossy-import.wasm: not canonical / loses state on import: \
-             exported 70 bytes, imported into lossy-import.wasm, which re-exported 48 bytes"
+             exported 74 bytes, imported into lossy-import.wasm, which re-exported 52 bytes"
         ),
         "{}",
         out.stdout
@@ -331,7 +332,7 @@ fn roundtrip_validation_aborts_a_lossy_swap_and_the_old_version_keeps_serving() 
     assert!(out.status.success(), "{}\n{}", out.stderr, server.stderr());
     assert!(
         out.stdout
-            .contains("state   faulty/1, 24 bytes, round trip identical"),
+            .contains("state   faulty/1, 28 bytes, round trip identical"),
         "{}",
         out.stdout
     );
@@ -344,7 +345,7 @@ fn roundtrip_validation_aborts_a_lossy_swap_and_the_old_version_keeps_serving() 
         out.stderr.contains(
             "swap aborted, the running version keeps serving: round-trip validation failed: the \
              new version re-exported the faulty/1 state it imported with different bytes: first \
-             difference at byte 20 (the running version exported 28 bytes, the new version 24)"
+             difference at byte 20 (the running version exported 32 bytes, the new version 28)"
         ),
         "{}",
         out.stderr

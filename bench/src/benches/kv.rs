@@ -14,18 +14,18 @@ use super::{Benchmark, Ctx, built, median, not_built, thousands};
 
 pub struct KvVsRedis;
 
-const TESTS: &str = "set,get,incr,lpush,lpop";
+pub(super) const TESTS: &str = "set,get,incr,lpush,lpop";
 
 /// One redis-benchmark row.
 #[derive(Clone, Debug)]
-struct Row {
-    test: String,
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
+pub(super) struct Row {
+    pub test: String,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
-fn redis_benchmark(
+pub(super) fn redis_benchmark(
     addr: SocketAddr,
     tests: &str,
     requests: u64,
@@ -84,7 +84,7 @@ fn redis_benchmark(
 }
 
 /// Median over rounds, per test.
-fn medians(rounds: &[Vec<Row>]) -> Vec<Row> {
+pub(super) fn medians(rounds: &[Vec<Row>]) -> Vec<Row> {
     (0..rounds[0].len())
         .map(|i| Row {
             test: rounds[0][i].test.clone(),
@@ -96,7 +96,7 @@ fn medians(rounds: &[Vec<Row>]) -> Vec<Row> {
 }
 
 /// Geometric mean of the per-test throughput ratios.
-fn geomean_ratio(ours: &[Row], theirs: &[Row]) -> f64 {
+pub(super) fn geomean_ratio(ours: &[Row], theirs: &[Row]) -> f64 {
     let logs: f64 = ours
         .iter()
         .zip(theirs)

@@ -1,6 +1,7 @@
 //! The benchmarks, each against a real baseline measured in the same run.
 
 mod chat;
+mod durable;
 mod echo;
 mod kv;
 mod memory;
@@ -32,6 +33,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(echo::EchoVsTokio),
         Box::new(swap::SwapPause),
         Box::new(chat::ChatGuests),
+        Box::new(durable::DurableCost),
         Box::new(upgrade::UpgradeBlackout),
         Box::new(memory::Memory),
         Box::new(startup::Startup),
