@@ -47,6 +47,8 @@
 
 mod chat;
 mod irc;
+#[cfg(test)]
+mod prop;
 
 use wasmhost_guest::state::{Formats, Pending};
 use wasmhost_guest::{ConnId, ConnInfo, Input, Service, host};

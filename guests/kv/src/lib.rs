@@ -12,6 +12,8 @@ mod commands;
 mod db;
 #[cfg(feature = "v2")]
 mod hashes;
+#[cfg(test)]
+mod prop;
 mod resp;
 mod state;
 

@@ -200,4 +200,32 @@ mod tests {
         .unwrap();
         assert_eq!(report.validation, None);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever arrives on the control socket, the decoder answers with
+        /// a frame or an error; it never panics, and never believes a length
+        /// over the limit.
+        #[test]
+        fn the_frame_decoder_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut reader = bytes.as_slice();
+            let _ = rt.block_on(read_frame::<RequestFrame, _>(&mut reader));
+        }
+
+        /// Valid JSON requests with arbitrary field values decode or are
+        /// refused, without panicking.
+        #[test]
+        fn json_with_arbitrary_fields_is_refused_cleanly(kind in "[a-z-]{0,12}", path in ".{0,40}", n in proptest::prelude::any::<i64>()) {
+            let body = format!(
+                r#"{{"version":1,"request":"{kind}","path":{path:?},"timeout_ms":{n},"fresh":{n}}}"#
+            );
+            let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+            frame.extend_from_slice(body.as_bytes());
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let mut reader = frame.as_slice();
+            let _ = rt.block_on(read_frame::<RequestFrame, _>(&mut reader));
+        }
+    }
 }

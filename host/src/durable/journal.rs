@@ -331,4 +331,74 @@ mod tests {
             "{stop:?}"
         );
     }
+
+    fn event() -> impl proptest::strategy::Strategy<Value = Event> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (any::<u64>(), ".{0,10}", ".{0,20}").prop_map(|(conn, listener, peer)| {
+                Event::Connect {
+                    conn,
+                    listener,
+                    peer,
+                }
+            }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(c, d)| Event::Data(c, d)),
+            any::<u64>().prop_map(Event::Close),
+            any::<u64>().prop_map(Event::Timer),
+        ]
+    }
+
+    fn records() -> impl proptest::strategy::Strategy<Value = Vec<Record>> {
+        use proptest::prelude::*;
+        proptest::collection::vec(
+            (any::<u64>(), any::<u64>(), any::<u64>(), event()).prop_map(
+                |(wall_ns, mono_ns, seq, event)| Record {
+                    stamp: Stamp {
+                        wall_ns,
+                        mono_ns,
+                        seq,
+                    },
+                    event,
+                },
+            ),
+            0..12,
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            // What is read back is exactly a prefix of the bytes.
+            let (got, stop) = read(&bytes);
+            let prefix = encode(&got);
+            proptest::prop_assert_eq!(&bytes[..prefix.len()], &prefix[..]);
+            proptest::prop_assert_eq!(stop.is_none(), prefix.len() == bytes.len());
+        }
+
+        #[test]
+        fn records_round_trip_and_any_cut_keeps_a_prefix(records in records(), cut in proptest::prelude::any::<proptest::sample::Index>()) {
+            let data = encode(&records);
+            proptest::prop_assert_eq!(read(&data), (records.clone(), None));
+            let cut = cut.index(data.len() + 1);
+            let (got, stop) = read(&data[..cut]);
+            proptest::prop_assert!(records.starts_with(&got));
+            // A cut inside the last record read is torn, never corrupt.
+            proptest::prop_assert!(!matches!(stop, Some(Stop::Corrupt { .. })), "{:?}", stop);
+        }
+
+        #[test]
+        fn garbage_after_records_is_caught(records in records(), tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..40)) {
+            let mut data = encode(&records);
+            data.extend_from_slice(&tail);
+            let (got, stop) = read(&data);
+            proptest::prop_assert!(records.iter().zip(&got).all(|(a, b)| a == b));
+            proptest::prop_assert!(got.len() >= records.len());
+            if got.len() == records.len() {
+                proptest::prop_assert!(stop.is_some());
+            }
+        }
+    }
 }
