@@ -445,6 +445,28 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub restart_budget: u32,
 
+    /// Keep the snapshots and the journal in DIR (created if missing), so
+    /// that a host crash loses nothing a client saw acknowledged: a reply is
+    /// sent only once its event's record is written (see --fsync). On start
+    /// with a DIR that holds a state, the state is rebuilt from it (the
+    /// connections open at the crash get `on-close`) before accepting.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// With --state-dir: when the journal is synced to disk, as Redis's
+    /// appendfsync. `always`: before each batch's replies are sent (nothing
+    /// acknowledged is lost, one fdatasync per batch of events); `everysec`:
+    /// once a second (a crash of the machine loses at most the last second;
+    /// a crash of the process loses nothing written); `no`: when the kernel
+    /// likes.
+    #[arg(
+        long,
+        value_name = "MODE",
+        default_value = "everysec",
+        requires = "state_dir"
+    )]
+    pub fsync: crate::durable::disk::Fsync,
+
     #[command(flatten)]
     pub cache: CacheArgs,
 

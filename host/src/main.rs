@@ -211,6 +211,8 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
             snapshot_events: args.snapshot_events,
             snapshot_age: Duration::from_secs(args.snapshot_age_s),
             restart_budget: args.restart_budget,
+            state_dir: args.state_dir,
+            fsync: args.fsync,
         },
         cache,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),

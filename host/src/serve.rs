@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::server::{ControlCtx, ControlSocket};
+use crate::durable;
 use crate::engine::Runtime;
 use crate::net::{self, AcceptCtx, ConnLimits, FreezeSwitch, ListenSpec};
 use crate::service::{
@@ -126,14 +127,57 @@ impl Server {
                 })
                 .collect(),
         };
-        let instance = service::start_fresh(program, &spec).await?;
+        let mut start = Start::fresh(listeners);
+        let mut next_id = 1;
+        let instance = match &opts.durable.state_dir {
+            None => service::start_fresh(program, &spec).await?,
+            Some(dir) => {
+                let fsync = opts.durable.fsync;
+                match durable::disk::load(dir)? {
+                    None => {
+                        tracing::info!("state dir {} is new: starting fresh", dir.display());
+                        start.disk = Some(durable::disk::Attach::fresh(dir, fsync)?);
+                        service::start_fresh(program, &spec).await?
+                    }
+                    Some(loaded) => {
+                        for warning in &loaded.warnings {
+                            tracing::warn!("{warning}");
+                        }
+                        let began = std::time::Instant::now();
+                        let (number, events) = (loaded.header.number, loaded.records.len());
+                        let state_bytes = loaded.state.len();
+                        start.disk = Some(durable::disk::Attach::resume(dir, fsync, &loaded)?);
+                        let restored = service::restore(program, &spec, loaded)
+                            .await
+                            .with_context(|| {
+                                format!("restoring the state from {}", dir.display())
+                            })?;
+                        tracing::info!(
+                            "state restored from {}: snapshot {number} ({state_bytes} bytes) and \
+                             {events} journaled events in {:?}; {} connections were open at the \
+                             crash (they get on-close), {} timers armed",
+                            dir.display(),
+                            began.elapsed(),
+                            restored.closes.len(),
+                            restored.timers.len()
+                        );
+                        start.base = Some(restored.base);
+                        start.journal = Some(restored.journal);
+                        start.timers = restored.timers;
+                        start.closes = restored.closes;
+                        next_id = restored.next_conn_id;
+                        restored.instance
+                    }
+                }
+            }
+        };
         let parts = Parts {
             runtime,
             instance,
             spec,
-            start: Start::fresh(listeners),
+            start,
             control,
-            next_id: 1,
+            next_id,
         };
         Ok(Server::assemble(parts, &opts, launch))
     }

@@ -98,6 +98,7 @@
 //! afterwards. Built and tested so far (tests/tests/durable.rs):
 //! `snapshot-export` and `rebuild` (a replay that fails).
 
+pub mod disk;
 pub mod journal;
 
 use std::time::{Duration, Instant};
@@ -122,6 +123,9 @@ pub struct Policy {
     /// Traps in a row (with no event served between them) after which the
     /// service is stopped instead of rebuilt.
     pub restart_budget: u32,
+    /// `--state-dir`: snapshots and the journal on disk.
+    pub state_dir: Option<std::path::PathBuf>,
+    pub fsync: disk::Fsync,
 }
 
 impl Default for Policy {
@@ -132,6 +136,8 @@ impl Default for Policy {
             snapshot_events: 500_000,
             snapshot_age: Duration::from_secs(60),
             restart_budget: 5,
+            state_dir: None,
+            fsync: disk::Fsync::Everysec,
         }
     }
 }
@@ -195,6 +201,34 @@ impl Journal {
             events: 0,
             since: Instant::now(),
         }
+    }
+
+    /// A journal that already holds `bytes` (`events` records) after
+    /// `base`: what a restart from a state dir found on disk.
+    pub fn resume(base: Base, bytes: Vec<u8>, events: u64) -> Journal {
+        let len = bytes.len();
+        Journal {
+            base,
+            chunks: vec![bytes],
+            len,
+            events,
+            since: Instant::now(),
+        }
+    }
+
+    /// The bytes from offset `from` to the end (records not yet written to
+    /// disk).
+    pub fn bytes_from(&self, from: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len.saturating_sub(from));
+        let mut at = 0;
+        for chunk in &self.chunks {
+            let end = at + chunk.len();
+            if end > from {
+                out.extend_from_slice(&chunk[from.saturating_sub(at)..]);
+            }
+            at = end;
+        }
+        out
     }
 
     /// Records one event the instance handled.

@@ -40,7 +40,7 @@ use sha2::{Digest, Sha256};
 use wasmtime_wasi::{HostMonotonicClock, HostWallClock};
 
 /// When a call happened, and which call of its instance it was.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     /// Wall-clock time, nanoseconds since the Unix epoch.
     pub wall_ns: u64,

@@ -142,6 +142,13 @@ pub struct Start {
     /// What a rebuild after a trap starts from: the state a host upgrade
     /// carried over (`None`: the instance was started with `init`).
     pub base: Option<crate::durable::Base>,
+    /// `--state-dir`: its writer and where it stands.
+    pub disk: Option<crate::durable::disk::Attach>,
+    /// Records found on disk after `base` (a restart from a state dir), and
+    /// how many.
+    pub journal: Option<(Vec<u8>, u64)>,
+    /// Connections open when the host crashed: each gets `on-close`.
+    pub closes: Vec<u64>,
 }
 
 impl Start {
@@ -159,6 +166,9 @@ impl Start {
                 conns: BTreeMap::new(),
             },
             base: None,
+            disk: None,
+            journal: None,
+            closes: Vec::new(),
         }
     }
 }
@@ -176,6 +186,8 @@ impl Actor {
     /// Runs one handoff; returns whether the service was handed off (the
     /// actor must end). The error is fatal for the service.
     pub(super) async fn handoff(&mut self, request: HandoffRequest) -> Result<bool> {
+        // Held replies go out before the connections are frozen.
+        self.flush().await?;
         let frozen_at = Instant::now();
         let mut parked = match self.freeze(request.drain_timeout).await? {
             Ok(parked) => parked,
@@ -399,7 +411,7 @@ impl Actor {
         }
     }
 
-    fn timer_images(&self) -> Vec<TimerImage> {
+    pub(super) fn timer_images(&self) -> Vec<TimerImage> {
         let now = tokio::time::Instant::now();
         let mut timers: Vec<TimerImage> = self
             .timer_keys

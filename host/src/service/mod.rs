@@ -10,6 +10,7 @@
 mod event_time;
 mod freeze;
 mod instance;
+mod persist;
 mod recovery;
 mod report;
 mod state;
@@ -34,7 +35,7 @@ pub use freeze::{
     Start, TimerImage,
 };
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
-pub use recovery::{DurableStatus, SnapshotReport, base_of_state};
+pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, restore};
 pub use report::{
     ComponentInfo, HISTORY_LEN, StatusReport, SwapRecord, SwapReport, UpgradeInfo, micros, unix_ms,
 };
@@ -257,13 +258,23 @@ pub fn spawn(
         durable: Default::default(),
         own_formats: Vec::new(),
         stopped: None,
+        disk: None,
     };
+    let resume = start.disk.as_ref().is_some_and(|d| d.resume);
+    let flushed = start.journal.as_ref().map_or(0, |(bytes, _)| bytes.len());
+    actor.disk = start.disk.map(|attach| persist::Disk::new(attach, flushed));
     for timer in &start.timers {
         actor.set_timer(timer.token, Duration::from_millis(timer.remaining_ms));
     }
     tokio::spawn(async move {
-        actor.start_journal(base, &[]).await;
+        actor.start_journal(base, &[], start.journal, resume).await;
         actor.thaw(start.parked).await?;
+        // Restarted from a state dir: the connections open at the crash
+        // are gone.
+        for id in start.closes {
+            actor.deliver(Call::Close(id)).await?;
+        }
+        actor.flush().await?;
         actor.run().await
     })
 }
@@ -329,13 +340,17 @@ struct Actor {
     own_formats: Vec<String>,
     /// Why the service was stopped (restart budget spent), if it was.
     stopped: Option<String>,
+    /// `--state-dir`: the writer and the output waiting for it.
+    disk: Option<persist::Disk>,
 }
 
 impl Actor {
     async fn run(mut self) -> Result<Ended> {
         loop {
             if let Some(done) = self.shutdown_requested.take() {
+                self.flush().await?;
                 self.close_all().await?;
+                self.flush().await?;
                 let _ = done.send(());
                 return Ok(Ended::Stopped);
             }
@@ -369,6 +384,10 @@ impl Actor {
                     self.timer_keys.remove(&token);
                     self.deliver(Call::Timer(token)).await?;
                 }
+            }
+            // Group commit: one write (and sync) per batch of events.
+            if self.batch_due() {
+                self.flush().await?;
             }
         }
     }
@@ -449,6 +468,22 @@ impl Actor {
     }
 
     fn apply(&mut self, effects: Vec<Effect>) {
+        if !self.holds_output() {
+            return self.apply_now(effects);
+        }
+        // Sends and closes wait for their events' records to be written;
+        // timers are the host's own and change now.
+        let mut now = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Send(..) | Effect::Close(_) => self.hold(effect),
+                timer => now.push(timer),
+            }
+        }
+        self.apply_now(now);
+    }
+
+    fn apply_now(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
                 Effect::Send(id, data) => self.send(id, data),

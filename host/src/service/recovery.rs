@@ -304,32 +304,6 @@ impl Actor {
             bail!("test: WASMHOST_TEST_DURABLE_FAIL={step}");
         }
         let journal = self.journal.as_ref().expect("rebuild needs a journal");
-        let base = journal.base.clone();
-        let program = self.instance.program.clone();
-        let (name, limits) = (self.spec.name.clone(), &self.spec.limits);
-        let mut new = Instance::rebuild(program, name, limits, base.key, base.born).await?;
-        match &base.start {
-            Begin::Init(stamp) => {
-                new.pin(Some(*stamp));
-                match new.init(&self.spec.config).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(msg)) => bail!("init returned an error: {msg}"),
-                    Err(trap) => return Err(trap.context("init trapped")),
-                }
-            }
-            Begin::Snapshot {
-                format,
-                state,
-                stamp,
-            } => {
-                new.pin(Some(*stamp));
-                let mut t = Timings::default();
-                import(&mut new, format, state, Validation::None, &mut t)
-                    .await
-                    .map_err(anyhow::Error::msg)?;
-            }
-        }
-        new.take_effects(); // they already happened
         let mut records = Vec::new();
         for chunk in journal.chunks() {
             let (read, stop) = journal::read(chunk);
@@ -338,37 +312,8 @@ impl Actor {
             }
             records.extend(read);
         }
-        for (i, record) in records.iter().enumerate() {
-            new.pin(Some(record.stamp));
-            let info;
-            let call = match &record.event {
-                journal::Event::Connect {
-                    conn,
-                    listener,
-                    peer,
-                } => {
-                    info = ConnInfo {
-                        id: *conn,
-                        listener: listener.clone(),
-                        peer: peer.clone(),
-                    };
-                    Call::Connect(&info)
-                }
-                journal::Event::Data(id, data) => Call::Data(*id, data),
-                journal::Event::Close(id) => Call::Close(*id),
-                journal::Event::Timer(token) => Call::Timer(*token),
-            };
-            call.run(&mut new).await.with_context(|| {
-                format!(
-                    "replaying journaled event {} of {} ({}) trapped",
-                    i + 1,
-                    records.len(),
-                    call.describe()
-                )
-            })?;
-            new.take_effects();
-        }
-        new.pin(None);
+        let program = self.instance.program.clone();
+        let new = replay(program, &self.spec, &journal.base, &records, |_, _| {}).await?;
         new.advance_past(self.instance.stamp());
         Ok((new, records.len()))
     }
@@ -405,6 +350,7 @@ impl Actor {
         self.apply_effects();
         if let Some(journal) = &mut self.journal {
             reset_to(journal, base, &connects);
+            self.persist_base(connects.is_empty());
         }
         tracing::info!(
             service = &*self.spec.name,
@@ -417,7 +363,7 @@ impl Actor {
     /// Stops serving: every connection is closed (after what was sent to
     /// it is written), new ones are closed at once, timers are dropped.
     /// `status` says why; `swap --fresh` with a fixed version serves again.
-    fn stop(&mut self, why: String) {
+    pub(super) fn stop(&mut self, why: String) {
         tracing::error!(
             service = &*self.spec.name,
             "service stopped: {why}. It no longer serves: its connections are closed and new ones \
@@ -438,11 +384,15 @@ impl Actor {
     /// After a new instance became live (start, swap, upgrade): decides
     /// whether its events are journaled (a guest whose `exportable()` is
     /// empty is stateless; one that cannot import its own export cannot be
-    /// snapshotted) and starts the journal at `base`.
+    /// snapshotted) and starts the journal at `base`. `preloaded`: records
+    /// found on disk after `base`; `resume`: the state dir goes on with its
+    /// journal instead of a new snapshot.
     pub(super) async fn start_journal(
         &mut self,
         base: Base,
         connects: &[(super::Stamp, ConnInfo)],
+        preloaded: Option<(Vec<u8>, u64)>,
+        resume: bool,
     ) {
         self.journal = None;
         self.durable.snapshot_hold = 0;
@@ -456,11 +406,17 @@ impl Actor {
         if let Some(why) = &off {
             tracing::info!(service = &*self.spec.name, "no journal: {why}");
         } else {
-            let mut journal = Journal::new(base);
+            let mut journal = match preloaded {
+                Some((bytes, events)) => Journal::resume(base, bytes, events),
+                None => Journal::new(base),
+            };
             reset_to_connects(&mut journal, connects);
             self.journal = Some(journal);
         }
         self.durable.journal_off = off;
+        if !resume {
+            self.persist_base(connects.is_empty());
+        }
     }
 
     /// The formats the running component imports, if it can import its own
@@ -573,6 +529,7 @@ impl Actor {
             journal.reset(base);
             super::swap::reap(Box::new(old));
         }
+        self.persist_base(true);
         let pause = started.elapsed();
         let d = &mut self.durable;
         d.snapshots += 1;
@@ -636,6 +593,168 @@ impl Actor {
             stopped: self.stopped.clone(),
         }
     }
+}
+
+/// A new instance of `program` brought to the state after `records`: the
+/// base's instantiation with its key, its `init` or snapshot import, then
+/// every record replayed with its stamp. Each record's effects go to
+/// `effects` (a trap recovery drops them: they already happened; a restart
+/// from a state dir rebuilds its timers from them).
+pub(super) async fn replay(
+    program: std::sync::Arc<super::Program>,
+    spec: &super::ServiceSpec,
+    base: &Base,
+    records: &[journal::Record],
+    mut effects: impl FnMut(&journal::Record, Vec<super::Effect>),
+) -> Result<Instance> {
+    let (name, limits) = (spec.name.clone(), &spec.limits);
+    let mut new = Instance::rebuild(program, name, limits, base.key, base.born).await?;
+    match &base.start {
+        Begin::Init(stamp) => {
+            new.pin(Some(*stamp));
+            match new.init(&spec.config).await {
+                Ok(Ok(())) => {}
+                Ok(Err(msg)) => bail!("init returned an error: {msg}"),
+                Err(trap) => return Err(trap.context("init trapped")),
+            }
+        }
+        Begin::Snapshot {
+            format,
+            state,
+            stamp,
+        } => {
+            new.pin(Some(*stamp));
+            let mut t = Timings::default();
+            import(&mut new, format, state, Validation::None, &mut t)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    new.take_effects(); // they already happened
+    for (i, record) in records.iter().enumerate() {
+        new.pin(Some(record.stamp));
+        let info;
+        let call = match &record.event {
+            journal::Event::Connect {
+                conn,
+                listener,
+                peer,
+            } => {
+                info = ConnInfo {
+                    id: *conn,
+                    listener: listener.clone(),
+                    peer: peer.clone(),
+                };
+                Call::Connect(&info)
+            }
+            journal::Event::Data(id, data) => Call::Data(*id, data),
+            journal::Event::Close(id) => Call::Close(*id),
+            journal::Event::Timer(token) => Call::Timer(*token),
+        };
+        call.run(&mut new).await.with_context(|| {
+            format!(
+                "replaying journaled event {} of {} ({}) trapped",
+                i + 1,
+                records.len(),
+                call.describe()
+            )
+        })?;
+        effects(record, new.take_effects());
+    }
+    new.pin(None);
+    Ok(new)
+}
+
+/// What a restart from a state dir rebuilt.
+pub struct Restored {
+    pub instance: Instance,
+    pub base: Base,
+    /// The journal's records (after `base`) and how many.
+    pub journal: (Vec<u8>, u64),
+    /// Timers armed at the crash, with the time left.
+    pub timers: Vec<super::TimerImage>,
+    /// Connections open at the crash (each gets `on-close`).
+    pub closes: Vec<u64>,
+    /// The next connection id (above every id the state knows).
+    pub next_conn_id: u64,
+}
+
+/// Rebuilds a service from what a state dir holds: the snapshot's base,
+/// then its journal replayed; the timers and the connections open at the
+/// crash are worked out from the snapshot's header and the records.
+pub async fn restore(
+    program: std::sync::Arc<super::Program>,
+    spec: &super::ServiceSpec,
+    loaded: crate::durable::disk::Loaded,
+) -> Result<Restored> {
+    let crate::durable::disk::Loaded {
+        header,
+        state,
+        records,
+        journal,
+        ..
+    } = loaded;
+    if header.component != program.hash {
+        tracing::warn!(
+            "the state dir was written by component {} and is restored into {} ({}): the \
+             snapshot's format must be one it imports, and its journal is replayed through it",
+            &header.component[..12.min(header.component.len())],
+            program.short_hash(),
+            program.path.display()
+        );
+    }
+    let base = header.base(state)?;
+    let mut timers: std::collections::BTreeMap<u64, u64> = header.timers.iter().copied().collect();
+    let mut open: std::collections::BTreeSet<u64> = header.conns.iter().map(|c| c.0).collect();
+    let mut next_conn_id = header.next_conn_id;
+    let instance = replay(program, spec, &base, &records, |record, effects| {
+        let at_ms = record.stamp.wall_ns / 1_000_000;
+        match &record.event {
+            journal::Event::Connect { conn, .. } => {
+                open.insert(*conn);
+                next_conn_id = next_conn_id.max(conn + 1);
+            }
+            journal::Event::Close(conn) => {
+                open.remove(conn);
+            }
+            journal::Event::Timer(token) => {
+                timers.remove(token);
+            }
+            journal::Event::Data(..) => {}
+        }
+        for effect in effects {
+            match effect {
+                super::Effect::SetTimer(token, delay) => {
+                    timers.insert(token, at_ms + delay.as_millis() as u64);
+                }
+                super::Effect::CancelTimer(token) => {
+                    timers.remove(&token);
+                }
+                super::Effect::Close(conn) => {
+                    open.remove(&conn);
+                }
+                super::Effect::Send(..) => {}
+            }
+        }
+    })
+    .await
+    .context("replaying the state dir's journal")?;
+    let now_ms = super::unix_ms(std::time::SystemTime::now());
+    let events = records.len() as u64;
+    Ok(Restored {
+        instance,
+        base,
+        journal: (journal, events),
+        timers: timers
+            .into_iter()
+            .map(|(token, deadline)| super::TimerImage {
+                token,
+                remaining_ms: deadline.saturating_sub(now_ms),
+            })
+            .collect(),
+        closes: open.into_iter().collect(),
+        next_conn_id,
+    })
 }
 
 /// Starts `journal` again at `base`, followed by the `on-connect` events a

@@ -211,7 +211,7 @@ impl Actor {
         if let Some(old) = self.journal.take() {
             reap(Box::new(old));
         }
-        self.start_journal(base, &connects).await;
+        self.start_journal(base, &connects, None, false).await;
         Ok(Ok(SwapReport {
             service: self.spec.name.to_string(),
             kind: String::new(),

@@ -272,6 +272,16 @@ pub(super) async fn import(
             image.format.clone(),
             bytes::Bytes::from(payload),
         )),
+        // The carried state becomes the state dir's next snapshot.
+        disk: match &opts.durable.state_dir {
+            Some(dir) => Some(
+                crate::durable::disk::Attach::fresh(dir, opts.durable.fsync)
+                    .context("opening the state dir")?,
+            ),
+            None => None,
+        },
+        journal: None,
+        closes: Vec::new(),
     };
     let parts = Parts {
         runtime: loaded.runtime,

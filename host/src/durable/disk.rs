@@ -1,0 +1,509 @@
+//! `--state-dir DIR`: snapshots and the journal on disk, so that a host
+//! crash loses nothing a client saw acknowledged.
+//!
+//! ```text
+//! DIR/snapshot-<n>.bin   "WHSNAP1\n", u32 LE header length, the header
+//!                        (JSON: SnapshotHeader), u64 LE state length, the
+//!                        state, u32 LE CRC-32 of everything before it
+//! DIR/journal-<n>.log    the records after snapshot <n> (`journal`'s format)
+//! ```
+//!
+//! Snapshot `n` is written to a temporary file, fsynced, renamed, and the
+//! directory fsynced; only then is `journal-<n>.log` created and the files
+//! of older snapshots removed. At most one snapshot and its journal are
+//! kept, plus the previous pair while the next one is being written.
+//!
+//! One writer thread does all the I/O in order ([`Writer`]): a snapshot,
+//! then appends to its journal. The actor hands it each batch of records
+//! (group commit: one `write` per batch, and with `--fsync always` one
+//! `fdatasync`) and releases the batch's replies only when the writer says
+//! the batch is written (`always`: synced). With `everysec` the writer
+//! syncs the journal once a second; with `no`, never (the kernel decides).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::journal::{self, Record, Stop};
+use super::{Base, Begin};
+use crate::service::Stamp;
+
+const MAGIC: &[u8; 8] = b"WHSNAP1\n";
+
+/// When the journal is synced to disk (`--fsync`, as Redis's `appendfsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// Every batch of events, before its replies are sent.
+    Always,
+    /// Once a second: a crash loses at most the last second.
+    Everysec,
+    /// Never by wasmhost: the kernel writes back when it likes.
+    No,
+}
+
+/// What a snapshot file says besides the state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    pub number: u64,
+    /// The component that wrote it (hex SHA-256).
+    pub component: String,
+    /// The instance's key, hex.
+    pub key: String,
+    pub born: Stamp,
+    /// `init` (no state follows) or the state's format.
+    pub format: Option<String>,
+    pub stamp: Stamp,
+    /// Timers armed when it was taken: token and deadline (Unix ms).
+    pub timers: Vec<(u64, u64)>,
+    /// Connections open when it was taken: id, listener, peer.
+    pub conns: Vec<(u64, String, String)>,
+    /// Every connection id below this was used.
+    pub next_conn_id: u64,
+}
+
+impl SnapshotHeader {
+    /// The base a rebuild starts from.
+    pub fn base(&self, state: Vec<u8>) -> Result<Base> {
+        let key: [u8; 32] = hex::decode(&self.key)
+            .ok()
+            .and_then(|k| k.try_into().ok())
+            .context("the snapshot's key is not 32 hex bytes")?;
+        let start = match &self.format {
+            None => Begin::Init(self.stamp),
+            Some(format) => Begin::Snapshot {
+                format: format.clone(),
+                state: state.into(),
+                stamp: self.stamp,
+            },
+        };
+        Ok(Base {
+            key,
+            born: self.born,
+            start,
+        })
+    }
+}
+
+/// Encodes a snapshot file.
+pub fn encode_snapshot(header: &SnapshotHeader, state: &[u8]) -> Vec<u8> {
+    let head = serde_json::to_vec(header).expect("a header serialises");
+    let mut out = Vec::with_capacity(8 + 4 + head.len() + 8 + state.len() + 4);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(head.len() as u32).to_le_bytes());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&(state.len() as u64).to_le_bytes());
+    out.extend_from_slice(state);
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Decodes a snapshot file; the error says what is wrong with it.
+pub fn decode_snapshot(data: &[u8]) -> Result<(SnapshotHeader, Vec<u8>), String> {
+    if data.len() < MAGIC.len() + 4 + 8 + 4 || &data[..8] != MAGIC {
+        return Err("not a wasmhost snapshot (bad magic or too short)".into());
+    }
+    let (body, crc) = data.split_at(data.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
+        return Err("checksum mismatch".into());
+    }
+    let head_len = u32::from_le_bytes(body[8..12].try_into().expect("4")) as usize;
+    let head = body.get(12..12 + head_len).ok_or("the header is cut")?;
+    let header: SnapshotHeader =
+        serde_json::from_slice(head).map_err(|e| format!("bad header: {e}"))?;
+    let rest = &body[12 + head_len..];
+    let state_len = rest
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8")) as usize)
+        .ok_or("the state's length is cut")?;
+    if rest.len() != 8 + state_len {
+        return Err(format!(
+            "the state is {} bytes, its length says {state_len}",
+            rest.len().saturating_sub(8)
+        ));
+    }
+    Ok((header, rest[8..].to_vec()))
+}
+
+fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("snapshot-{n:020}.bin"))
+}
+
+fn journal_path(dir: &Path, n: u64) -> PathBuf {
+    dir.join(format!("journal-{n:020}.log"))
+}
+
+/// The numbers of the snapshot files in `dir`, highest first.
+fn snapshot_numbers(dir: &Path) -> Result<Vec<u64>> {
+    let mut numbers: Vec<u64> = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name();
+        let name = name.to_string_lossy();
+        if let Some(n) = name
+            .strip_prefix("snapshot-")
+            .and_then(|r| r.strip_suffix(".bin"))
+            .and_then(|n| n.parse().ok())
+        {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable_by(|a, b| b.cmp(a));
+    Ok(numbers)
+}
+
+/// What a state dir holds: the newest snapshot and the records after it.
+pub struct Loaded {
+    pub header: SnapshotHeader,
+    pub state: Vec<u8>,
+    pub records: Vec<Record>,
+    /// The journal's bytes that read back (a torn tail cut off).
+    pub journal: Vec<u8>,
+    /// A warning to log (a torn record dropped, a bad newer snapshot skipped).
+    pub warnings: Vec<String>,
+}
+
+/// Reads the newest valid snapshot of `dir` and its journal. `None` when
+/// there is none (a new state dir). A torn record at the journal's end is
+/// dropped with a warning; a corrupt one elsewhere is an error that says
+/// what to do.
+pub fn load(dir: &Path) -> Result<Option<Loaded>> {
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let mut warnings = Vec::new();
+    for n in snapshot_numbers(dir)? {
+        let path = snapshot_path(dir, n);
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (header, state) = match decode_snapshot(&data) {
+            Ok(decoded) => decoded,
+            Err(why) => {
+                warnings.push(format!(
+                    "{} is not a complete snapshot ({why}); using an older one",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        let jpath = journal_path(dir, n);
+        let journal = match std::fs::read(&jpath) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", jpath.display())),
+        };
+        let (records, stop) = journal::read(&journal);
+        let good = match stop {
+            None => journal.len(),
+            Some(Stop::Torn { offset }) => {
+                warnings.push(format!(
+                    "{}: dropped an incomplete record at byte {offset} of {} (the crash \
+                     interrupted its write; its reply was never sent)",
+                    jpath.display(),
+                    journal.len()
+                ));
+                offset
+            }
+            Some(Stop::Corrupt { offset, why }) => bail!(
+                "{} is corrupt at byte {offset} ({why}), with records after it. The state up to \
+                 there is in {} and the records before byte {offset}. To start from them, cut the \
+                 journal there (`truncate -s {offset} {}`) and start again; to start from the \
+                 snapshot alone, move the journal aside",
+                jpath.display(),
+                path.display(),
+                jpath.display()
+            ),
+        };
+        let mut journal = journal;
+        journal.truncate(good);
+        return Ok(Some(Loaded {
+            header,
+            state,
+            records,
+            journal,
+            warnings,
+        }));
+    }
+    if !warnings.is_empty() {
+        bail!(
+            "{} has snapshot files but none is complete: {}; move them aside to start empty",
+            dir.display(),
+            warnings.join("; ")
+        );
+    }
+    Ok(None)
+}
+
+/// The next snapshot number for `dir`.
+pub fn next_number(dir: &Path) -> Result<u64> {
+    Ok(snapshot_numbers(dir)?.first().map_or(1, |n| n + 1))
+}
+
+/// A state dir as a service starts on it.
+pub struct Attach {
+    pub writer: Writer,
+    /// The last snapshot number used (the next one is `number + 1`).
+    pub number: u64,
+    /// Whether the service goes on appending to `journal-<number>.log`
+    /// (a restart that loaded it) instead of writing a new snapshot first.
+    pub resume: bool,
+}
+
+impl Attach {
+    /// Opens `dir` for a service that starts with a new snapshot.
+    pub fn fresh(dir: &Path, fsync: Fsync) -> Result<Attach> {
+        let writer = Writer::start(dir, fsync)?;
+        Ok(Attach {
+            writer,
+            number: next_number(dir)? - 1,
+            resume: false,
+        })
+    }
+
+    /// Opens `dir` for a service restarted from what [`load`] found:
+    /// appends go on in its journal, cut to the bytes that read back.
+    pub fn resume(dir: &Path, fsync: Fsync, loaded: &Loaded) -> Result<Attach> {
+        let writer = Writer::start(dir, fsync)?;
+        let n = loaded.header.number;
+        let path = journal_path(dir, n);
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.set_len(loaded.journal.len() as u64)
+            .with_context(|| format!("cutting the torn record off {}", path.display()))?;
+        let _ = writer.tx.send(Cmd::Resume { n, journal: file });
+        Ok(Attach {
+            writer,
+            number: n,
+            resume: true,
+        })
+    }
+}
+
+enum Cmd {
+    /// Write snapshot `n` (the whole file), then start `journal-<n>.log`.
+    Snapshot { n: u64, file: Vec<u8> },
+    /// Go on appending to journal `n`.
+    Resume { n: u64, journal: File },
+    /// Append to the current journal; sync first with `sync`.
+    Append {
+        bytes: Vec<u8>,
+        sync: bool,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The writer thread's handle.
+pub struct Writer {
+    tx: mpsc::Sender<Cmd>,
+    pub fsync: Fsync,
+}
+
+impl Writer {
+    /// Starts the writer for `dir` (created if missing).
+    pub fn start(dir: &Path, fsync: Fsync) -> Result<Writer> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (tx, rx) = mpsc::channel();
+        let dir = dir.to_path_buf();
+        std::thread::Builder::new()
+            .name("wasmhost-state".into())
+            .spawn(move || write_loop(&dir, fsync, rx))
+            .context("starting the state writer thread")?;
+        Ok(Writer { tx, fsync })
+    }
+
+    /// Queues snapshot `n`; later appends go to its journal.
+    pub fn snapshot(&self, n: u64, file: Vec<u8>) {
+        let _ = self.tx.send(Cmd::Snapshot { n, file });
+    }
+
+    /// Appends a batch of records; resolves once they are written (and,
+    /// with `--fsync always`, synced).
+    pub fn append(&self, bytes: Vec<u8>) -> tokio::sync::oneshot::Receiver<Result<(), String>> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let sync = self.fsync == Fsync::Always;
+        if let Err(mpsc::SendError(Cmd::Append { done, .. })) =
+            self.tx.send(Cmd::Append { bytes, sync, done })
+        {
+            let _ = done.send(Err("the state writer thread is gone".into()));
+        }
+        rx
+    }
+}
+
+struct Current {
+    n: u64,
+    journal: File,
+    dirty: bool,
+    /// Set when a write failed: nothing more is written.
+    failed: Option<String>,
+}
+
+fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
+    let mut current: Option<Current> = None;
+    let mut last_sync = Instant::now();
+    loop {
+        let cmd = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(cmd) => Some(cmd),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        match cmd {
+            Some(Cmd::Snapshot { n, file }) => match write_snapshot(dir, n, &file) {
+                Ok(journal) => {
+                    current = Some(Current {
+                        n,
+                        journal,
+                        dirty: false,
+                        failed: None,
+                    });
+                    remove_older(dir, n);
+                }
+                Err(e) => {
+                    let why = format!("writing snapshot {n} to {}: {e:#}", dir.display());
+                    tracing::error!("{why}");
+                    if let Some(c) = &mut current {
+                        c.failed = Some(why);
+                    }
+                }
+            },
+            Some(Cmd::Resume { n, journal }) => {
+                current = Some(Current {
+                    n,
+                    journal,
+                    dirty: false,
+                    failed: None,
+                });
+            }
+            Some(Cmd::Append { bytes, sync, done }) => {
+                let result = match &mut current {
+                    None => Err("no snapshot was written yet".to_string()),
+                    Some(c) => c.append(&bytes, sync),
+                };
+                let _ = done.send(result);
+            }
+            None => {}
+        }
+        if fsync == Fsync::Everysec
+            && last_sync.elapsed() >= Duration::from_secs(1)
+            && let Some(c) = &mut current
+            && c.dirty
+        {
+            if let Err(e) = c.journal.sync_data() {
+                c.failed = Some(format!("syncing journal {}: {e}", c.n));
+            }
+            c.dirty = false;
+            last_sync = Instant::now();
+        }
+    }
+}
+
+impl Current {
+    fn append(&mut self, bytes: &[u8], sync: bool) -> Result<(), String> {
+        if let Some(why) = &self.failed {
+            return Err(why.clone());
+        }
+        let result = self.journal.write_all(bytes).and_then(|()| match sync {
+            true => self.journal.sync_data(),
+            false => Ok(()),
+        });
+        match result {
+            Ok(()) => {
+                self.dirty = !sync;
+                Ok(())
+            }
+            Err(e) => {
+                let why = format!("appending to journal {}: {e}", self.n);
+                self.failed = Some(why.clone());
+                Err(why)
+            }
+        }
+    }
+}
+
+/// Writes snapshot `n` atomically and creates its (empty) journal.
+fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<File> {
+    if std::env::var("WASMHOST_TEST_DURABLE_FAIL").as_deref() == Ok("snapshot-write") {
+        bail!("test: WASMHOST_TEST_DURABLE_FAIL=snapshot-write");
+    }
+    let path = snapshot_path(dir, n);
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(file)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    let journal = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(journal_path(dir, n))?;
+    File::open(dir)?.sync_all()?;
+    Ok(journal)
+}
+
+/// Removes the snapshots and journals before `n` (snapshot `n` is durable).
+fn remove_older(dir: &Path, n: u64) {
+    if let Ok(numbers) = snapshot_numbers(dir) {
+        for old in numbers.into_iter().filter(|&m| m < n) {
+            let _ = std::fs::remove_file(snapshot_path(dir, old));
+            let _ = std::fs::remove_file(journal_path(dir, old));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> SnapshotHeader {
+        let stamp = Stamp {
+            wall_ns: 1,
+            mono_ns: 2,
+            seq: 3,
+        };
+        SnapshotHeader {
+            number: 7,
+            component: "ab".into(),
+            key: hex::encode([5u8; 32]),
+            born: stamp,
+            format: Some("kv/1".into()),
+            stamp,
+            timers: vec![(1, 99)],
+            conns: vec![(4, "default".into(), "127.0.0.1:1".into())],
+            next_conn_id: 5,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_round_trips_and_any_cut_or_flip_is_refused() {
+        let file = encode_snapshot(&header(), b"state bytes");
+        let (h, state) = decode_snapshot(&file).unwrap();
+        assert_eq!((h.number, state.as_slice()), (7, &b"state bytes"[..]));
+        for cut in 0..file.len() {
+            assert!(decode_snapshot(&file[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..file.len() {
+            let mut bad = file.clone();
+            bad[i] ^= 1;
+            assert!(decode_snapshot(&bad).is_err(), "flip at {i}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = decode_snapshot(&bytes);
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = decode_snapshot(&with_magic);
+        }
+    }
+}
