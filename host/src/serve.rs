@@ -144,7 +144,7 @@ impl Server {
                             tracing::warn!("{warning}");
                         }
                         let began = std::time::Instant::now();
-                        let (number, events) = (loaded.header.number, loaded.records.len());
+                        let (number, events) = (loaded.number, loaded.records.len());
                         let state_bytes = loaded.state.len();
                         start.disk = Some(durable::disk::Attach::resume(dir, fsync, &loaded)?);
                         let restored = service::restore(program, &spec, loaded)

@@ -159,6 +159,8 @@ fn snapshot_numbers(dir: &Path) -> Result<Vec<u64>> {
 
 /// What a state dir holds: the newest snapshot and the records after it.
 pub struct Loaded {
+    /// The snapshot's number (from its file name).
+    pub number: u64,
     pub header: SnapshotHeader,
     pub state: Vec<u8>,
     pub records: Vec<Record>,
@@ -221,6 +223,7 @@ pub fn load(dir: &Path) -> Result<Option<Loaded>> {
         let mut journal = journal;
         journal.truncate(good);
         return Ok(Some(Loaded {
+            number: n,
             header,
             state,
             records,
@@ -268,7 +271,7 @@ impl Attach {
     /// appends go on in its journal, cut to the bytes that read back.
     pub fn resume(dir: &Path, fsync: Fsync, loaded: &Loaded) -> Result<Attach> {
         let writer = Writer::start(dir, fsync)?;
-        let n = loaded.header.number;
+        let n = loaded.number;
         let path = journal_path(dir, n);
         let file = OpenOptions::new()
             .create(true)
@@ -495,6 +498,68 @@ mod tests {
             bad[i] ^= 1;
             assert!(decode_snapshot(&bad).is_err(), "flip at {i}");
         }
+    }
+
+    /// A state dir with snapshot 3 and a journal of `records` records.
+    fn state_dir(records: u64) -> (tempfile::TempDir, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut h = header();
+        h.number = 3;
+        std::fs::write(snapshot_path(dir.path(), 3), encode_snapshot(&h, b"s")).unwrap();
+        let mut journal = Vec::new();
+        for i in 0..records {
+            let stamp = Stamp {
+                wall_ns: i,
+                mono_ns: i,
+                seq: i,
+            };
+            journal::encode(&mut journal, stamp, journal::EventRef::Data(4, b"SET k v"));
+        }
+        std::fs::write(journal_path(dir.path(), 3), &journal).unwrap();
+        (dir, journal)
+    }
+
+    #[test]
+    fn a_journal_cut_at_every_byte_of_its_last_record_loads_without_it() {
+        let (dir, journal) = state_dir(3);
+        let last = journal.len() / 3 * 2;
+        for cut in last..journal.len() {
+            std::fs::write(journal_path(dir.path(), 3), &journal[..cut]).unwrap();
+            let loaded = load(dir.path()).unwrap().unwrap();
+            assert_eq!(loaded.records.len(), 2, "cut at {cut}");
+            assert_eq!(loaded.journal.len(), last);
+            assert_eq!(
+                loaded.warnings.len(),
+                usize::from(cut > last),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_flipped_byte_mid_journal_refuses_to_load_and_says_what_to_do() {
+        let (dir, mut journal) = state_dir(3);
+        let at = journal.len() / 3 + 20;
+        journal[at] ^= 0x10;
+        std::fs::write(journal_path(dir.path(), 3), &journal).unwrap();
+        let e = load(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("is corrupt at byte"), "{e}");
+        assert!(e.contains("truncate -s"), "{e}");
+    }
+
+    #[test]
+    fn a_damaged_newest_snapshot_falls_back_to_the_one_before() {
+        let (dir, _) = state_dir(1);
+        std::fs::write(snapshot_path(dir.path(), 4), b"WHSNAP1\ncut short").unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.number, 3);
+        assert!(loaded.warnings[0].contains("not a complete snapshot"));
+        assert_eq!(
+            load(tempfile::tempdir().unwrap().path())
+                .unwrap()
+                .map(|_| ()),
+            None
+        );
     }
 
     proptest::proptest! {
