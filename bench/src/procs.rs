@@ -59,6 +59,24 @@ pub fn free_port() -> Result<u16> {
 
 /// Starts a real `redis-server` (no persistence) on a free loopback port.
 pub fn redis_server() -> Result<Baseline> {
+    redis_with(&["--appendonly", "no"])
+}
+
+/// A `redis-server` with an append-only file in `dir`, synced as
+/// `appendfsync` says (`always`, `everysec`, `no`).
+pub fn redis_aof(dir: &std::path::Path, appendfsync: &str) -> Result<Baseline> {
+    let dir = dir.to_str().context("a UTF-8 path")?;
+    redis_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        appendfsync,
+        "--dir",
+        dir,
+    ])
+}
+
+fn redis_with(extra: &[&str]) -> Result<Baseline> {
     let port = free_port()?;
     let child = Command::new("redis-server")
         .args([
@@ -68,9 +86,8 @@ pub fn redis_server() -> Result<Baseline> {
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

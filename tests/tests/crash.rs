@@ -143,8 +143,21 @@ fn check_acked(addr: SocketAddr, acked: &[Acked], who: &str) {
     );
 }
 
+/// A redis-server, killed (SIGKILL) and reaped when dropped.
+struct Redis {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A redis-server with an append-only file synced on every write.
-fn redis_aof(dir: &Path) -> (Child, SocketAddr) {
+fn redis_aof(dir: &Path) -> Redis {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -166,13 +179,16 @@ fn redis_aof(dir: &Path) -> (Child, SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server (.ci/setup installs it)");
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let redis = Redis {
+        child,
+        addr: format!("127.0.0.1:{port}").parse().unwrap(),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Ok(mut c) = TcpStream::connect(addr)
+        if let Ok(mut c) = TcpStream::connect(redis.addr)
             && exchange(&mut c, "PING\r\n").as_deref() == Some("+PONG\r\n")
         {
-            return (child, addr);
+            return redis;
         }
         assert!(Instant::now() < deadline, "redis-server did not start");
         std::thread::sleep(Duration::from_millis(20));
@@ -220,15 +236,10 @@ fn kill_9_loses_no_acknowledged_write_like_redis_with_appendfsync_always() {
     // The same load against redis-server, killed the same way.
     let redis_dir = dir.path().join("redis");
     std::fs::create_dir(&redis_dir).unwrap();
-    let (mut redis, addr) = redis_aof(&redis_dir);
-    let acked = load_and_kill(addr, || {
-        redis.kill().unwrap();
-        redis.wait().unwrap();
-    });
-    let (mut redis, addr) = redis_aof(&redis_dir);
-    check_acked(addr, &acked, "redis-server");
-    let _ = redis.kill();
-    let _ = redis.wait();
+    let redis = redis_aof(&redis_dir);
+    let acked = load_and_kill(redis.addr, || drop(redis)); // SIGKILL
+    let redis = redis_aof(&redis_dir);
+    check_acked(redis.addr, &acked, "redis-server");
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use wasmhost_bench::procs::redis_server;
+use wasmhost_bench::procs::{redis_aof, redis_server};
 use wasmhost_bench::report::Section;
 use wasmhost_tests::Served;
 
@@ -63,6 +63,7 @@ impl Benchmark for DurableCost {
     fn run(&self, ctx: &Ctx) -> Result<Section> {
         let mut s = Section::new("Keeping the state through traps: journal cost and rebuild time");
         throughput(ctx, &mut s)?;
+        fsync_modes(ctx, &mut s)?;
         rebuild_time(ctx, &mut s)?;
         Ok(s)
     }
@@ -133,6 +134,69 @@ fn throughput(ctx: &Ctx, s: &mut Section) -> Result<()> {
         d["journal_events"],
         d["journal_bytes"]
     );
+    Ok(())
+}
+
+/// `--state-dir` with each `--fsync` mode beside redis-server with the same
+/// `appendfsync`.
+fn fsync_modes(ctx: &Ctx, s: &mut Section) -> Result<()> {
+    const TESTS: &str = "set,get";
+    let dir = tempfile::tempdir()?;
+    let rounds = if ctx.quick { 1 } else { 3 };
+    let _ = writeln!(
+        s.body,
+        "\n**On disk** (`--state-dir`, each `--fsync` mode) beside redis-server with `--appendonly yes` \
+         and the same `appendfsync`, both with {} keys loaded; `redis-benchmark -t {TESTS} -c 50 -P N`, \
+         {rounds} rounds alternating; medians. wasmhost writes a record for every event, reads too, and \
+         sends no reply before its record is written (`always`: synced); Redis writes only commands \
+         that change data.\n",
+        thousands(KEYS as f64)
+    );
+    let _ = writeln!(
+        s.body,
+        "| fsync | -P | test | wasmhost ops/s | redis ops/s | ratio |\n|---|---|---|---|---|---|"
+    );
+    for mode in ["always", "everysec", "no"] {
+        let state = dir.path().join(format!("wasmhost-{mode}"));
+        let host = Served::start(
+            "kv",
+            &[
+                "--state-dir",
+                state.to_str().context("UTF-8")?,
+                "--fsync",
+                mode,
+            ],
+        );
+        let redis_dir = dir.path().join(format!("redis-{mode}"));
+        std::fs::create_dir_all(&redis_dir)?;
+        let redis = redis_aof(&redis_dir, mode)?;
+        load_keys(host.addr(), 0, KEYS)?;
+        load_keys(redis.addr, 0, KEYS)?;
+        for (pipeline, requests) in [(1u32, 50_000u64), (16, 200_000)] {
+            let requests = if ctx.quick { requests / 5 } else { requests };
+            let (mut a, mut r) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                a.push(redis_benchmark(host.addr(), TESTS, requests, pipeline)?);
+                r.push(redis_benchmark(redis.addr, TESTS, requests, pipeline)?);
+            }
+            let (a, r) = (medians(&a), medians(&r));
+            for (x, z) in a.iter().zip(&r) {
+                let _ = writeln!(
+                    s.body,
+                    "| {mode} | {pipeline} | {} | {} | {} | {:.2} |",
+                    x.test,
+                    thousands(x.rps),
+                    thousands(z.rps),
+                    x.rps / z.rps
+                );
+            }
+            let ratio = geomean_ratio(&a, &r);
+            s.headline.push((
+                format!("--state-dir --fsync {mode} vs redis appendfsync {mode}, -P {pipeline}"),
+                format!("{:.0}% of redis ops/s", ratio * 100.0),
+            ));
+        }
+    }
     Ok(())
 }
 
