@@ -1,10 +1,11 @@
 //! Durable state: snapshots plus a journal of stamped events (issue 9).
 //!
-//! Built so far: the in-memory part. Every event is recorded ([`Journal`],
-//! in the on-disk record format of [`journal`]), snapshots are taken at
-//! update points ([`Policy`]), and a trap rebuilds the state from the
-//! snapshot and the journal (`service/recovery.rs`). Still a design below:
-//! `--state-dir` (the on-disk layout, group commit, start-up recovery).
+//! Every event is recorded ([`Journal`], in the record format of
+//! [`journal`]), snapshots are taken at update points ([`Policy`]), and a
+//! trap rebuilds the state from the snapshot and the journal
+//! (`service/recovery.rs`). With `--state-dir` both go to disk ([`disk`];
+//! the actor's side is `service/persist.rs`) and a restart after a crash
+//! rebuilds the state from them.
 //!
 //! # Model
 //!
@@ -58,45 +59,55 @@
 //! # On disk: `--state-dir DIR`
 //!
 //! ```text
-//! DIR/snapshot-<seq>.bin     header (magic "WHSNAP1\n", format name, key,
-//!                            seq, timers, connections), then the state;
-//!                            written to a temporary file, fsynced, renamed,
-//!                            directory fsynced
-//! DIR/journal-<seq>.log      records after snapshot <seq>:
-//!                            u32 length, u32 CRC-32, u8 kind, stamp
-//!                            (wall_ns, mono_ns, seq: u64), payload
+//! DIR/snapshot-<n>.bin   magic "WHSNAP1\n", u32 header length, JSON header
+//!                        (number, component hash, key, stamps, format or
+//!                        init, timers as deadlines, open connections, next
+//!                        connection id), u64 state length, the state,
+//!                        CRC-32 of all of it; <n> has 20 digits
+//! DIR/journal-<n>.log    the records after snapshot <n>: u32 length,
+//!                        u32 CRC-32, u8 kind, stamp (wall_ns, mono_ns,
+//!                        seq: u64), payload
 //! ```
 //!
-//! Group commit, as Redis's appendfsync: the actor appends each event's
-//! record to an in-memory batch; a writer thread writes the batch with one
-//! `write` (and one `fdatasync` with `--fsync always`; every second with
-//! `everysec`, the default; never with `no`) and only then releases the
-//! batch's replies to the connection tasks (each connection's outbox holds
-//! sends until its event's batch is written). Never one fsync per event.
+//! Every new base of the journal (the start, a snapshot, a swap, an
+//! upgrade, a fresh restart) becomes snapshot `n + 1`, written by the
+//! writer thread to a temporary file, fsynced, renamed, the directory
+//! fsynced, then its empty journal created and the older pair removed.
 //!
-//! Start with an existing state dir: load the newest complete snapshot,
-//! replay its journal; a record cut at the journal's end (the crash
-//! interrupted it) is dropped with a warning; a bad CRC elsewhere stops the
-//! start with an error naming the file, offset and what to do (move the
-//! journal aside to start from the snapshot). Then deliver `on-close` for
-//! every connection open at the crash (they are gone), and accept. A
-//! different component goes through the usual format negotiation. Older
-//! snapshots and journals are removed once a newer snapshot is durable.
+//! Group commit, as Redis's appendfsync: the actor keeps the output (sends
+//! and closes) of the events it handles, and when its queue is empty (or
+//! 1 MiB / 4,096 effects are held) hands the new records to the writer as
+//! one batch: one `write` (and one `fdatasync` with `--fsync always`;
+//! once a second with `everysec`, the default; never with `no`), then
+//! releases the held output. The writer works in order, so a batch after
+//! a snapshot also waits for the snapshot. Never one fsync per event.
 //!
+//! Start with a state dir that holds a state: load the newest snapshot that
+//! checks (an incomplete newer one is skipped with a warning), replay its
+//! journal; a record cut at the journal's end (the crash interrupted it) is
+//! dropped with a warning and cut off the file; a bad record elsewhere
+//! stops the start with an error naming the file, the offset and what to
+//! do. Timers are restored from the header's deadlines and the replayed
+//! effects; every connection open at the crash gets `on-close`; then the
+//! service accepts. A different component replays the same journal (its
+//! snapshot's format must be one it imports).
+
 //! # Failure at each step
 //!
 //! | step | fails how | what happens |
 //! |---|---|---|
 //! | snapshot export | error or trap | no new snapshot; the journal keeps growing; a trap is recovered from the previous snapshot |
-//! | snapshot write | disk full, I/O error | logged, `status` shows it; the old snapshot and journal stay valid; retried at the next threshold |
-//! | journal write | I/O error | with `always`/`everysec`: the service stops accepting writes' replies (clients wait) and logs; `status` shows it |
+//! | snapshot write | disk full, I/O error | the service stops (nothing after it is acknowledged); the previous snapshot and journal on disk stay valid for a restart |
+//! | journal write | I/O error | the service stops before sending the batch's replies; a restart recovers what was written |
 //! | recovery replay | trap | fresh start (the budget), state lost, logged and in `status` |
 //! | start-up load | corrupt record mid-journal | start refused with the file and offset |
 //!
 //! Every row gets a test that makes it fail on purpose
 //! (`WASMHOST_TEST_DURABLE_FAIL=<step>`), and the service must still serve
-//! afterwards. Built and tested so far (tests/tests/durable.rs):
-//! `snapshot-export` and `rebuild` (a replay that fails).
+//! afterwards. Built and tested so far (tests/tests/durable.rs and
+//! crash.rs): `snapshot-export`, `rebuild` (a replay that fails) and
+//! `journal-write` (a stop, as designed); `snapshot-write` is injectable
+//! but has no test yet.
 
 pub mod disk;
 pub mod journal;
