@@ -295,6 +295,13 @@ pub fn format_status(r: &StatusReport) -> String {
     } else {
         let _ = writeln!(s, "journal      {}", d.journal);
     }
+    if let Some(dir) = &d.state_dir {
+        let _ = writeln!(
+            s,
+            "state dir    {} (--fsync {}): snapshot {}, {} journal bytes written since",
+            dir.path, dir.fsync, dir.snapshot, dir.journal_bytes
+        );
+    }
     if d.recoveries > 0 {
         let _ = writeln!(
             s,

@@ -319,6 +319,17 @@ fn a_corrupt_journal_refuses_to_start_and_says_what_to_do() {
 
 #[test]
 fn a_journal_that_cannot_be_written_stops_the_service_before_any_reply() {
+    no_reply_when_failing("journal-write");
+}
+
+#[test]
+fn a_snapshot_that_cannot_be_written_stops_the_service_before_any_reply() {
+    no_reply_when_failing("snapshot-write");
+}
+
+/// With `WASMHOST_TEST_DURABLE_FAIL=step` a write gets no reply, the log
+/// says why and `status` shows the service stopped.
+fn no_reply_when_failing(step: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let path = guest("kv");
@@ -330,7 +341,7 @@ fn a_journal_that_cannot_be_written_stops_the_service_before_any_reply() {
     ];
     let mut server = Served::start_with(&path, &args, 1, |bin| {
         let mut command = Command::new(bin);
-        command.env("WASMHOST_TEST_DURABLE_FAIL", "journal-write");
+        command.env("WASMHOST_TEST_DURABLE_FAIL", step);
         command
     });
     let mut c = TcpStream::connect(server.addr()).unwrap();
@@ -341,7 +352,7 @@ fn a_journal_that_cannot_be_written_stops_the_service_before_any_reply() {
     let _ = c.read_to_end(&mut rest);
     assert_eq!(rest, b"", "no reply for a write that was not written");
     server.wait_for_output(
-        |t| t.contains("the state dir cannot be written"),
+        |t| t.contains("the state dir cannot be written") && t.contains(step),
         Duration::from_secs(10),
     );
     let status = server.command("status", &["--json"]);

@@ -266,5 +266,47 @@ fn rebuild_time(ctx: &Ctx, s: &mut Section) -> Result<()> {
             format!("{:.1} ms", us as f64 / 1000.0),
         ));
     }
+    restart_time(s)
+}
+
+/// `kill -9` and a restart on the state dir: how long until the service
+/// answers again, with 100,000 keys in a snapshot or in the journal.
+fn restart_time(s: &mut Section) -> Result<()> {
+    let _ = writeln!(
+        s.body,
+        "\n**Restart after `kill -9`** (`--state-dir`, `--fsync everysec`): a new `wasmhost serve` on \
+         the same directory loads the snapshot, replays the journal and answers PING; the time is \
+         from starting the process to the first PONG (the component comes from the compile cache).\n"
+    );
+    let _ = writeln!(s.body, "| state on disk | restart to first PONG |\n|---|---|");
+    for snapshot in [true, false] {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("state");
+        let args = ["--state-dir", state.to_str().context("UTF-8")?];
+        let host = Served::start("kv", &args);
+        load_keys(host.addr(), 0, KEYS)?;
+        if snapshot {
+            let out = host.command("snapshot", &[]);
+            if !out.status.success() {
+                bail!("wasmhost snapshot failed: {}", out.stderr);
+            }
+        }
+        drop(host); // SIGKILL
+        let began = std::time::Instant::now();
+        let host = Served::start("kv", &args);
+        wasmhost_bench::procs::wait_for_pong(host.addr(), Duration::from_secs(120))?;
+        let took = began.elapsed();
+        let what = match snapshot {
+            true => "snapshot of 100,000 keys, empty journal",
+            false => "100,000 keys in the journal (snapshot of `init`)",
+        };
+        let _ = writeln!(s.body, "| {what} | {:.0} ms |", took.as_secs_f64() * 1000.0);
+        if snapshot {
+            s.headline.push((
+                "restart after kill -9, kv with 100,000 keys on disk".into(),
+                format!("{:.0} ms to the first reply", took.as_secs_f64() * 1000.0),
+            ));
+        }
+    }
     Ok(())
 }

@@ -105,6 +105,27 @@ impl Actor {
         self.deliver_closes().await
     }
 
+    /// Forgets the held output (the service stopped: its connections are
+    /// closed, and none of it was acknowledged).
+    pub(super) fn drop_held(&mut self) {
+        if let Some(disk) = &mut self.disk {
+            disk.held.clear();
+            disk.held_bytes = 0;
+        }
+    }
+
+    /// The state dir's part of `status`.
+    pub(super) fn state_dir_status(&self) -> Option<super::recovery::StateDirStatus> {
+        let disk = self.disk.as_ref()?;
+        let policy = &self.spec.durable;
+        Some(super::recovery::StateDirStatus {
+            path: policy.state_dir.as_ref()?.display().to_string(),
+            fsync: format!("{:?}", policy.fsync).to_lowercase(),
+            snapshot: disk.number,
+            journal_bytes: disk.flushed,
+        })
+    }
+
     /// Carries out the held output (its batch is written).
     fn release_held(&mut self) {
         let Some(disk) = &mut self.disk else {

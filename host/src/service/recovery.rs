@@ -137,6 +137,19 @@ pub struct DurableStatus {
     /// Set when the service was stopped (restart budget spent): why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// `--state-dir`, if any, with its `--fsync` mode and the number of the
+    /// last snapshot written there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<StateDirStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StateDirStatus {
+    pub path: String,
+    pub fsync: String,
+    pub snapshot: u64,
+    /// Journal bytes written there since that snapshot.
+    pub journal_bytes: usize,
 }
 
 /// What `wasmhost snapshot` reports.
@@ -379,6 +392,7 @@ impl Actor {
         self.journal = None;
         self.durable.journal_off = Some("the service is stopped".into());
         self.stopped = Some(why);
+        self.drop_held();
     }
 
     /// After a new instance became live (start, swap, upgrade): decides
@@ -488,6 +502,11 @@ impl Actor {
                     .as_deref()
                     .unwrap_or("unknown error")
             );
+            if self.disk.is_some() {
+                // Without a journal nothing more could be made durable.
+                self.stop(format!("{why}; with --state-dir that stops the service"));
+                return;
+            }
             tracing::error!(service = &*self.spec.name, "{why}");
             self.journal = None;
             self.durable.journal_off = Some(why);
@@ -591,6 +610,7 @@ impl Actor {
             recoveries: self.stats.recoveries,
             last_recovery_us: micros(d.last_recovery),
             stopped: self.stopped.clone(),
+            state_dir: self.state_dir_status(),
         }
     }
 }
