@@ -405,3 +405,40 @@ fn snapshots_and_an_upgrade_keep_the_state_dir_consistent() {
     let v: i64 = redis::cmd("GET").arg("k219").query(&mut c).unwrap();
     assert_eq!(v, 219);
 }
+
+/// A timer armed before the crash fires after the restart: kv's expiry
+/// sweep removes keys that expired while the host was down (DBSIZE counts
+/// expired keys until they are swept; nothing here reads them).
+#[test]
+fn timers_armed_at_the_crash_fire_after_the_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = ["--state-dir", state.to_str().unwrap(), "--fsync", "always"];
+    let server = Served::start("kv", &args);
+    let mut c = wasmhost_tests::redis_connect(&server);
+    let _: () = redis::cmd("SET").arg("keep").arg(1).query(&mut c).unwrap();
+    for i in 0..10 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("e{i}"))
+            .arg("v")
+            .arg("PX")
+            .arg(300)
+            .query(&mut c)
+            .unwrap();
+    }
+    drop(c);
+    drop(server); // SIGKILL
+    let server = Served::start("kv", &args);
+    let mut c = wasmhost_tests::redis_connect(&server);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sweep never ran: {n} keys");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = server.command("status", &["--json"]);
+    assert!(status.stdout.contains("\"timers\": 0"), "{}", status.stdout);
+}

@@ -278,7 +278,10 @@ fn restart_time(s: &mut Section) -> Result<()> {
          the same directory loads the snapshot, replays the journal and answers PING; the time is \
          from starting the process to the first PONG (the component comes from the compile cache).\n"
     );
-    let _ = writeln!(s.body, "| state on disk | restart to first PONG |\n|---|---|");
+    let _ = writeln!(
+        s.body,
+        "| state on disk | restart to first PONG |\n|---|---|"
+    );
     for snapshot in [true, false] {
         let dir = tempfile::tempdir()?;
         let state = dir.path().join("state");
