@@ -215,7 +215,16 @@ fn kill_9_loses_no_acknowledged_write_like_redis_with_appendfsync_always() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let state = state.to_str().unwrap();
-    let args = ["--state-dir", state, "--fsync", "always"];
+    // Snapshots every 300 events: the kill often comes while one is being
+    // written in the background, with the chain of journals in use.
+    let args = [
+        "--state-dir",
+        state,
+        "--fsync",
+        "always",
+        "--snapshot-events",
+        "300",
+    ];
     let server = Served::start("kv", &args);
     let acked = load_and_kill(server.addr(), || drop(server)); // SIGKILL
     let mut server = Served::start("kv", &args);
@@ -391,13 +400,22 @@ fn snapshots_and_an_upgrade_keep_the_state_dir_consistent() {
     let out = server.command("snapshot", &[]);
     assert!(out.status.success(), "{}", out.stderr);
     set(&mut c, 200, 220);
+    // Snapshots are written in the background; once the last one is, the
+    // files before it are removed: one snapshot and its journal remain.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let files: Vec<String> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        if files.len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old files stay: {files:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(c);
     drop(server);
-    let files: Vec<String> = std::fs::read_dir(&state)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(files.len(), 2, "one snapshot and its journal: {files:?}");
     let server = Served::start("kv", &args);
     let mut c = wasmhost_tests::redis_connect(&server);
     let n: i64 = redis::cmd("DBSIZE").query(&mut c).unwrap();

@@ -9,9 +9,17 @@
 //! ```
 //!
 //! Snapshot `n` is written to a temporary file, fsynced, renamed, and the
-//! directory fsynced; only then is `journal-<n>.log` created and the files
-//! of older snapshots removed. At most one snapshot and its journal are
-//! kept, plus the previous pair while the next one is being written.
+//! directory fsynced; then the files of older snapshots are removed. A
+//! snapshot that continues the state the journal has been recording (by
+//! threshold or `wasmhost snapshot`) is written in the background by a
+//! thread of its own: `journal-<n>.log` starts at once (the previous
+//! journal is complete and synced first), so the chain "snapshot `k`, then
+//! journals `k`, `k+1`, ..." rebuilds the state until snapshot `n` is
+//! durable, and no reply waits for the snapshot. A snapshot that starts a
+//! new chain (the start, a swap, an upgrade, a fresh restart) is waited for
+//! before its journal starts. A failed background snapshot leaves the chain
+//! in use (the next threshold tries again); any other failed write stops
+//! the service.
 //!
 //! One writer thread does all the I/O in order ([`Writer`]): a snapshot,
 //! then appends to its journal. The actor hands it each batch of records
@@ -161,10 +169,12 @@ fn snapshot_numbers(dir: &Path) -> Result<Vec<u64>> {
 pub struct Loaded {
     /// The snapshot's number (from its file name).
     pub number: u64,
+    /// The journal appends go on in, and its length that reads back.
+    pub last_journal: (u64, u64),
     pub header: SnapshotHeader,
     pub state: Vec<u8>,
     pub records: Vec<Record>,
-    /// The journal's bytes that read back (a torn tail cut off).
+    /// The journals' bytes that read back, in order (a torn tail cut off).
     pub journal: Vec<u8>,
     /// A warning to log (a torn record dropped, a bad newer snapshot skipped).
     pub warnings: Vec<String>,
@@ -192,38 +202,57 @@ pub fn load(dir: &Path) -> Result<Option<Loaded>> {
                 continue;
             }
         };
-        let jpath = journal_path(dir, n);
-        let journal = match std::fs::read(&jpath) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", jpath.display())),
-        };
-        let (records, stop) = journal::read(&journal);
-        let good = match stop {
-            None => journal.len(),
-            Some(Stop::Torn { offset }) => {
-                warnings.push(format!(
-                    "{}: dropped an incomplete record at byte {offset} of {} (the crash \
-                     interrupted its write; its reply was never sent)",
+        // Its journal, then the journals of newer snapshots that were still
+        // being written (a snapshot that continues the same state starts
+        // its journal before it is durable: the chain goes on through them).
+        let (mut records, mut journal, mut last) = (Vec::new(), Vec::new(), (n, 0));
+        let mut j = n;
+        loop {
+            let jpath = journal_path(dir, j);
+            let bytes = match std::fs::read(&jpath) {
+                Ok(bytes) => bytes,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && j == n => Vec::new(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", jpath.display())),
+            };
+            let is_last = !journal_path(dir, j + 1).exists();
+            let (read, stop) = journal::read(&bytes);
+            let good = match stop {
+                None => bytes.len(),
+                Some(Stop::Torn { offset }) if is_last => {
+                    warnings.push(format!(
+                        "{}: dropped an incomplete record at byte {offset} of {} (the crash \
+                         interrupted its write; its reply was never sent)",
+                        jpath.display(),
+                        bytes.len()
+                    ));
+                    offset
+                }
+                Some(Stop::Torn { offset }) | Some(Stop::Corrupt { offset, .. }) => bail!(
+                    "{} is corrupt at byte {offset} ({}), with records after it. The state up to \
+                     there is in {} and the records before byte {offset}. To start from them, cut \
+                     the journal there (`truncate -s {offset} {}`), move any newer journal aside, \
+                     and start again; to start from the snapshot alone, move the journals aside",
                     jpath.display(),
-                    journal.len()
-                ));
-                offset
+                    match &stop {
+                        Some(Stop::Corrupt { why, .. }) => why.as_str(),
+                        _ => "a record cut short before the end of the chain",
+                    },
+                    path.display(),
+                    jpath.display()
+                ),
+            };
+            records.extend(read);
+            journal.extend_from_slice(&bytes[..good]);
+            last = (j, good as u64);
+            if is_last {
+                break;
             }
-            Some(Stop::Corrupt { offset, why }) => bail!(
-                "{} is corrupt at byte {offset} ({why}), with records after it. The state up to \
-                 there is in {} and the records before byte {offset}. To start from them, cut the \
-                 journal there (`truncate -s {offset} {}`) and start again; to start from the \
-                 snapshot alone, move the journal aside",
-                jpath.display(),
-                path.display(),
-                jpath.display()
-            ),
-        };
-        let mut journal = journal;
-        journal.truncate(good);
+            j += 1;
+        }
         return Ok(Some(Loaded {
             number: n,
+            last_journal: last,
             header,
             state,
             records,
@@ -241,9 +270,13 @@ pub fn load(dir: &Path) -> Result<Option<Loaded>> {
     Ok(None)
 }
 
-/// The next snapshot number for `dir`.
+/// The next snapshot number for `dir` (above every snapshot and journal).
 pub fn next_number(dir: &Path) -> Result<u64> {
-    Ok(snapshot_numbers(dir)?.first().map_or(1, |n| n + 1))
+    let mut next = snapshot_numbers(dir)?.first().map_or(1, |n| n + 1);
+    while journal_path(dir, next).exists() {
+        next += 1;
+    }
+    Ok(next)
 }
 
 /// A state dir as a service starts on it.
@@ -271,14 +304,14 @@ impl Attach {
     /// appends go on in its journal, cut to the bytes that read back.
     pub fn resume(dir: &Path, fsync: Fsync, loaded: &Loaded) -> Result<Attach> {
         let writer = Writer::start(dir, fsync)?;
-        let n = loaded.number;
+        let (n, good) = loaded.last_journal;
         let path = journal_path(dir, n);
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        file.set_len(loaded.journal.len() as u64)
+        file.set_len(good)
             .with_context(|| format!("cutting the torn record off {}", path.display()))?;
         let _ = writer.tx.send(Cmd::Resume { n, journal: file });
         Ok(Attach {
@@ -290,8 +323,13 @@ impl Attach {
 }
 
 enum Cmd {
-    /// Write snapshot `n` (the whole file), then start `journal-<n>.log`.
-    Snapshot { n: u64, file: Vec<u8> },
+    /// Write snapshot `n` (the whole file) and start `journal-<n>.log`
+    /// ([`Writer::snapshot`]).
+    Snapshot {
+        n: u64,
+        file: Vec<u8>,
+        continues: bool,
+    },
     /// Go on appending to journal `n`.
     Resume { n: u64, journal: File },
     /// Append to the current journal; sync first with `sync`.
@@ -322,8 +360,16 @@ impl Writer {
     }
 
     /// Queues snapshot `n`; later appends go to its journal.
-    pub fn snapshot(&self, n: u64, file: Vec<u8>) {
-        let _ = self.tx.send(Cmd::Snapshot { n, file });
+    ///
+    /// `continues`: the snapshot is of the same state the journal has been
+    /// recording (a snapshot by threshold or `wasmhost snapshot`), so the
+    /// journal so far plus the new one still rebuild it from the previous
+    /// snapshot: appends switch to the new journal at once and the snapshot
+    /// is written in the background, delaying no reply. Otherwise (a start,
+    /// a swap, an upgrade, a fresh restart) the appends after it wait until
+    /// it is durable.
+    pub fn snapshot(&self, n: u64, file: Vec<u8>, continues: bool) {
+        let _ = self.tx.send(Cmd::Snapshot { n, file, continues });
     }
 
     /// Appends a batch of records; resolves once they are written (and,
@@ -348,9 +394,38 @@ struct Current {
     failed: Option<String>,
 }
 
+/// A snapshot for the snapshot thread, and who waits for it.
+type SnapshotJob = (u64, Vec<u8>, Option<mpsc::Sender<Result<(), String>>>);
+
 fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
     let mut current: Option<Current> = None;
     let mut last_sync = Instant::now();
+    // Snapshots are written by a thread of their own, in order, so that a
+    // large one does not hold up the journal's appends.
+    let (jobs, queue) = mpsc::channel::<SnapshotJob>();
+    let snapshot_dir = dir.to_path_buf();
+    let snapshotter = std::thread::Builder::new()
+        .name("wasmhost-snapshot".into())
+        .spawn(move || {
+            for (n, file, done) in queue {
+                let result = write_snapshot(&snapshot_dir, n, &file).map_err(|e| {
+                    format!("writing snapshot {n} to {}: {e:#}", snapshot_dir.display())
+                });
+                match &result {
+                    Ok(()) => remove_older(&snapshot_dir, n),
+                    Err(why) => tracing::error!(
+                        "{why}; the previous snapshot and the journals after it stay in use"
+                    ),
+                }
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
+            }
+        });
+    if let Err(e) = snapshotter {
+        tracing::error!("cannot start the snapshot thread: {e}");
+        return;
+    }
     loop {
         let cmd = match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(cmd) => Some(cmd),
@@ -358,24 +433,52 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         match cmd {
-            Some(Cmd::Snapshot { n, file }) => match write_snapshot(dir, n, &file) {
-                Ok(journal) => {
-                    current = Some(Current {
-                        n,
-                        journal,
-                        dirty: false,
-                        failed: None,
-                    });
-                    remove_older(dir, n);
+            Some(Cmd::Snapshot { n, file, continues }) => {
+                // The journal so far must be on disk before the next one
+                // starts (with `always` it is already synced).
+                if let Some(c) = &mut current
+                    && c.dirty
+                    && fsync != Fsync::No
+                    && c.journal.sync_data().is_ok()
+                {
+                    c.dirty = false;
                 }
-                Err(e) => {
-                    let why = format!("writing snapshot {n} to {}: {e:#}", dir.display());
-                    tracing::error!("{why}");
-                    if let Some(c) = &mut current {
-                        c.failed = Some(why);
+                let written = match continues {
+                    true => {
+                        let _ = jobs.send((n, file, None));
+                        Ok(())
+                    }
+                    false => {
+                        let (done, wait) = mpsc::channel();
+                        let _ = jobs.send((n, file, Some(done)));
+                        wait.recv()
+                            .unwrap_or_else(|_| Err("the snapshot thread is gone".into()))
+                    }
+                };
+                let started = written.and_then(|()| {
+                    create_journal(dir, n)
+                        .map_err(|e| format!("creating journal {n} in {}: {e:#}", dir.display()))
+                });
+                match started {
+                    Ok(journal) => {
+                        current = Some(Current {
+                            n,
+                            journal,
+                            dirty: false,
+                            failed: None,
+                        });
+                    }
+                    Err(why) => {
+                        tracing::error!("{why}");
+                        match &mut current {
+                            Some(c) => c.failed = Some(why),
+                            None => {
+                                current = None;
+                            }
+                        }
                     }
                 }
-            },
+            }
             Some(Cmd::Resume { n, journal }) => {
                 current = Some(Current {
                     n,
@@ -430,8 +533,9 @@ impl Current {
     }
 }
 
-/// Writes snapshot `n` atomically and creates its (empty) journal.
-fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<File> {
+/// Writes snapshot `n` atomically: a temporary file, synced, renamed, and
+/// the directory synced.
+fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<()> {
     if std::env::var("WASMHOST_TEST_DURABLE_FAIL").as_deref() == Ok("snapshot-write") {
         bail!("test: WASMHOST_TEST_DURABLE_FAIL=snapshot-write");
     }
@@ -443,6 +547,12 @@ fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<File> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, &path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Creates journal `n` (empty) and makes its name durable.
+fn create_journal(dir: &Path, n: u64) -> Result<File> {
     let journal = OpenOptions::new()
         .create(true)
         .write(true)
@@ -452,7 +562,8 @@ fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<File> {
     Ok(journal)
 }
 
-/// Removes the snapshots and journals before `n` (snapshot `n` is durable).
+/// Removes the snapshots and journals before `n` (snapshot `n` is durable;
+/// journals after it are kept).
 fn remove_older(dir: &Path, n: u64) {
     if let Ok(numbers) = snapshot_numbers(dir) {
         for old in numbers.into_iter().filter(|&m| m < n) {
@@ -545,6 +656,40 @@ mod tests {
         let e = load(dir.path()).err().unwrap().to_string();
         assert!(e.contains("is corrupt at byte"), "{e}");
         assert!(e.contains("truncate -s"), "{e}");
+    }
+
+    #[test]
+    fn journals_of_snapshots_still_being_written_continue_the_chain() {
+        let (dir, first) = state_dir(2);
+        // Snapshot 4 continued the state but never completed; its journal
+        // holds the events after it.
+        std::fs::write(snapshot_path(dir.path(), 4), b"WHSNAP1\nhalf").unwrap();
+        let mut second = Vec::new();
+        let stamp = Stamp {
+            wall_ns: 9,
+            mono_ns: 9,
+            seq: 9,
+        };
+        journal::encode(&mut second, stamp, journal::EventRef::Close(4));
+        std::fs::write(journal_path(dir.path(), 4), &second[..second.len() - 1]).unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.number, 3);
+        assert_eq!(
+            loaded.records.len(),
+            2,
+            "the torn last record of journal 4 is dropped"
+        );
+        assert_eq!(loaded.last_journal, (4, 0));
+        std::fs::write(journal_path(dir.path(), 4), &second).unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.records.len(), 3);
+        assert_eq!(loaded.journal.len(), first.len() + second.len());
+        assert_eq!(loaded.last_journal, (4, second.len() as u64));
+        assert_eq!(next_number(dir.path()).unwrap(), 5);
+        // A record cut short before the end of the chain is corruption.
+        std::fs::write(journal_path(dir.path(), 3), &first[..first.len() - 1]).unwrap();
+        let e = load(dir.path()).err().unwrap().to_string();
+        assert!(e.contains("is corrupt"), "{e}");
     }
 
     #[test]

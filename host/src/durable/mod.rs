@@ -70,9 +70,12 @@
 //! ```
 //!
 //! Every new base of the journal (the start, a snapshot, a swap, an
-//! upgrade, a fresh restart) becomes snapshot `n + 1`, written by the
-//! writer thread to a temporary file, fsynced, renamed, the directory
-//! fsynced, then its empty journal created and the older pair removed.
+//! upgrade, a fresh restart) becomes snapshot `n + 1`, written to a
+//! temporary file, fsynced, renamed, the directory fsynced, and the older
+//! files removed. A snapshot of the same state (by threshold or `wasmhost
+//! snapshot`) is written in the background while appends go on in its new
+//! journal: the previous snapshot and the chain of journals after it
+//! rebuild the state until it is durable. Any other new base is waited for.
 //!
 //! Group commit, as Redis's appendfsync: the actor keeps the output (sends
 //! and closes) of the events it handles, and when its queue is empty (or
@@ -84,7 +87,7 @@
 //!
 //! Start with a state dir that holds a state: load the newest snapshot that
 //! checks (an incomplete newer one is skipped with a warning), replay its
-//! journal; a record cut at the journal's end (the crash interrupted it) is
+//! journal and the newer journals after it; a record cut at the journal's end (the crash interrupted it) is
 //! dropped with a warning and cut off the file; a bad record elsewhere
 //! stops the start with an error naming the file, the offset and what to
 //! do. Timers are restored from the header's deadlines and the replayed
@@ -97,7 +100,7 @@
 //! | step | fails how | what happens |
 //! |---|---|---|
 //! | snapshot export | error or trap | no new snapshot; the journal keeps growing; a trap is recovered from the previous snapshot |
-//! | snapshot write | disk full, I/O error | the service stops (nothing after it is acknowledged); the previous snapshot and journal on disk stay valid for a restart |
+//! | snapshot write | disk full, I/O error | a snapshot of the same state: logged, the previous snapshot and the journals after it stay in use, retried at the next threshold; a snapshot that starts a new chain (start, swap, upgrade): the service stops, the files on disk stay valid for a restart |
 //! | journal write | I/O error | the service stops before sending the batch's replies; a restart recovers what was written |
 //! | recovery replay | trap | fresh start (the budget), state lost, logged and in `status` |
 //! | start-up load | corrupt record mid-journal | start refused with the file and offset |

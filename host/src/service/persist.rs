@@ -28,6 +28,9 @@ pub(super) struct Disk {
     held_bytes: usize,
     /// A snapshot was queued and no append has waited for it since.
     base_pending: bool,
+    /// Appends of a journal's last records, made as a snapshot started the
+    /// next journal: their output is released only once they are written.
+    sealing: Vec<tokio::sync::oneshot::Receiver<Result<(), String>>>,
 }
 
 impl Disk {
@@ -39,6 +42,7 @@ impl Disk {
             held: Vec::new(),
             held_bytes: 0,
             base_pending: false,
+            sealing: Vec::new(),
         }
     }
 }
@@ -64,7 +68,10 @@ impl Actor {
         let (Some(disk), Some(journal)) = (&self.disk, &self.journal) else {
             return false;
         };
-        (journal.len_bytes() > disk.flushed || disk.base_pending || !disk.held.is_empty())
+        (journal.len_bytes() > disk.flushed
+            || disk.base_pending
+            || !disk.held.is_empty()
+            || !disk.sealing.is_empty())
             && (self.rx.is_empty()
                 || disk.held_bytes >= MAX_HELD_BYTES
                 || disk.held.len() >= MAX_HELD_EFFECTS)
@@ -75,6 +82,25 @@ impl Actor {
     /// output. A write that fails stops the service: nothing unwritten was
     /// acknowledged, and nothing more will be.
     pub(super) async fn flush(&mut self) -> Result<()> {
+        let Some(disk) = &mut self.disk else {
+            return Ok(());
+        };
+        let mut failed = None;
+        for sealed in std::mem::take(&mut disk.sealing) {
+            if let Err(why) = sealed
+                .await
+                .unwrap_or_else(|_| Err("the state writer thread is gone".into()))
+            {
+                failed = Some(why);
+            }
+        }
+        if let Some(why) = failed {
+            self.stop(format!(
+                "the state dir cannot be written ({why}); replies not yet written were not \
+                 sent. Fix the disk and restart the host: it recovers from what was written"
+            ));
+            return Ok(());
+        }
         let (Some(disk), Some(journal)) = (&mut self.disk, &self.journal) else {
             return Ok(());
         };
@@ -136,11 +162,26 @@ impl Actor {
         self.apply_now(held);
     }
 
+    /// Hands the journal's records not yet written to the writer, before a
+    /// snapshot that continues the same state resets the journal.
+    pub(super) fn seal_journal(&mut self) {
+        let (Some(disk), Some(journal)) = (&mut self.disk, &self.journal) else {
+            return;
+        };
+        if journal.len_bytes() > disk.flushed {
+            let bytes = journal.bytes_from(disk.flushed);
+            disk.flushed = journal.len_bytes();
+            disk.sealing.push(disk.writer.append(bytes));
+        }
+    }
+
     /// Writes the journal's current base as the state dir's next snapshot
-    /// (on the writer thread; appends after it go to its journal). `conns`:
-    /// whether the connections open now are part of the base (a snapshot
-    /// or a transferred state) or are journaled after it (a fresh start).
-    pub(super) fn persist_base(&mut self, conns: bool) {
+    /// (on the writer's threads; appends after it go to its journal).
+    /// `conns`: whether the connections open now are part of the base (a
+    /// snapshot or a transferred state) or are journaled after it (a fresh
+    /// start). `continues`: a snapshot of the state the journal recorded
+    /// ([`Writer::snapshot`]), called after [`seal_journal`](Self::seal_journal).
+    pub(super) fn persist_base(&mut self, conns: bool, continues: bool) {
         if self.disk.is_none() || self.journal.is_none() {
             return;
         }
@@ -155,7 +196,7 @@ impl Actor {
         };
         disk.number += 1;
         disk.flushed = 0;
-        disk.base_pending = true;
+        disk.base_pending = !continues;
         let base = &journal.base;
         let (format, state, stamp): (_, &[u8], _) = match &base.start {
             Begin::Init(stamp) => (None, &[], *stamp),
@@ -186,6 +227,6 @@ impl Actor {
             next_conn_id: self.net.next_id.load(Ordering::Relaxed),
         };
         disk.writer
-            .snapshot(disk.number, encode_snapshot(&header, state));
+            .snapshot(disk.number, encode_snapshot(&header, state), continues);
     }
 }

@@ -363,7 +363,7 @@ impl Actor {
         self.apply_effects();
         if let Some(journal) = &mut self.journal {
             reset_to(journal, base, &connects);
-            self.persist_base(connects.is_empty());
+            self.persist_base(connects.is_empty(), false);
         }
         tracing::info!(
             service = &*self.spec.name,
@@ -429,7 +429,7 @@ impl Actor {
         }
         self.durable.journal_off = off;
         if !resume {
-            self.persist_base(connects.is_empty());
+            self.persist_base(connects.is_empty(), false);
         }
     }
 
@@ -543,12 +543,13 @@ impl Actor {
         };
         let state_bytes = state.len();
         let base = base_of_state(&self.instance, format.clone(), Bytes::from(state));
+        self.seal_journal();
         if let Some(journal) = &mut self.journal {
             let old = std::mem::replace(&mut journal.base, base.clone());
             journal.reset(base);
             super::swap::reap(Box::new(old));
         }
-        self.persist_base(true);
+        self.persist_base(true, true);
         let pause = started.elapsed();
         let d = &mut self.durable;
         d.snapshots += 1;
