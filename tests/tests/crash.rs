@@ -460,3 +460,29 @@ fn timers_armed_at_the_crash_fire_after_the_restart() {
     let status = server.command("status", &["--json"]);
     assert!(status.stdout.contains("\"timers\": 0"), "{}", status.stdout);
 }
+
+/// Output made by an `on-close` that follows a held close (the QUIT that
+/// chat sends the others when a user's connection ends) goes out at once,
+/// not with the next event.
+#[test]
+fn output_after_a_held_close_is_not_held_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let args = ["--state-dir", state.to_str().unwrap(), "--fsync", "always"];
+    let server = Served::start("chat", &args);
+    let mut alice = IrcClient::register(server.addr(), "alice");
+    alice.send("JOIN #room");
+    alice.expect(" 366 alice #room ");
+    let mut bob = IrcClient::register(server.addr(), "bob");
+    bob.send("JOIN #room");
+    bob.expect(" 366 bob #room ");
+    alice.expect(":bob!bob@127.0.0.1 JOIN #room");
+    bob.send("QUIT :bye");
+    alice.expect(":bob!bob@127.0.0.1 QUIT");
+    let mut carol = IrcClient::register(server.addr(), "carol");
+    carol.send("JOIN #room");
+    carol.expect(" 366 carol #room ");
+    alice.expect(":carol!carol@127.0.0.1 JOIN #room");
+    drop(carol); // the connection ends without QUIT: chat's on-close tells the room
+    alice.expect(":carol!carol@127.0.0.1 QUIT");
+}

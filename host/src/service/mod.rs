@@ -354,6 +354,12 @@ impl Actor {
                 let _ = done.send(());
                 return Ok(Ended::Stopped);
             }
+            // Group commit: one write (and sync) per batch of events, once
+            // the queue is empty (or much output is held). Releasing output
+            // can deliver `on-close` calls whose output is held again.
+            while self.batch_due() {
+                self.flush().await?;
+            }
             let timers_armed = !self.timers.is_empty();
             tokio::select! {
                 msg = self.rx.recv() => match msg {
@@ -385,10 +391,7 @@ impl Actor {
                     self.deliver(Call::Timer(token)).await?;
                 }
             }
-            // Group commit: one write (and sync) per batch of events.
-            if self.batch_due() {
-                self.flush().await?;
-            }
+
         }
     }
 

@@ -419,6 +419,12 @@ impl Actor {
         };
         if let Some(why) = &off {
             tracing::info!(service = &*self.spec.name, "no journal: {why}");
+            if self.disk.is_some() {
+                tracing::warn!(
+                    service = &*self.spec.name,
+                    "--state-dir keeps nothing for this component ({why}): a crash loses its state"
+                );
+            }
         } else {
             let mut journal = match preloaded {
                 Some((bytes, events)) => Journal::resume(base, bytes, events),
