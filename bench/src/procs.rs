@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+pub use wasmhost_tests::RedisServer;
 
 /// A baseline server process, killed when dropped.
 pub struct Baseline {
@@ -58,43 +59,16 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// Starts a real `redis-server` (no persistence) on a free loopback port.
-pub fn redis_server() -> Result<Baseline> {
-    redis_with(&["--appendonly", "no"])
+pub fn redis_server() -> Result<RedisServer> {
+    RedisServer::start(&["--appendonly", "no"])
+        .context("starting redis-server (install redis-server; bench/run does)")
 }
 
 /// A `redis-server` with an append-only file in `dir`, synced as
 /// `appendfsync` says (`always`, `everysec`, `no`).
-pub fn redis_aof(dir: &std::path::Path, appendfsync: &str) -> Result<Baseline> {
-    let dir = dir.to_str().context("a UTF-8 path")?;
-    redis_with(&[
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        appendfsync,
-        "--dir",
-        dir,
-    ])
-}
-
-fn redis_with(extra: &[&str]) -> Result<Baseline> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting redis-server (install redis-server; bench/run does)")?;
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    wait_for_pong(addr, Duration::from_secs(20))?;
-    Ok(Baseline { child, addr })
+pub fn redis_aof(dir: &std::path::Path, appendfsync: &str) -> Result<RedisServer> {
+    RedisServer::with_aof(dir, appendfsync)
+        .context("starting redis-server (install redis-server; bench/run does)")
 }
 
 /// Polls `addr` with RESP PING until PONG; returns how long it took.

@@ -90,6 +90,81 @@ pub struct Served {
     _dir: tempfile::TempDir,
 }
 
+/// A real `redis-server` on a free loopback port, killed (SIGKILL) and
+/// reaped when dropped.
+pub struct RedisServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts `redis-server --port P --bind 127.0.0.1 --save "" EXTRA...`
+    /// and waits (at most 20 s) until it answers PING.
+    pub fn start(extra: &[&str]) -> std::io::Result<RedisServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let server = RedisServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = std::net::TcpStream::connect(server.addr) {
+                use std::io::{Read, Write};
+                c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut reply = [0u8; 7];
+                if c.write_all(b"PING\r\n").is_ok()
+                    && c.read_exact(&mut reply).is_ok()
+                    && &reply == b"+PONG\r\n"
+                {
+                    return Ok(server);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(std::io::Error::other(
+            "redis-server did not answer PING within 20 s",
+        ))
+    }
+
+    /// With an append-only file in `dir`, synced as `appendfsync` says
+    /// (`always`, `everysec`, `no`).
+    pub fn with_aof(dir: &Path, appendfsync: &str) -> std::io::Result<RedisServer> {
+        let dir = dir
+            .to_str()
+            .ok_or_else(|| std::io::Error::other("not UTF-8"))?;
+        RedisServer::start(&[
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            appendfsync,
+            "--dir",
+            dir,
+        ])
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A `redis` client connection to a served kv guest.
 pub fn redis_connect(server: &Served) -> redis::Connection {
     let client = redis::Client::open(format!("redis://{}/", server.addr())).expect("redis url");
@@ -127,6 +202,18 @@ impl Served {
     /// Starts `wasmhost serve PATH ARGS...` expecting `listeners` lines.
     pub fn start_raw(path: &Path, args: &[&str], listeners: usize) -> Served {
         Served::start_with(path, args, listeners, |bin| Command::new(bin))
+    }
+
+    /// Like [`start`](Self::start), with `envs` set in the server's
+    /// environment (e.g. `WASMHOST_TEST_DURABLE_FAIL`).
+    pub fn start_env(guest_name: &str, args: &[&str], envs: &[(&str, &str)]) -> Served {
+        let mut all = vec!["--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Served::start_with(&guest(guest_name), &all, 1, |bin| {
+            let mut command = Command::new(bin);
+            command.envs(envs.iter().copied());
+            command
+        })
     }
 
     /// Like [`start_raw`](Self::start_raw), with the command made by

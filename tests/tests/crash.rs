@@ -7,14 +7,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmhost_tests::irc::IrcClient;
-use wasmhost_tests::{Served, guest, run};
+use wasmhost_tests::{RedisServer, Served, guest, run};
 
 const CLIENTS: usize = 8;
 
@@ -143,58 +141,6 @@ fn check_acked(addr: SocketAddr, acked: &[Acked], who: &str) {
     );
 }
 
-/// A redis-server, killed (SIGKILL) and reaped when dropped.
-struct Redis {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A redis-server with an append-only file synced on every write.
-fn redis_aof(dir: &Path) -> Redis {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (.ci/setup installs it)");
-    let redis = Redis {
-        child,
-        addr: format!("127.0.0.1:{port}").parse().unwrap(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(mut c) = TcpStream::connect(redis.addr)
-            && exchange(&mut c, "PING\r\n").as_deref() == Some("+PONG\r\n")
-        {
-            return redis;
-        }
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs the load against a server, kills it with SIGKILL once every client
 /// is writing (`kill` does it), and returns what was acknowledged.
 fn load_and_kill(addr: SocketAddr, kill: impl FnOnce()) -> Vec<Acked> {
@@ -245,9 +191,9 @@ fn kill_9_loses_no_acknowledged_write_like_redis_with_appendfsync_always() {
     // The same load against redis-server, killed the same way.
     let redis_dir = dir.path().join("redis");
     std::fs::create_dir(&redis_dir).unwrap();
-    let redis = redis_aof(&redis_dir);
+    let redis = RedisServer::with_aof(&redis_dir, "always").expect("redis-server (.ci/setup)");
     let acked = load_and_kill(redis.addr, || drop(redis)); // SIGKILL
-    let redis = redis_aof(&redis_dir);
+    let redis = RedisServer::with_aof(&redis_dir, "always").expect("redis-server");
     check_acked(redis.addr, &acked, "redis-server");
 }
 
@@ -341,18 +287,8 @@ fn a_snapshot_that_cannot_be_written_stops_the_service_before_any_reply() {
 fn no_reply_when_failing(step: &str) {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let path = guest("kv");
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ];
-    let mut server = Served::start_with(&path, &args, 1, |bin| {
-        let mut command = Command::new(bin);
-        command.env("WASMHOST_TEST_DURABLE_FAIL", step);
-        command
-    });
+    let args = ["--state-dir", state.to_str().unwrap()];
+    let mut server = Served::start_env("kv", &args, &[("WASMHOST_TEST_DURABLE_FAIL", step)]);
     let mut c = TcpStream::connect(server.addr()).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n")

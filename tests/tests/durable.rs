@@ -5,7 +5,6 @@
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,6 +25,14 @@ fn segfault(server: &Served) {
     let mut rest = Vec::new();
     crasher.read_to_end(&mut rest).unwrap();
     assert_eq!(rest, b"", "the trapping connection is closed, unanswered");
+}
+
+/// Makes faulty trap on a connection of its own and checks that the host
+/// closes that connection (unanswered).
+fn trap_on_a_connection_of_its_own(server: &Served) {
+    let mut crasher = LineConn::open(server);
+    crasher.send("trap");
+    assert_eq!(crasher.recv(), "", "the trapping connection is closed");
 }
 
 fn status_json(server: &Served) -> serde_json::Value {
@@ -180,9 +187,7 @@ fn replay_rebuilds_the_same_clocks_and_random_values() {
         }
         a.send("recall");
         let before = a.recv();
-        let mut crasher = LineConn::open(&server);
-        crasher.send("trap");
-        assert_eq!(crasher.recv(), "", "the trapping connection is closed");
+        trap_on_a_connection_of_its_own(&server);
         a.send("recall");
         let after = a.recv();
         let (_, before) = before.split_once(' ').unwrap();
@@ -285,22 +290,14 @@ fn a_committed_swap_is_a_snapshot() {
     let status = status_json(&server);
     assert_eq!(status["durable"]["snapshot_format"], "faulty/1");
     assert_eq!(status["durable"]["journal_events"], 0, "{status}");
-    let mut crasher = LineConn::open(&server);
-    crasher.send("trap");
-    assert_eq!(crasher.recv(), "");
+    trap_on_a_connection_of_its_own(&server);
     a.send("two");
     assert_eq!(a.recv(), "2 two");
 }
 
 /// Starts `guest` with `WASMHOST_TEST_DURABLE_FAIL=step`.
 fn start_failing(guest_name: &str, step: &str, args: &[&str]) -> Served {
-    let mut all = vec!["--listen", "127.0.0.1:0"];
-    all.extend_from_slice(args);
-    Served::start_with(&guest(guest_name), &all, 1, |bin| {
-        let mut command = Command::new(bin);
-        command.env("WASMHOST_TEST_DURABLE_FAIL", step);
-        command
-    })
+    Served::start_env(guest_name, args, &[("WASMHOST_TEST_DURABLE_FAIL", step)])
 }
 
 /// Each step of the recovery made to fail on purpose: the service still
@@ -311,9 +308,7 @@ fn a_failed_rebuild_starts_fresh_and_serves_on() {
     let mut a = LineConn::open(&server);
     a.send("one");
     assert_eq!(a.recv(), "1 one");
-    let mut crasher = LineConn::open(&server);
-    crasher.send("trap");
-    assert_eq!(crasher.recv(), "");
+    trap_on_a_connection_of_its_own(&server);
     server.wait_for_output(
         |t| t.contains("rebuilding the state failed") && t.contains("service restarted"),
         Duration::from_secs(20),
@@ -344,9 +339,7 @@ fn a_failed_snapshot_keeps_the_journal_and_serves_on() {
             .contains("snapshot-export")
     );
     // The journal still rebuilds the state from `init`.
-    let mut crasher = LineConn::open(&server);
-    crasher.send("trap");
-    assert_eq!(crasher.recv(), "");
+    trap_on_a_connection_of_its_own(&server);
     a.send("x");
     assert_eq!(a.recv(), "5 x");
 }
@@ -365,9 +358,7 @@ fn after_a_host_upgrade_a_trap_rebuilds_from_the_carried_state() {
     let status = status_json(&server);
     assert_eq!(status["durable"]["snapshot_format"], "faulty/1", "{status}");
     assert_eq!(status["durable"]["journal_events"], 1, "{status}");
-    let mut crasher = LineConn::open(&server);
-    crasher.send("trap");
-    assert_eq!(crasher.recv(), "");
+    trap_on_a_connection_of_its_own(&server);
     a.send("rebuilt");
     assert_eq!(a.recv(), "3 rebuilt");
     assert_eq!(status_json(&server)["durable"]["recoveries"], 1);

@@ -35,6 +35,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::journal::{self, Record, Stop};
@@ -327,7 +328,7 @@ enum Cmd {
     /// ([`Writer::snapshot`]).
     Snapshot {
         n: u64,
-        file: Vec<u8>,
+        file: Box<(SnapshotHeader, Bytes)>,
         continues: bool,
     },
     /// Go on appending to journal `n`.
@@ -368,7 +369,10 @@ impl Writer {
     /// is written in the background, delaying no reply. Otherwise (a start,
     /// a swap, an upgrade, a fresh restart) the appends after it wait until
     /// it is durable.
-    pub fn snapshot(&self, n: u64, file: Vec<u8>, continues: bool) {
+    /// The file is encoded on the snapshot thread: no copy of the state is
+    /// made on the caller's (the actor's) time.
+    pub fn snapshot(&self, n: u64, header: SnapshotHeader, state: Bytes, continues: bool) {
+        let file = Box::new((header, state));
         let _ = self.tx.send(Cmd::Snapshot { n, file, continues });
     }
 
@@ -395,7 +399,11 @@ struct Current {
 }
 
 /// A snapshot for the snapshot thread, and who waits for it.
-type SnapshotJob = (u64, Vec<u8>, Option<mpsc::Sender<Result<(), String>>>);
+type SnapshotJob = (
+    u64,
+    Box<(SnapshotHeader, Bytes)>,
+    Option<mpsc::Sender<Result<(), String>>>,
+);
 
 fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
     let mut current: Option<Current> = None;
@@ -408,6 +416,9 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
         .name("wasmhost-snapshot".into())
         .spawn(move || {
             for (n, file, done) in queue {
+                let (header, state) = *file;
+                let file = encode_snapshot(&header, &state);
+                drop(state);
                 let result = write_snapshot(&snapshot_dir, n, &file).map_err(|e| {
                     format!("writing snapshot {n} to {}: {e:#}", snapshot_dir.display())
                 });
@@ -536,8 +547,8 @@ impl Current {
 /// Writes snapshot `n` atomically: a temporary file, synced, renamed, and
 /// the directory synced.
 fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<()> {
-    if std::env::var("WASMHOST_TEST_DURABLE_FAIL").as_deref() == Ok("snapshot-write") {
-        bail!("test: WASMHOST_TEST_DURABLE_FAIL=snapshot-write");
+    if let Some(why) = super::fail_at("snapshot-write") {
+        bail!(why);
     }
     let path = snapshot_path(dir, n);
     let tmp = path.with_extension("tmp");

@@ -121,6 +121,14 @@ use bytes::Bytes;
 
 use crate::service::Stamp;
 
+/// Whether the test-only `WASMHOST_TEST_DURABLE_FAIL` names `step` (read
+/// once): then that step fails on purpose, with this error text.
+pub fn fail_at(step: &str) -> Option<String> {
+    static STEP: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let named = STEP.get_or_init(|| std::env::var("WASMHOST_TEST_DURABLE_FAIL").ok());
+    (named.as_deref() == Some(step)).then(|| format!("test: WASMHOST_TEST_DURABLE_FAIL={step}"))
+}
+
 /// When snapshots are taken and how traps are recovered (`wasmhost serve`
 /// flags; the defaults are documented in the README's "Limits and failure
 /// behaviour").

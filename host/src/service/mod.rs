@@ -391,7 +391,6 @@ impl Actor {
                     self.deliver(Call::Timer(token)).await?;
                 }
             }
-
         }
     }
 

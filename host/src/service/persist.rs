@@ -11,7 +11,7 @@ use anyhow::Result;
 use super::Actor;
 use super::state::Effect;
 use crate::durable::Begin;
-use crate::durable::disk::{Attach, SnapshotHeader, Writer, encode_snapshot};
+use crate::durable::disk::{Attach, SnapshotHeader, Writer};
 
 /// Held output past which a batch is written even while events queue.
 const MAX_HELD_BYTES: usize = 1 << 20;
@@ -115,9 +115,9 @@ impl Actor {
                 Ok(result) => result,
                 Err(_) => Err("the state writer thread is gone".into()),
             };
-            let result = match std::env::var("WASMHOST_TEST_DURABLE_FAIL").as_deref() {
-                Ok("journal-write") => Err("test: WASMHOST_TEST_DURABLE_FAIL=journal-write".into()),
-                _ => result,
+            let result = match crate::durable::fail_at("journal-write") {
+                Some(why) => Err(why),
+                None => result,
             };
             if let Err(why) = result {
                 self.stop(format!(
@@ -198,13 +198,13 @@ impl Actor {
         disk.flushed = 0;
         disk.base_pending = !continues;
         let base = &journal.base;
-        let (format, state, stamp): (_, &[u8], _) = match &base.start {
-            Begin::Init(stamp) => (None, &[], *stamp),
+        let (format, state, stamp) = match &base.start {
+            Begin::Init(stamp) => (None, bytes::Bytes::new(), *stamp),
             Begin::Snapshot {
                 format,
                 state,
                 stamp,
-            } => (Some(format.clone()), state, *stamp),
+            } => (Some(format.clone()), state.clone(), *stamp),
         };
         let mut open: Vec<(u64, String, String)> = match conns {
             true => self
@@ -226,7 +226,6 @@ impl Actor {
             conns: open,
             next_conn_id: self.net.next_id.load(Ordering::Relaxed),
         };
-        disk.writer
-            .snapshot(disk.number, encode_snapshot(&header, state), continues);
+        disk.writer.snapshot(disk.number, header, state, continues);
     }
 }

@@ -28,7 +28,7 @@ use super::transfer::{Exported, SwapKind, Timings, Validation, import, negotiate
 use super::{Actor, Instance, start_fresh};
 use crate::bindings::ConnInfo;
 use crate::durable::journal::{self, EventRef};
-use crate::durable::{Base, Begin, Journal};
+use crate::durable::{Base, Begin, Journal, fail_at};
 
 /// One event for the guest.
 #[derive(Clone, Copy)]
@@ -313,8 +313,8 @@ impl Actor {
     /// its base, then the journal replayed with effects discarded. Returns
     /// it with the number of events replayed.
     async fn rebuild(&mut self) -> Result<(Instance, usize)> {
-        if let Some(step) = test_failure().filter(|s| s == "rebuild") {
-            bail!("test: WASMHOST_TEST_DURABLE_FAIL={step}");
+        if let Some(why) = fail_at("rebuild") {
+            bail!(why);
         }
         let journal = self.journal.as_ref().expect("rebuild needs a journal");
         let mut records = Vec::new();
@@ -535,8 +535,8 @@ impl Actor {
         let started = Instant::now();
         let formats = self.own_formats.clone();
         let mut t = Timings::default();
-        let exported = match test_failure().filter(|s| s == "snapshot-export") {
-            Some(step) => Ok(Err(format!("test: WASMHOST_TEST_DURABLE_FAIL={step}"))),
+        let exported = match fail_at("snapshot-export") {
+            Some(why) => Ok(Err(why)),
             None => self.export_for(&formats, SwapKind::Snapshot, &mut t).await,
         };
         let Exported { format, state } = match exported? {
@@ -797,10 +797,4 @@ fn reset_to_connects(journal: &mut Journal, connects: &[(super::Stamp, ConnInfo)
     for (stamp, info) in connects {
         journal.record(*stamp, Call::Connect(info).journal());
     }
-}
-
-/// The step named by `WASMHOST_TEST_DURABLE_FAIL`, which tests set to make
-/// that step fail on purpose.
-fn test_failure() -> Option<String> {
-    std::env::var("WASMHOST_TEST_DURABLE_FAIL").ok()
 }
