@@ -8,10 +8,11 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 
 use crate::cli::{
-    ControlArgs, RollbackArgs, SnapshotArgs, StatusArgs, SwapArgs, UpgradeArgs, ValidateMode,
+    CommitArgs, ControlArgs, RollbackArgs, SnapshotArgs, StatusArgs, SwapArgs, UpgradeArgs,
+    ValidateMode,
 };
 use crate::control::{self, client, protocol::Request, protocol::Response};
-use crate::service::{StatusReport, SwapReport, Validation};
+use crate::service::{ShadowOptions, ShadowStatus, StatusReport, SwapReport, Validation};
 
 fn socket(args: &ControlArgs) -> Result<std::path::PathBuf> {
     control::socket_path(args.control.clone(), &args.name)
@@ -22,6 +23,9 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
         .with_context(|| format!("bad path {}", args.new.display()))?;
     if !path.exists() {
         bail!("cannot read component {}: no such file", path.display());
+    }
+    if args.shadow {
+        return shadow_swap(args, path).await;
     }
     if !args.json {
         eprintln!(
@@ -36,6 +40,7 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
         fresh: args.fresh,
         no_validate: args.no_validate,
         roundtrip,
+        shadow: None,
     };
     let report = swapped(
         client::request(&socket(&args.control)?, request).await?,
@@ -48,6 +53,197 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
         );
     }
     print_swap(&report, args.json)
+}
+
+/// `swap --shadow`: starts the shadow, follows it with `status` until it is
+/// in step (and, with --commit-after, until it has handled that many
+/// events), printing progress, then commits if asked.
+async fn shadow_swap(args: SwapArgs, path: std::path::PathBuf) -> Result<()> {
+    let sock = socket(&args.control)?;
+    let say = |line: String| {
+        if !args.json {
+            eprintln!("{line}");
+        }
+    };
+    say(format!(
+        "shadow swap of `{}` to {}: compiling, then syncing the new version...",
+        args.control.name,
+        path.display()
+    ));
+    let request = Request::Swap {
+        path,
+        fresh: false,
+        no_validate: false,
+        roundtrip: false,
+        shadow: Some(ShadowOptions {
+            allow_divergence: args.allow_divergence,
+            max_lag_ms: args.max_lag_ms,
+        }),
+    };
+    let started = match client::request(&sock, request).await? {
+        Response::Shadow(status) => status,
+        Response::Error { message } => {
+            bail!("shadow swap not started, the running version keeps serving: {message}")
+        }
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    say(format!(
+        "synced by {} ({}, {} bytes, pause {}); catching up on {} journaled events",
+        started.sync,
+        started.format,
+        started.state_bytes,
+        us(started.sync_pause_us),
+        started.to_replay
+    ));
+    let mut last_said = std::time::Instant::now();
+    let mut was_in_step = false;
+    let status = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let status = match client::request(&sock, Request::Status).await? {
+            Response::Status(report) => report.shadow,
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected reply: {other:?}"),
+        };
+        let Some(status) = status else {
+            bail!("the service reports no shadow swap (was it aborted?)");
+        };
+        if status.state != "catching up" && status.state != "in step" {
+            let why = status.stopped.as_deref().unwrap_or("no reason given");
+            bail!(
+                "the shadow {}: {why}; the running version keeps serving{}",
+                status.state,
+                divergence_lines(&status)
+            );
+        }
+        let in_step = status.state == "in step";
+        if in_step && !was_in_step {
+            say(format!(
+                "in step: {} journaled events replayed, {} live events mirrored",
+                status.replayed, status.mirrored
+            ));
+            was_in_step = true;
+        }
+        match args.commit_after {
+            None if in_step => break status,
+            Some(n) if in_step && status.mirrored >= n => break status,
+            _ => {}
+        }
+        if last_said.elapsed() >= std::time::Duration::from_secs(2) {
+            say(progress(&status, args.commit_after));
+            last_said = std::time::Instant::now();
+        }
+    };
+    if args.commit_after.is_none() {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        } else {
+            print!("{}", format_shadow(&status));
+            println!(
+                "the shadow runs beside the live version: `wasmhost commit` switches to it,                  `wasmhost abort` drops it"
+            );
+        }
+        return Ok(());
+    }
+    say(format!(
+        "{} live events mirrored, {} divergences: committing",
+        status.mirrored, status.divergences
+    ));
+    let report = swapped(
+        client::request(&sock, Request::Commit).await?,
+        "commit refused",
+    )?;
+    print_swap(&report, args.json)
+}
+
+fn progress(s: &ShadowStatus, target: Option<u64>) -> String {
+    match s.state.as_str() {
+        "catching up" => format!(
+            "catching up: {}/{} journaled events replayed, {} live events waiting",
+            s.replayed, s.to_replay, s.lag_events
+        ),
+        _ => format!(
+            "in step: {}{} live events mirrored, {} divergences, {} behind",
+            s.mirrored,
+            target.map(|n| format!("/{n}")).unwrap_or_default(),
+            s.divergences,
+            s.lag_events
+        ),
+    }
+}
+
+/// The divergences a shadow kept, one per line.
+fn divergence_lines(s: &ShadowStatus) -> String {
+    let mut out = String::new();
+    for d in &s.first_divergences {
+        let _ = write!(out, "\n  {}", d.describe());
+    }
+    out
+}
+
+pub async fn commit(args: CommitArgs) -> Result<()> {
+    let report = swapped(
+        client::request(&socket(&args.control)?, Request::Commit).await?,
+        "commit refused",
+    )?;
+    print_swap(&report, args.json)
+}
+
+pub async fn abort(args: CommitArgs) -> Result<()> {
+    match client::request(&socket(&args.control)?, Request::Abort).await? {
+        Response::Shadow(status) => match args.json {
+            true => println!("{}", serde_json::to_string_pretty(&status)?),
+            false => {
+                println!("shadow swap aborted; the running version serves on");
+                print!("{}", format_shadow(&status));
+            }
+        },
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+    Ok(())
+}
+
+/// A shadow swap, for people (in `status` and after `swap --shadow`).
+pub fn format_shadow(s: &ShadowStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "shadow       {} ({}): {}{}",
+        s.component.path,
+        s.component.short_hash(),
+        s.state,
+        s.stopped
+            .as_deref()
+            .map(|why| format!(": {why}"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(
+        out,
+        "  synced     by {} from {} ({} bytes), pause {}; {}/{} journaled events replayed",
+        s.sync,
+        s.format,
+        s.state_bytes,
+        us(s.sync_pause_us),
+        s.replayed,
+        s.to_replay
+    );
+    let _ = writeln!(
+        out,
+        "  mirrored   {} live events, {} behind, {} divergences{}, {} with other timer calls; memory {} bytes",
+        s.mirrored,
+        s.lag_events,
+        s.divergences,
+        match s.allow_divergence {
+            true => " (allowed)",
+            false => "",
+        },
+        s.timer_differences,
+        s.memory_bytes
+    );
+    for d in &s.first_divergences {
+        let _ = writeln!(out, "  diverged   {}", d.describe());
+    }
+    out
 }
 
 pub async fn rollback(args: RollbackArgs) -> Result<()> {
@@ -224,6 +420,13 @@ pub fn format_swap(r: &SwapReport) -> String {
         us(p.host_us)
     );
     let _ = writeln!(s, "  kept    {} connections", r.connections);
+    if let Some(shadow) = &r.shadow {
+        let _ = writeln!(
+            s,
+            "  shadow  synced by {}, {} live events mirrored, {} divergences",
+            shadow.sync, shadow.mirrored, shadow.divergences
+        );
+    }
     if let Some(u) = &r.upgrade {
         let _ = writeln!(
             s,
@@ -317,6 +520,9 @@ pub fn format_status(r: &StatusReport) -> String {
             p.short_hash(),
             p.file_note("rollback uses the version kept in memory, not the file")
         );
+    }
+    if let Some(shadow) = &r.shadow {
+        s.push_str(&format_shadow(shadow));
     }
     if r.swaps.is_empty() {
         let _ = writeln!(s, "swaps        none");

@@ -37,7 +37,22 @@ pub enum Command {
     ///
     /// `wasmhost check RUNNING.wasm --against NEW.wasm` tries the same
     /// export, import and round trip ahead of time, outside any pause.
+    ///
+    /// With --shadow the new version first runs beside the old one on the
+    /// same events and takes over only on `wasmhost commit` (or by itself
+    /// with --commit-after): see --shadow.
     Swap(SwapArgs),
+    /// Make the running shadow (`swap --shadow`) the live version.
+    ///
+    /// Between two events the shadow handles the events still queued for
+    /// it and becomes the live instance, with its own timers and journal;
+    /// the old instance is dropped. The pause does not depend on the
+    /// state's size. Refused, with the reason, when no shadow is running
+    /// or it stopped; a shadow that does not hand over within 2 s runs on.
+    Commit(CommitArgs),
+    /// Drop the running shadow (`swap --shadow`); the running version
+    /// serves on, untouched.
+    Abort(CommitArgs),
     /// Show a running service: component, generation, counters, swap history.
     Status(StatusArgs),
     /// Take a snapshot of a running service's state now.
@@ -294,6 +309,52 @@ pub struct SwapArgs {
     )]
     pub validate: ValidateMode,
 
+    /// Gradual swap: run the new version as a shadow beside the old one
+    /// before it takes over. The shadow gets the state without a pause
+    /// (the journal's snapshot plus the journal, replayed on its own
+    /// thread) or, when it imports none of the journal's formats, from one
+    /// export of the running version (a pause as long as the export). Then
+    /// every event the running version handles goes to the shadow too, with
+    /// the same clocks and random bytes; what it would send and close is
+    /// compared, per connection, with what the running version did, and
+    /// thrown away. The first difference stops the shadow (see
+    /// --allow-divergence), as do a trap and falling behind (see
+    /// --max-lag-ms); the running version is never affected. This command
+    /// returns once the shadow is in step (progress on stderr); `wasmhost
+    /// commit` then switches to it, with a pause that does not depend on
+    /// the state's size, and `wasmhost abort` drops it. `wasmhost status`
+    /// shows it. No other swap or upgrade runs while a shadow does.
+    #[arg(long, conflicts_with_all = ["fresh", "no_validate"])]
+    pub shadow: bool,
+
+    /// With --shadow: wait until the shadow has handled N live events in
+    /// agreement (or N in all with --allow-divergence), then commit and
+    /// print the commit's report. Interrupting the wait leaves the shadow
+    /// running.
+    #[arg(long, value_name = "N", requires = "shadow")]
+    pub commit_after: Option<u64>,
+
+    /// With --shadow: count divergences (the first 5 are kept for `status`)
+    /// instead of stopping the shadow at the first.
+    #[arg(long, requires = "shadow")]
+    pub allow_divergence: bool,
+
+    /// With --shadow: stop the shadow as too slow once an event has waited
+    /// this long for it (its catch-up counts too). It is also stopped when
+    /// 256 MiB of events are queued for it.
+    #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "shadow")]
+    pub max_lag_ms: u64,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CommitArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -51,6 +51,8 @@ fn main() -> ExitCode {
             Command::Status(args) => wasmhost::admin::status(args).await,
             Command::Snapshot(args) => wasmhost::admin::snapshot(args).await,
             Command::Rollback(args) => wasmhost::admin::rollback(args).await,
+            Command::Commit(args) => wasmhost::admin::commit(args).await,
+            Command::Abort(args) => wasmhost::admin::abort(args).await,
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
             Command::Compile(args) => compile(args),
             Command::New(args) => new_project(args),

@@ -134,6 +134,7 @@ pub(super) fn swap(ctx: &Ctx, host: &Served, to: &str) -> Result<SwapReport> {
         fresh: false,
         no_validate: false,
         roundtrip: false,
+        shadow: None,
     };
     match ctx.rt.block_on(client::request(&host.control, request))? {
         Response::Swapped(report) => Ok(*report),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::service::{SnapshotReport, StatusReport, SwapReport};
+use crate::service::{ShadowOptions, ShadowStatus, SnapshotReport, StatusReport, SwapReport};
 
 /// The protocol version this host speaks.
 pub const VERSION: u32 = 1;
@@ -50,7 +50,15 @@ pub enum Request {
         /// ignores it, and its report then has no `validation`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         roundtrip: bool,
+        /// Start the new version as a shadow (`swap --shadow`) instead of
+        /// switching now. Left out when absent, as `roundtrip`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        shadow: Option<ShadowOptions>,
     },
+    /// Make the running shadow the live version (`wasmhost commit`).
+    Commit,
+    /// Drop the running shadow (`wasmhost abort`).
+    Abort,
     /// Swap back to the previous generation's component.
     Rollback {
         #[serde(default)]
@@ -95,6 +103,8 @@ pub enum Response {
     Status(Box<StatusReport>),
     Swapped(Box<SwapReport>),
     Snapshot(Box<SnapshotReport>),
+    /// A shadow swap started, or aborted.
+    Shadow(Box<ShadowStatus>),
     Error {
         message: String,
     },
@@ -169,6 +179,7 @@ mod tests {
                 fresh: false,
                 no_validate: false,
                 roundtrip: false,
+                shadow: None,
             }
         );
         // Without roundtrip the request is what it always was.
@@ -182,6 +193,7 @@ mod tests {
             fresh,
             no_validate: false,
             roundtrip: true,
+            shadow: None,
         };
         let json = serde_json::to_string(&roundtrip).unwrap();
         assert!(json.contains(r#""roundtrip":true"#), "{json}");

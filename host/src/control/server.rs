@@ -15,7 +15,8 @@ use tokio_util::task::TaskTracker;
 use super::protocol::{self, FrameError, Request, RequestFrame, Response, ResponseFrame, VERSION};
 use crate::engine::Runtime;
 use crate::service::{
-    self, InstanceLimits, Program, ServiceHandle, SwapKind, SwapOptions, SwapReport, Validation,
+    self, InstanceLimits, Program, ServiceHandle, ShadowOptions, SwapKind, SwapOptions, SwapReport,
+    Validation,
 };
 use crate::upgrade::{self, UpgradeOptions, Upgrader};
 
@@ -289,6 +290,21 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             fresh,
             no_validate,
             roundtrip,
+            shadow: Some(opts),
+        } => match fresh || no_validate || roundtrip {
+            true => Err(
+                "bad request: a shadow swap takes none of fresh, no_validate and roundtrip (the \
+                 shadow is validated by running it on live events)"
+                    .into(),
+            ),
+            false => shadow_swap(ctx, &path, opts).await,
+        },
+        Request::Swap {
+            path,
+            fresh,
+            no_validate,
+            roundtrip,
+            shadow: None,
         } => match (no_validate, roundtrip) {
             (true, true) => Err(
                 "bad request: no_validate and roundtrip exclude each other (--no-validate skips the \
@@ -299,6 +315,12 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             (false, true) => swap(ctx, &path, fresh, Validation::RoundTrip).await,
             (false, false) => swap(ctx, &path, fresh, Validation::Export).await,
         },
+        Request::Commit => commit(ctx).await,
+        Request::Abort => ctx
+            .service
+            .abort()
+            .await
+            .map(|status| Response::Shadow(Box::new(status))),
         Request::Snapshot => match ctx.service.snapshot().await {
             Ok(Ok(report)) => Ok(Response::Snapshot(Box::new(report))),
             Ok(Err(why)) => Err(why),
@@ -357,6 +379,16 @@ pub async fn reload(ctx: &ControlCtx) -> Result<SwapReport, String> {
     }
 }
 
+/// Reads and compiles a component for a swap, off the async workers.
+async fn load(ctx: &ControlCtx, path: &Path) -> Result<Arc<Program>, String> {
+    let runtime = ctx.runtime.clone();
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || Program::prepare(&runtime, &owned))
+        .await
+        .map_err(|e| format!("compiling panicked: {e}"))?
+        .map_err(|e| format!("{e:#}"))
+}
+
 async fn swap(
     ctx: &ControlCtx,
     path: &Path,
@@ -364,12 +396,7 @@ async fn swap(
     validation: Validation,
 ) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a swap")?;
-    let runtime = ctx.runtime.clone();
-    let owned = path.to_path_buf();
-    let program = tokio::task::spawn_blocking(move || Program::prepare(&runtime, &owned))
-        .await
-        .map_err(|e| format!("compiling panicked: {e}"))?
-        .map_err(|e| format!("{e:#}"))?;
+    let program = load(ctx, path).await?;
     let opts = SwapOptions {
         kind: SwapKind::Swap,
         fresh,
@@ -377,6 +404,44 @@ async fn swap(
         expect_generation: None,
     };
     run_swap(ctx, program, opts, true).await
+}
+
+/// `swap --shadow`: prepares the new version as for any swap and starts
+/// it as a shadow; returns once it is synced (the client then follows its
+/// progress with `status`).
+async fn shadow_swap(
+    ctx: &ControlCtx,
+    path: &Path,
+    opts: ShadowOptions,
+) -> Result<Response, String> {
+    let _running = ctx.upgrader.exclusive.begin("a swap")?;
+    let program = load(ctx, path).await?;
+    let prepared = service::prepare(program, ctx.name.clone(), &ctx.limits, true)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let status = ctx.service.shadow(prepared, opts).await?;
+    Ok(Response::Shadow(Box::new(status)))
+}
+
+/// Events a shadow may still have queued when the commit is sent: the
+/// commit's pause includes handling them.
+const COMMIT_LAG: u64 = 32;
+
+/// `wasmhost commit`: waits (up to a second, serving all along) for the
+/// shadow's queue to be nearly empty, so the pause is short, then commits.
+async fn commit(ctx: &ControlCtx) -> Result<Response, String> {
+    let _running = ctx.upgrader.exclusive.begin("a commit")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        let status = ctx.service.status().await.map_err(|e| e.to_string())?;
+        match status.shadow {
+            Some(s) if s.state == "in step" && s.lag_events > COMMIT_LAG => {}
+            _ => break,
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let report = ctx.service.commit().await?;
+    Ok(Response::Swapped(Box::new(report)))
 }
 
 async fn rollback(

@@ -204,10 +204,14 @@ impl Base {
 const CHUNK: usize = 1 << 20;
 
 /// The events since the base, encoded as [`journal`] records, in chunks
-/// (no record spans two).
+/// (no record spans two). Full chunks are frozen, so a copy of the journal
+/// ([`share`](Journal::share)) costs no copy of its bytes.
 pub struct Journal {
     pub base: Base,
-    chunks: Vec<Vec<u8>>,
+    /// Chunks no longer appended to.
+    frozen: Vec<Bytes>,
+    /// The chunk being appended to.
+    current: Vec<u8>,
     len: usize,
     events: u64,
     /// When the base was taken.
@@ -218,7 +222,8 @@ impl Journal {
     pub fn new(base: Base) -> Journal {
         Journal {
             base,
-            chunks: Vec::new(),
+            frozen: Vec::new(),
+            current: Vec::new(),
             len: 0,
             events: 0,
             since: Instant::now(),
@@ -231,10 +236,29 @@ impl Journal {
         let len = bytes.len();
         Journal {
             base,
-            chunks: vec![bytes],
+            frozen: vec![Bytes::from(bytes)],
+            current: Vec::new(),
             len,
             events,
             since: Instant::now(),
+        }
+    }
+
+    /// A second journal with the same base and records, which then grows
+    /// on its own (a shadow swap's new version starts from it). The chunk
+    /// being written is frozen and shared, not copied: the cost does not
+    /// grow with the journal.
+    pub fn share(&mut self) -> Journal {
+        if !self.current.is_empty() {
+            self.frozen.push(Bytes::from(std::mem::take(&mut self.current)));
+        }
+        Journal {
+            base: self.base.clone(),
+            frozen: self.frozen.clone(),
+            current: Vec::new(),
+            len: self.len,
+            events: self.events,
+            since: self.since,
         }
     }
 
@@ -243,7 +267,7 @@ impl Journal {
     pub fn bytes_from(&self, from: usize) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len.saturating_sub(from));
         let mut at = 0;
-        for chunk in &self.chunks {
+        for chunk in self.chunks() {
             let end = at + chunk.len();
             if end > from {
                 out.extend_from_slice(&chunk[from.saturating_sub(at)..]);
@@ -256,14 +280,13 @@ impl Journal {
     /// Records one event the instance handled.
     pub fn record(&mut self, stamp: Stamp, event: journal::EventRef<'_>) {
         let need = journal::encoded_len(event);
-        let chunk = match self.chunks.last_mut() {
-            Some(chunk) if chunk.capacity() - chunk.len() >= need => chunk,
-            _ => {
-                self.chunks.push(Vec::with_capacity(need.max(CHUNK)));
-                self.chunks.last_mut().expect("just pushed")
+        if self.current.capacity() - self.current.len() < need {
+            let full = std::mem::replace(&mut self.current, Vec::with_capacity(need.max(CHUNK)));
+            if !full.is_empty() {
+                self.frozen.push(Bytes::from(full));
             }
-        };
-        journal::encode(chunk, stamp, event);
+        }
+        journal::encode(&mut self.current, stamp, event);
         self.len += need;
         self.events += 1;
     }
@@ -272,11 +295,10 @@ impl Journal {
     /// start); the journal is emptied.
     pub fn reset(&mut self, base: Base) {
         self.base = base;
-        // The first chunk is kept for the next events; the rest are freed.
-        self.chunks.truncate(1);
-        if let Some(first) = self.chunks.first_mut() {
-            first.clear();
-        }
+        // The chunk being written is kept for the next events (it is
+        // shared with no one); the frozen ones are freed.
+        self.frozen.clear();
+        self.current.clear();
         self.len = 0;
         self.events = 0;
         self.since = Instant::now();
@@ -284,7 +306,8 @@ impl Journal {
 
     /// The records, chunk by chunk (each chunk holds whole records).
     pub fn chunks(&self) -> impl Iterator<Item = &[u8]> {
-        self.chunks.iter().map(Vec::as_slice)
+        let current = (!self.current.is_empty()).then_some(self.current.as_slice());
+        self.frozen.iter().map(|c| &c[..]).chain(current)
     }
 
     pub fn len_bytes(&self) -> usize {

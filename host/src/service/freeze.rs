@@ -186,6 +186,12 @@ impl Actor {
     /// Runs one handoff; returns whether the service was handed off (the
     /// actor must end). The error is fatal for the service.
     pub(super) async fn handoff(&mut self, request: HandoffRequest) -> Result<bool> {
+        if self.shadow_running() {
+            let why = "a shadow swap is running: `wasmhost commit` or `wasmhost abort` it before \
+                       upgrading the host";
+            let _ = request.reply.send(Err(why.into()));
+            return Ok(false);
+        }
         // Held replies go out before the connections are frozen.
         self.flush().await?;
         let frozen_at = Instant::now();

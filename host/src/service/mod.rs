@@ -13,6 +13,7 @@ mod instance;
 mod persist;
 mod recovery;
 mod report;
+mod shadow;
 mod state;
 mod swap;
 mod transfer;
@@ -39,6 +40,7 @@ pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, resto
 pub use report::{
     ComponentInfo, HISTORY_LEN, StatusReport, SwapRecord, SwapReport, UpgradeInfo, micros, unix_ms,
 };
+pub use shadow::{Divergence, ShadowOptions, ShadowStatus, default_max_lag_ms};
 pub use state::Effect;
 pub use swap::{Prepared, SwapOptions, prepare};
 pub use transfer::{
@@ -86,6 +88,13 @@ enum Msg {
     ),
     Handoff(Box<HandoffRequest>),
     Snapshot(oneshot::Sender<Result<SnapshotReport, String>>),
+    Shadow(
+        Box<Prepared>,
+        ShadowOptions,
+        oneshot::Sender<Result<ShadowStatus, String>>,
+    ),
+    Commit(oneshot::Sender<Result<SwapReport, String>>),
+    Abort(oneshot::Sender<Result<ShadowStatus, String>>),
 }
 
 /// The service actor is gone (it has shut down).
@@ -135,6 +144,35 @@ impl ServiceHandle {
         rx.await.map_err(|_| Stopped)
     }
 
+    /// Starts a shadow of a prepared instance at the next update point
+    /// (`swap --shadow`); the error says why none was started.
+    pub async fn shadow(
+        &self,
+        prepared: Prepared,
+        opts: ShadowOptions,
+    ) -> Result<ShadowStatus, String> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Shadow(Box::new(prepared), opts, tx);
+        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
+        rx.await.map_err(|_| Stopped.to_string())?
+    }
+
+    /// Makes the running shadow the live version (`wasmhost commit`).
+    pub async fn commit(&self) -> Result<SwapReport, String> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Commit(tx);
+        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
+        rx.await.map_err(|_| Stopped.to_string())?
+    }
+
+    /// Drops the running shadow (`wasmhost abort`).
+    pub async fn abort(&self) -> Result<ShadowStatus, String> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Abort(tx);
+        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
+        rx.await.map_err(|_| Stopped.to_string())?
+    }
+
     /// Freezes the service at its next update point for a host upgrade:
     /// see [`HandoffRequest`]. The error says why it could not; the service
     /// then serves on.
@@ -182,6 +220,7 @@ impl Drop for ExclusiveGuard {
 }
 
 /// Everything needed to (re)start the service's instance.
+#[derive(Clone)]
 pub struct ServiceSpec {
     pub name: Arc<str>,
     pub config: Vec<(String, String)>,
@@ -259,6 +298,8 @@ pub fn spawn(
         own_formats: Vec::new(),
         stopped: None,
         disk: None,
+        shadow: None,
+        last_shadow: None,
     };
     let resume = start.disk.as_ref().is_some_and(|d| d.resume);
     let flushed = start.journal.as_ref().map_or(0, |(bytes, _)| bytes.len());
@@ -342,6 +383,10 @@ struct Actor {
     stopped: Option<String>,
     /// `--state-dir`: the writer and the output waiting for it.
     disk: Option<persist::Disk>,
+    /// A shadow swap's new version, running beside this one.
+    shadow: Option<shadow::Shadow>,
+    /// The last shadow swap that ended, for `status`.
+    last_shadow: Option<ShadowStatus>,
 }
 
 impl Actor {
@@ -360,6 +405,7 @@ impl Actor {
             while self.batch_due() {
                 self.flush().await?;
             }
+            self.flush_shadow();
             let timers_armed = !self.timers.is_empty();
             tokio::select! {
                 msg = self.rx.recv() => match msg {
@@ -373,6 +419,17 @@ impl Actor {
                         let result = self.snapshot("wasmhost snapshot").await?;
                         self.deliver_closes().await?;
                         let _ = reply.send(result);
+                    }
+                    Some(Msg::Shadow(prepared, opts, reply)) => {
+                        let result = self.start_shadow(*prepared, opts).await?;
+                        let _ = reply.send(result);
+                    }
+                    Some(Msg::Commit(reply)) => {
+                        let result = self.commit_shadow().await?;
+                        let _ = reply.send(result);
+                    }
+                    Some(Msg::Abort(reply)) => {
+                        let _ = reply.send(self.abort_shadow());
                     }
                     Some(Msg::Handoff(request)) => {
                         if self.handoff(*request).await? {

@@ -39,8 +39,27 @@ pub(super) enum Call<'a> {
     Timer(u64),
 }
 
-impl Call<'_> {
-    async fn run(self, instance: &mut Instance) -> Result<()> {
+impl<'a> Call<'a> {
+    /// The call that delivers a journaled event; `info` holds the
+    /// connection's details for a connect.
+    pub(super) fn of(event: &'a journal::Event, info: &'a mut Option<ConnInfo>) -> Call<'a> {
+        match event {
+            journal::Event::Connect {
+                conn,
+                listener,
+                peer,
+            } => Call::Connect(info.insert(ConnInfo {
+                id: *conn,
+                listener: listener.clone(),
+                peer: peer.clone(),
+            })),
+            journal::Event::Data(id, data) => Call::Data(*id, data),
+            journal::Event::Close(id) => Call::Close(*id),
+            journal::Event::Timer(token) => Call::Timer(*token),
+        }
+    }
+
+    pub(super) async fn run(self, instance: &mut Instance) -> Result<()> {
         match self {
             Call::Connect(info) => instance.on_connect(info).await,
             Call::Data(id, data) => instance.on_data(id, data).await,
@@ -49,7 +68,7 @@ impl Call<'_> {
         }
     }
 
-    fn journal(&self) -> EventRef<'_> {
+    pub(super) fn journal(&self) -> EventRef<'_> {
         match *self {
             Call::Connect(info) => EventRef::Connect {
                 conn: info.id,
@@ -63,7 +82,7 @@ impl Call<'_> {
     }
 
     /// For messages: `on-data(conn 7)`.
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         match *self {
             Call::Connect(info) => format!("on-connect(conn {})", info.id),
             Call::Data(id, _) => format!("on-data(conn {id})"),
@@ -212,10 +231,15 @@ impl Actor {
         match call.run(&mut self.instance).await {
             Ok(()) => {
                 self.durable.trap_streak = 0;
+                let stamp = self.instance.stamp();
                 if let Some(journal) = &mut self.journal {
-                    journal.record(self.instance.stamp(), call.journal());
+                    journal.record(stamp, call.journal());
                 }
-                self.apply_effects();
+                let effects = self.instance.take_effects();
+                if let Some(shadow) = &mut self.shadow {
+                    shadow.mirror(stamp, call.journal(), &effects);
+                }
+                self.apply(effects);
             }
             Err(trap) => {
                 let what = call.describe();
@@ -361,6 +385,12 @@ impl Actor {
         let trapped = std::mem::replace(&mut self.instance, instance);
         super::swap::reap(Box::new(trapped));
         self.apply_effects();
+        self.end_shadow(
+            "stopped",
+            "the running version trapped and restarted fresh: its state was lost, so the \
+             shadow's no longer follows it"
+                .into(),
+        );
         if let Some(journal) = &mut self.journal {
             reset_to(journal, base, &connects);
             self.persist_base(connects.is_empty(), false);
@@ -383,6 +413,7 @@ impl Actor {
              are closed at once. Swap in a fixed version with `wasmhost swap --fresh FILE`, or \
              restart the host"
         );
+        self.end_shadow("stopped", format!("the running version stopped: {why}"));
         for (_, conn) in self.conns.drain() {
             conn.outbox.close();
         }
@@ -410,7 +441,7 @@ impl Actor {
     ) {
         self.journal = None;
         self.durable.snapshot_hold = 0;
-        let off = match self.journal_formats().await {
+        let off = match journal_formats(&mut self.instance, &self.spec.durable).await {
             Ok(formats) => {
                 self.own_formats = formats;
                 None
@@ -437,34 +468,6 @@ impl Actor {
         if !resume {
             self.persist_base(connects.is_empty(), false);
         }
-    }
-
-    /// The formats the running component imports, if it can import its own
-    /// export; otherwise why there is no journal.
-    async fn journal_formats(&mut self) -> Result<Vec<String>, String> {
-        if !self.spec.durable.journal {
-            return Err("off (--journal off): a trap restarts the service fresh".into());
-        }
-        let exportable = match self.instance.exportable().await {
-            Ok(formats) => formats,
-            Err(trap) => return Err(format!("exportable() trapped: {}", root(&trap))),
-        };
-        if exportable.is_empty() {
-            return Err("the service is stateless (its exportable() is empty)".into());
-        }
-        let importable = match self.instance.importable().await {
-            Ok(formats) => formats,
-            Err(trap) => return Err(format!("importable() trapped: {}", root(&trap))),
-        };
-        if negotiate(&importable, &exportable).is_none() {
-            return Err(format!(
-                "the component imports [{}] but exports [{}]: it cannot import its own state, so \
-                 no snapshot can be taken and a trap restarts it fresh",
-                importable.join(", "),
-                exportable.join(", ")
-            ));
-        }
-        Ok(importable)
     }
 
     async fn snapshot_if_due(&mut self) -> Result<()> {
@@ -622,6 +625,38 @@ impl Actor {
     }
 }
 
+/// The formats `instance`'s component imports, if it can import its own
+/// export (a snapshot is in the first of them it exports); otherwise why it
+/// gets no journal.
+pub(super) async fn journal_formats(
+    instance: &mut Instance,
+    policy: &crate::durable::Policy,
+) -> Result<Vec<String>, String> {
+    if !policy.journal {
+        return Err("off (--journal off): a trap restarts the service fresh".into());
+    }
+    let exportable = match instance.exportable().await {
+        Ok(formats) => formats,
+        Err(trap) => return Err(format!("exportable() trapped: {}", root(&trap))),
+    };
+    if exportable.is_empty() {
+        return Err("the service is stateless (its exportable() is empty)".into());
+    }
+    let importable = match instance.importable().await {
+        Ok(formats) => formats,
+        Err(trap) => return Err(format!("importable() trapped: {}", root(&trap))),
+    };
+    if negotiate(&importable, &exportable).is_none() {
+        return Err(format!(
+            "the component imports [{}] but exports [{}]: it cannot import its own state, so \
+             no snapshot can be taken and a trap restarts it fresh",
+            importable.join(", "),
+            exportable.join(", ")
+        ));
+    }
+    Ok(importable)
+}
+
 /// A new instance of `program` brought to the state after `records`: the
 /// base's instantiation with its key, its `init` or snapshot import, then
 /// every record replayed with its stamp. Each record's effects go to
@@ -660,24 +695,8 @@ pub(super) async fn replay(
     new.take_effects(); // they already happened
     for (i, record) in records.iter().enumerate() {
         new.pin(Some(record.stamp));
-        let info;
-        let call = match &record.event {
-            journal::Event::Connect {
-                conn,
-                listener,
-                peer,
-            } => {
-                info = ConnInfo {
-                    id: *conn,
-                    listener: listener.clone(),
-                    peer: peer.clone(),
-                };
-                Call::Connect(&info)
-            }
-            journal::Event::Data(id, data) => Call::Data(*id, data),
-            journal::Event::Close(id) => Call::Close(*id),
-            journal::Event::Timer(token) => Call::Timer(*token),
-        };
+        let mut info = None;
+        let call = Call::of(&record.event, &mut info);
         call.run(&mut new).await.with_context(|| {
             format!(
                 "replaying journaled event {} of {} ({}) trapped",

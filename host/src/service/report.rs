@@ -91,6 +91,9 @@ pub struct SwapReport {
     /// start). Absent from the reports of hosts that predate the field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<Validation>,
+    /// For a shadow swap's commit: what the shadow did before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<super::ShadowStatus>,
 }
 
 /// What a host upgrade moved, beyond a swap's state.
@@ -155,6 +158,9 @@ pub struct StatusReport {
     /// Journal, snapshots and trap recovery.
     #[serde(default)]
     pub durable: super::DurableStatus,
+    /// The running shadow swap, or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<super::ShadowStatus>,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -192,6 +198,7 @@ impl Actor {
             previous: self.previous.as_deref().map(ComponentInfo::of),
             swaps: self.history.iter().cloned().collect(),
             durable: self.durable_status(),
+            shadow: self.shadow_status(),
         }
     }
 

@@ -88,6 +88,7 @@ impl Actor {
             (SwapKind::Swap, false) => "swap",
             (SwapKind::Upgrade, _) => "upgrade",
             (SwapKind::Snapshot, _) => "snapshot",
+            (SwapKind::Shadow, _) => "shadow",
         };
         let result = self.transfer(prepared, &opts, started).await?;
         let record = |format: Option<String>, state_bytes, pause_us, outcome| SwapRecord {
@@ -149,6 +150,12 @@ impl Actor {
             return Ok(Err(format!(
                 "the service moved to generation {} while this was prepared (expected {expected}); run it again",
                 self.generation
+            )));
+        }
+        if let Some(shadow) = self.shadow_status().filter(|_| self.shadow_running()) {
+            return Ok(Err(format!(
+                "a shadow swap to {} is running: `wasmhost commit` or `wasmhost abort` it first",
+                shadow.component.path
             )));
         }
         if let Some(why) = &self.stopped
@@ -236,6 +243,7 @@ impl Actor {
                 true => Validation::None,
                 false => opts.validation,
             }),
+            shadow: None,
         }))
     }
 
@@ -272,7 +280,7 @@ impl Actor {
     /// Makes `new` the live instance; returns the old program. The old
     /// instance is dropped on the reaper thread, so unmapping its memory
     /// is not part of the pause.
-    fn commit(&mut self, new: Instance, fresh: bool) -> Arc<Program> {
+    pub(super) fn commit(&mut self, new: Instance, fresh: bool) -> Arc<Program> {
         self.apply_effects(); // anything the old instance recorded while exporting
         if fresh {
             // The timers belonged to the dropped state.

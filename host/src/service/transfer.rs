@@ -41,6 +41,8 @@ pub enum SwapKind {
     Upgrade,
     /// A snapshot: the running version's state in a format it imports itself.
     Snapshot,
+    /// The state a shadow swap's new version starts from.
+    Shadow,
 }
 
 /// Guest and transfer time spent inside a pause.
@@ -170,6 +172,11 @@ pub fn no_common_format(kind: SwapKind, importable: &[String], exportable: &[Str
         SwapKind::Upgrade => format!(
             "no state format in common: the component the new host loaded imports [{imports}], the \
              running version exports [{exports}] now; upgrade with a --component that imports one of them"
+        ),
+        SwapKind::Shadow => format!(
+            "no state format in common: the new version imports [{imports}], the running version \
+             exports [{exports}] now (and its journal's snapshot is in none the new version \
+             imports); a shadow swap needs one"
         ),
         SwapKind::Snapshot => format!(
             "the running version exports [{exports}] now, none of which it imports itself \

@@ -183,6 +183,7 @@ pub(crate) fn report(
             unsent_bytes: moved.conn_bytes - unread_bytes,
         }),
         validation: Some(crate::service::Validation::Export),
+        shadow: None,
     }
 }
 
