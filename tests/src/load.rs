@@ -1,10 +1,13 @@
 //! Steady load from real Redis clients, for tests that change the service
 //! (swap, upgrade) while it serves.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::{Result, bail};
 use redis::Connection;
 
 use crate::{Served, redis_connect};
@@ -119,4 +122,61 @@ fn wait_progress(progress: &AtomicU64, more: u64) {
         assert!(Instant::now() < deadline, "clients stopped making progress");
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Loads keys `from..to` with pipelined SETs (16-byte values).
+pub fn load_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
+    let mut c = TcpStream::connect(addr)?;
+    let mut reply = vec![0u8; 5 * 10_000];
+    let mut i = from;
+    while i < to {
+        let end = (i + 10_000).min(to);
+        let mut batch = Vec::with_capacity(64 * 10_000);
+        for k in i..end {
+            let (key, value) = (format!("key:{k:010}"), format!("value:{k:010}"));
+            write!(
+                batch,
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
+                key.len(),
+                value.len()
+            )?;
+        }
+        c.write_all(&batch)?;
+        let n = (end - i) as usize * 5;
+        c.read_exact(&mut reply[..n])?;
+        if !reply[..n].chunks(5).all(|r| r == b"+OK\r\n") {
+            bail!("a SET failed while loading keys");
+        }
+        i = end;
+    }
+    Ok(())
+}
+
+/// Checks that keys `from..to` hold what [`load_keys`] wrote (pipelined
+/// GETs); the error names the first key that does not.
+pub fn check_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
+    let mut c = TcpStream::connect(addr)?;
+    let mut i = from;
+    while i < to {
+        let end = (i + 10_000).min(to);
+        let mut batch = Vec::with_capacity(40 * 10_000);
+        let mut expected = Vec::with_capacity(24 * 10_000);
+        for k in i..end {
+            let (key, value) = (format!("key:{k:010}"), format!("value:{k:010}"));
+            write!(batch, "*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len())?;
+            write!(expected, "${}\r\n{value}\r\n", value.len())?;
+        }
+        c.write_all(&batch)?;
+        let mut got = vec![0u8; expected.len()];
+        c.read_exact(&mut got)?;
+        if got != expected {
+            let at = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
+            bail!(
+                "keys {i}..{end} do not read back: first difference at byte {at}: {:?}",
+                String::from_utf8_lossy(&got[at.saturating_sub(20)..(at + 40).min(got.len())])
+            );
+        }
+        i = end;
+    }
+    Ok(())
 }

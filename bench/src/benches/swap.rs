@@ -16,38 +16,11 @@ use wasmhost::service::SwapReport;
 use wasmhost_bench::chart::grouped_bars;
 use wasmhost_bench::report::Section;
 use wasmhost_tests::{Served, guest};
+pub(super) use wasmhost_tests::load::load_keys;
 
 use super::{Benchmark, Ctx, built, median, not_built, percentile};
 
 pub struct SwapPause;
-
-/// Loads keys `from..to` with pipelined SETs (16-byte values).
-pub(super) fn load_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
-    let mut c = TcpStream::connect(addr)?;
-    let mut reply = vec![0u8; 5 * 10_000];
-    let mut i = from;
-    while i < to {
-        let end = (i + 10_000).min(to);
-        let mut batch = Vec::with_capacity(64 * 10_000);
-        for k in i..end {
-            let (key, value) = (format!("key:{k:010}"), format!("value:{k:010}"));
-            write!(
-                batch,
-                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n",
-                key.len(),
-                value.len()
-            )?;
-        }
-        c.write_all(&batch)?;
-        let n = (end - i) as usize * 5;
-        c.read_exact(&mut reply[..n])?;
-        if !reply[..n].chunks(5).all(|r| r == b"+OK\r\n") {
-            bail!("a SET failed while loading keys");
-        }
-        i = end;
-    }
-    Ok(())
-}
 
 /// A client that PINGs without pause and keeps (start, latency) of each.
 pub(super) struct Probe {

@@ -58,6 +58,10 @@ fn arity(name: &[u8]) -> Option<i32> {
 
 pub fn execute(call: &mut Call) -> After {
     let name = call.args[0].to_ascii_lowercase();
+    #[cfg(feature = "odd")]
+    if let Some(after) = crate::odd::execute(call, &name) {
+        return after;
+    }
     let Some(arity) = arity(&name) else {
         unknown_command(call);
         return After::Continue;

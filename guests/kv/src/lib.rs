@@ -7,11 +7,16 @@
 //! Built with the `v2` feature it is kv-v2: hashes (HSET, HGET, HDEL,
 //! HGETALL, HLEN, HINCRBY) and the state format `kv/2`; it imports `kv/2`
 //! and `kv/1`, and exports `kv/1` too while no key holds a hash.
+//!
+//! Built with the `odd` feature it is kv-odd, a test build for shadow
+//! swaps (see `odd.rs`).
 
 mod commands;
 mod db;
 #[cfg(feature = "v2")]
 mod hashes;
+#[cfg(feature = "odd")]
+mod odd;
 #[cfg(test)]
 mod prop;
 mod resp;
