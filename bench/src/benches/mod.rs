@@ -5,6 +5,7 @@ mod durable;
 mod echo;
 mod kv;
 mod memory;
+mod shadow;
 mod startup;
 mod swap;
 mod upgrade;
@@ -32,6 +33,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(kv::KvVsRedis),
         Box::new(echo::EchoVsTokio),
         Box::new(swap::SwapPause),
+        Box::new(shadow::ShadowSwap),
         Box::new(chat::ChatGuests),
         Box::new(durable::DurableCost),
         Box::new(upgrade::UpgradeBlackout),

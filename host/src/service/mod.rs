@@ -407,6 +407,8 @@ impl Actor {
             }
             self.flush_shadow();
             let timers_armed = !self.timers.is_empty();
+            let shadow_due = self.shadow.as_ref().and_then(|s| s.flush_at());
+            let shadow_due = shadow_due.map(tokio::time::Instant::from_std);
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Event(event)) => self.handle(event).await?,
@@ -447,6 +449,8 @@ impl Actor {
                     self.timer_keys.remove(&token);
                     self.deliver(Call::Timer(token)).await?;
                 }
+                // A shadow's batch is due while nothing else happens.
+                _ = tokio::time::sleep_until(shadow_due.unwrap_or_else(tokio::time::Instant::now)), if shadow_due.is_some() => {}
             }
         }
     }

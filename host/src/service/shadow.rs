@@ -97,10 +97,13 @@ const COMMIT_WAIT: Duration = Duration::from_secs(2);
 /// whatever `--max-lag-ms` says: memory stays bounded.
 const MAX_QUEUED_BYTES: u64 = 256 << 20;
 
-/// Events per batch handed to the shadow while the actor is busy (when its
-/// queue is empty, whatever is pending goes at once).
+/// A batch goes to the shadow when it holds this many events or bytes, or
+/// its first event is this old: waking the shadow's thread for every
+/// event would cost the live version (a system call) and the machine (a
+/// context switch) more than the shadow's own work.
 const BATCH_EVENTS: usize = 256;
 const BATCH_BYTES: usize = 256 << 10;
+const BATCH_AGE: Duration = Duration::from_millis(1);
 
 /// Divergences kept for `status` with `--allow-divergence`.
 const KEPT_DIVERGENCES: usize = 5;
@@ -351,17 +354,23 @@ impl Shadow {
         }
     }
 
-    /// Hands the pending events over if `idle` (the actor has nothing
-    /// else queued) or the batch is large. Returns why the shadow stopped,
-    /// if it did.
-    fn flush(&mut self, idle: bool) -> Option<String> {
+    /// When the pending batch is due, if there is one.
+    pub(super) fn flush_at(&self) -> Option<Instant> {
+        self.batch.since.map(|since| since + BATCH_AGE)
+    }
+
+    /// Hands the pending events over if `now`, or the batch is large or
+    /// old enough. Returns why the shadow stopped, if it did.
+    fn flush(&mut self, now: bool) -> Option<String> {
         if self.shared.stopped.load(Ordering::Acquire) {
             return Some(self.stop_reason());
         }
-        let pending = self.batch.events;
-        if pending == 0
-            || !(idle || pending >= BATCH_EVENTS || self.batch.size() >= BATCH_BYTES)
-        {
+        let batch = &self.batch;
+        let due = now
+            || batch.events >= BATCH_EVENTS
+            || batch.size() >= BATCH_BYTES
+            || batch.since.is_some_and(|since| since.elapsed() >= BATCH_AGE);
+        if batch.events == 0 || !due {
             return None;
         }
         let queued = self.sent_bytes - self.shared.handled_bytes.load(Ordering::Acquire);
@@ -525,12 +534,11 @@ impl Actor {
         }
     }
 
-    /// At the top of the actor's loop: hands queued events to the shadow,
-    /// and notices one that stopped.
+    /// At the top of the actor's loop: hands queued events to the shadow
+    /// when a batch is due, and notices one that stopped.
     pub(super) fn flush_shadow(&mut self) {
-        let idle = self.rx.is_empty();
         if let Some(shadow) = &mut self.shadow
-            && let Some(why) = shadow.flush(idle)
+            && let Some(why) = shadow.flush(false)
         {
             self.end_shadow("stopped", why);
         }
