@@ -93,6 +93,11 @@ use crate::durable::{Base, Begin, Journal};
 /// How long a commit waits for the shadow to handle its queued events.
 const COMMIT_WAIT: Duration = Duration::from_secs(2);
 
+/// Events a shadow may be behind for a commit to be tried: the commit's
+/// pause includes handling them (`wasmhost commit` waits up to a second,
+/// serving, for fewer).
+const COMMIT_MAX_BEHIND: u64 = 10_000;
+
 /// Bytes queued for the shadow past which it is stopped as too slow,
 /// whatever `--max-lag-ms` says: memory stays bounded.
 const MAX_QUEUED_BYTES: u64 = 256 << 20;
@@ -604,6 +609,21 @@ impl Actor {
         let Some(shadow) = &mut self.shadow else {
             return Ok(Err(self.no_shadow()));
         };
+        let now = shadow.status(None);
+        if now.state == "catching up" {
+            return Ok(Err(format!(
+                "the shadow is still catching up ({} of {} journaled events replayed, {} live \
+                 events waiting): commit once `wasmhost status` shows it in step",
+                now.replayed, now.to_replay, now.lag_events
+            )));
+        }
+        if now.state == "in step" && now.lag_events > COMMIT_MAX_BEHIND {
+            return Ok(Err(format!(
+                "the shadow is {} events behind (at most {COMMIT_MAX_BEHIND} for a commit, so the \
+                 pause stays short); it runs on: commit again when it has caught up, or abort",
+                now.lag_events
+            )));
+        }
         if let Some(why) = shadow.flush(true) {
             self.end_shadow("stopped", why.clone());
             return Ok(Err(format!("the shadow stopped: {why}")));
@@ -695,7 +715,9 @@ impl Actor {
                 status.divergences
             ));
         }
-        if let Some(why) = &self.durable.journal_off {
+        if let Some(why) = &self.durable.journal_off
+            && self.spec.durable.journal
+        {
             warnings.push(format!("the new version has no journal: {why}"));
         }
         self.last_shadow = Some(status.clone());
