@@ -12,7 +12,10 @@ use crate::cli::{
     ValidateMode,
 };
 use crate::control::{self, client, protocol::Request, protocol::Response};
-use crate::service::{ShadowOptions, ShadowStatus, StatusReport, SwapReport, Validation};
+use crate::service::{
+    GradualOptions, GradualStatus, ShadowOptions, ShadowStatus, StatusReport, SwapReport,
+    Validation,
+};
 
 fn socket(args: &ControlArgs) -> Result<std::path::PathBuf> {
     control::socket_path(args.control.clone(), &args.name)
@@ -26,6 +29,9 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
     }
     if args.shadow {
         return shadow_swap(args, path).await;
+    }
+    if args.drain || args.canary.is_some() {
+        return gradual_swap(args, path).await;
     }
     if !args.json {
         eprintln!(
@@ -41,6 +47,7 @@ pub async fn swap(args: SwapArgs) -> Result<()> {
         no_validate: args.no_validate,
         roundtrip,
         shadow: None,
+        gradual: None,
     };
     let report = swapped(
         client::request(&socket(&args.control)?, request).await?,
@@ -79,6 +86,7 @@ async fn shadow_swap(args: SwapArgs, path: std::path::PathBuf) -> Result<()> {
             allow_divergence: args.allow_divergence,
             max_lag_ms: args.max_lag_ms,
         }),
+        gradual: None,
     };
     let started = match client::request(&sock, request).await? {
         Response::Shadow(status) => status,
@@ -155,6 +163,85 @@ async fn shadow_swap(args: SwapArgs, path: std::path::PathBuf) -> Result<()> {
     print_swap(&report, args.json)
 }
 
+/// `swap --drain` / `--canary`: starts the new version beside the old one
+/// and prints both.
+async fn gradual_swap(args: SwapArgs, path: std::path::PathBuf) -> Result<()> {
+    let request = Request::Swap {
+        path,
+        fresh: false,
+        no_validate: false,
+        roundtrip: false,
+        shadow: None,
+        gradual: Some(GradualOptions {
+            canary_percent: args.canary,
+            drain_timeout_ms: args.drain_timeout_s.saturating_mul(1000),
+        }),
+    };
+    let status = match client::request(&socket(&args.control)?, request).await? {
+        Response::Gradual(status) => status,
+        Response::Error { message } => {
+            bail!("not started, the running version keeps serving: {message}")
+        }
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    print_gradual(&status, args.json)?;
+    if !args.json {
+        match status.mode.as_str() {
+            "canary" => println!(
+                "`wasmhost commit` sends every new connection to the new version (the old one then \
+                 drains); `wasmhost abort` moves its connections back to the old one"
+            ),
+            _ => println!(
+                "the old version serves its connections until they close (or for {} s, then they \
+                 move to the new version); `wasmhost status` follows it, `wasmhost abort` moves \
+                 everything back",
+                args.drain_timeout_s
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn print_gradual(status: &GradualStatus, json: bool) -> Result<()> {
+    match json {
+        true => println!("{}", serde_json::to_string_pretty(status)?),
+        false => print!("{}", format_gradual(status)),
+    }
+    Ok(())
+}
+
+/// A drain or canary, for people.
+pub fn format_gradual(g: &GradualStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<12} {}, {}% of new connections to the new version{}{}",
+        g.mode,
+        g.state,
+        g.percent,
+        g.drain_left_s
+            .map(|s| format!(", {s:.0} s left to drain"))
+            .unwrap_or_default(),
+        g.ended
+            .as_deref()
+            .map(|why| format!(": {why}"))
+            .unwrap_or_default()
+    );
+    for (which, v) in [("old", &g.old), ("new", &g.new)] {
+        let _ = writeln!(
+            out,
+            "  {which}        {} ({}): {} connections open, {} since, {} events, {} traps",
+            v.component.path,
+            v.component.short_hash(),
+            v.connections,
+            v.connections_total,
+            v.events,
+            v.traps
+        );
+    }
+    out
+}
+
 fn progress(s: &ShadowStatus, target: Option<u64>) -> String {
     match s.state.as_str() {
         "catching up" => format!(
@@ -181,10 +268,15 @@ fn divergence_lines(s: &ShadowStatus) -> String {
 }
 
 pub async fn commit(args: CommitArgs) -> Result<()> {
-    let report = swapped(
-        client::request(&socket(&args.control)?, Request::Commit).await?,
-        "commit refused",
-    )?;
+    let response = client::request(&socket(&args.control)?, Request::Commit).await?;
+    if let Response::Gradual(status) = &response {
+        print_gradual(status, args.json)?;
+        if !args.json {
+            println!("every new connection goes to the new version now; the old one drains");
+        }
+        return Ok(());
+    }
+    let report = swapped(response, "commit refused")?;
     print_swap(&report, args.json)
 }
 
@@ -197,6 +289,15 @@ pub async fn abort(args: CommitArgs) -> Result<()> {
                 print!("{}", format_shadow(&status));
             }
         },
+        Response::Gradual(status) => {
+            if !args.json {
+                println!(
+                    "{} aborted: its connections went back to the running version",
+                    status.mode
+                );
+            }
+            print_gradual(&status, args.json)?;
+        }
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected reply: {other:?}"),
     }
@@ -523,6 +624,9 @@ pub fn format_status(r: &StatusReport) -> String {
     }
     if let Some(shadow) = &r.shadow {
         s.push_str(&format_shadow(shadow));
+    }
+    if let Some(gradual) = &r.gradual {
+        s.push_str(&format_gradual(gradual));
     }
     if r.swaps.is_empty() {
         let _ = writeln!(s, "swaps        none");

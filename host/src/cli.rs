@@ -324,7 +324,7 @@ pub struct SwapArgs {
     /// commit` then switches to it, with a pause that does not depend on
     /// the state's size, and `wasmhost abort` drops it. `wasmhost status`
     /// shows it. No other swap or upgrade runs while a shadow does.
-    #[arg(long, conflicts_with_all = ["fresh", "no_validate"])]
+    #[arg(long, conflicts_with_all = ["fresh", "no_validate", "drain", "canary"])]
     pub shadow: bool,
 
     /// With --shadow: wait until the shadow has handled N live events in
@@ -344,6 +344,34 @@ pub struct SwapArgs {
     /// 256 MiB of events are queued for it.
     #[arg(long, value_name = "MS", default_value_t = 10_000, requires = "shadow")]
     pub max_lag_ms: u64,
+
+    /// Gradual swap of a stateless service: both versions serve, every new
+    /// connection goes to the new version, and the old one keeps its
+    /// connections until they close (or --drain-timeout-s passes: the ones
+    /// left then move to the new version, which gets `on-connect` for
+    /// them). Then the new version serves alone. Only for services without
+    /// shared state: both versions must say so with an empty
+    /// `exportable()`; a service with state is refused (use --shadow). A
+    /// trap in the new version aborts: its connections go back to the old
+    /// one. Returns at once; `wasmhost status` shows both versions side by
+    /// side, `wasmhost abort` moves everything back.
+    #[arg(long, conflicts_with_all = ["fresh", "no_validate", "canary"])]
+    pub drain: bool,
+
+    /// Canary of a stateless service: PERCENT of new connections (1-99,
+    /// exactly: every time the running sum passes 100) go to the new
+    /// version, the rest to the old one. `wasmhost commit` sends every new
+    /// connection to the new version and drains the old one (as --drain);
+    /// `wasmhost abort`, or a trap in the new version, moves the new
+    /// version's connections back to the old one and drops it. The same
+    /// requirement as --drain: no shared state.
+    #[arg(long, value_name = "PERCENT", conflicts_with_all = ["fresh", "no_validate"], value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub canary: Option<u8>,
+
+    /// With --drain or --canary: how long the old version keeps its
+    /// connections once every new connection goes to the new version.
+    #[arg(long, value_name = "S", default_value_t = 300)]
+    pub drain_timeout_s: u64,
 
     /// Print the report as JSON.
     #[arg(long)]

@@ -45,6 +45,7 @@ fn start_shadow(ctx: &Ctx, host: &Served, to: &str, mirrored: u64) -> Result<Sha
             no_validate: false,
             roundtrip: false,
             shadow: Some(ShadowOptions::default()),
+            gradual: None,
         },
     )? {
         Response::Shadow(s) => *s,

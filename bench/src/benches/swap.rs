@@ -108,6 +108,7 @@ pub(super) fn swap(ctx: &Ctx, host: &Served, to: &str) -> Result<SwapReport> {
         no_validate: false,
         roundtrip: false,
         shadow: None,
+        gradual: None,
     };
     match ctx.rt.block_on(client::request(&host.control, request))? {
         Response::Swapped(report) => Ok(*report),

@@ -1,6 +1,11 @@
 //! `echo`: sends every byte back to the connection it came from. Stateless,
 //! so its state format is trivial: it exports and imports `echo/1`, an
 //! empty state.
+//!
+//! Built with the `stateless` feature it is echo-stateless: no state format
+//! at all (an empty `exportable()` is how a guest says it has no shared
+//! state, which `swap --drain` and `--canary` require), and it traps on
+//! input that holds `TRAP-NEW`, so tests can make a new version trap.
 
 use wasmhost_guest::state::{Formats, Pending};
 use wasmhost_guest::{ConnId, Input, Service, host};
@@ -13,11 +18,17 @@ impl Service for Echo {
     }
 
     fn on_data(&mut self, conn: ConnId, input: &mut Input) {
+        if cfg!(feature = "stateless") && input.bytes().windows(8).any(|w| w == b"TRAP-NEW") {
+            panic!("echo-stateless: TRAP-NEW");
+        }
         host::send(conn, input.bytes());
         input.clear();
     }
 
     fn formats() -> Formats<Self> {
+        if cfg!(feature = "stateless") {
+            return Formats::new();
+        }
         Formats::new().format("echo/1", |_, _| Ok(Vec::new()), import)
     }
 }

@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::service::{ShadowOptions, ShadowStatus, SnapshotReport, StatusReport, SwapReport};
+use crate::service::{
+    GradualOptions, GradualStatus, ShadowOptions, ShadowStatus, SnapshotReport, StatusReport,
+    SwapReport,
+};
 
 /// The protocol version this host speaks.
 pub const VERSION: u32 = 1;
@@ -54,6 +57,10 @@ pub enum Request {
         /// switching now. Left out when absent, as `roundtrip`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         shadow: Option<ShadowOptions>,
+        /// Start the new version beside the old one for a drain or canary
+        /// (`swap --drain`, `--canary`). Left out when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gradual: Option<GradualOptions>,
     },
     /// Make the running shadow the live version (`wasmhost commit`).
     Commit,
@@ -105,6 +112,9 @@ pub enum Response {
     Snapshot(Box<SnapshotReport>),
     /// A shadow swap started, or aborted.
     Shadow(Box<ShadowStatus>),
+    /// A drain or canary started, committed (a canary became a drain) or
+    /// aborted.
+    Gradual(Box<GradualStatus>),
     Error {
         message: String,
     },
@@ -180,6 +190,7 @@ mod tests {
                 no_validate: false,
                 roundtrip: false,
                 shadow: None,
+                gradual: None,
             }
         );
         // Without roundtrip the request is what it always was.
@@ -194,6 +205,7 @@ mod tests {
             no_validate: false,
             roundtrip: true,
             shadow: None,
+            gradual: None,
         };
         let json = serde_json::to_string(&roundtrip).unwrap();
         assert!(json.contains(r#""roundtrip":true"#), "{json}");

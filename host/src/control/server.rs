@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 use super::protocol::{self, FrameError, Request, RequestFrame, Response, ResponseFrame, VERSION};
 use crate::engine::Runtime;
 use crate::service::{
-    self, InstanceLimits, Program, ServiceHandle, ShadowOptions, SwapKind, SwapOptions, SwapReport,
-    Validation,
+    self, GradualOptions, InstanceLimits, Program, ServiceHandle, ShadowOptions, SwapKind,
+    SwapOptions, SwapReport, Validation,
 };
 use crate::upgrade::{self, UpgradeOptions, Upgrader};
 
@@ -286,11 +286,32 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             .map(|s| Response::Status(Box::new(s)))
             .map_err(|e| e.to_string()),
         Request::Swap {
+            shadow: Some(_),
+            gradual: Some(_),
+            ..
+        } => Err("bad request: a swap is a shadow swap or a drain/canary, not both".into()),
+        Request::Swap {
+            path,
+            fresh,
+            no_validate,
+            roundtrip,
+            gradual: Some(opts),
+            ..
+        } => match fresh || no_validate || roundtrip {
+            true => Err(
+                "bad request: a drain or canary takes none of fresh, no_validate and roundtrip \
+                 (the new version starts with init; there is no state to carry)"
+                    .into(),
+            ),
+            false => gradual_swap(ctx, &path, opts).await,
+        },
+        Request::Swap {
             path,
             fresh,
             no_validate,
             roundtrip,
             shadow: Some(opts),
+            ..
         } => match fresh || no_validate || roundtrip {
             true => Err(
                 "bad request: a shadow swap takes none of fresh, no_validate and roundtrip (the \
@@ -305,6 +326,7 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             no_validate,
             roundtrip,
             shadow: None,
+            gradual: None,
         } => match (no_validate, roundtrip) {
             (true, true) => Err(
                 "bad request: no_validate and roundtrip exclude each other (--no-validate skips the \
@@ -316,11 +338,10 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             (false, false) => swap(ctx, &path, fresh, Validation::Export).await,
         },
         Request::Commit => commit(ctx).await,
-        Request::Abort => ctx
-            .service
-            .abort()
-            .await
-            .map(|status| Response::Shadow(Box::new(status))),
+        Request::Abort => ctx.service.abort().await.map(|aborted| match aborted {
+            service::Aborted::Shadow(status) => Response::Shadow(status),
+            service::Aborted::Gradual(status) => Response::Gradual(status),
+        }),
         Request::Snapshot => match ctx.service.snapshot().await {
             Ok(Ok(report)) => Ok(Response::Snapshot(Box::new(report))),
             Ok(Err(why)) => Err(why),
@@ -423,6 +444,22 @@ async fn shadow_swap(
     Ok(Response::Shadow(Box::new(status)))
 }
 
+/// `swap --drain` / `--canary`: prepares the new version as for any swap
+/// and starts it beside the running one.
+async fn gradual_swap(
+    ctx: &ControlCtx,
+    path: &Path,
+    opts: GradualOptions,
+) -> Result<Response, String> {
+    let _running = ctx.upgrader.exclusive.begin("a swap")?;
+    let program = load(ctx, path).await?;
+    let prepared = service::prepare(program, ctx.name.clone(), &ctx.limits, true)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let status = ctx.service.gradual(prepared, opts).await?;
+    Ok(Response::Gradual(Box::new(status)))
+}
+
 /// Events a shadow may still have queued when the commit is sent: the
 /// commit's pause includes handling them.
 const COMMIT_LAG: u64 = 32;
@@ -440,8 +477,10 @@ async fn commit(ctx: &ControlCtx) -> Result<Response, String> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let report = ctx.service.commit().await?;
-    Ok(Response::Swapped(Box::new(report)))
+    Ok(match ctx.service.commit().await? {
+        service::Committed::Shadow(report) => Response::Swapped(report),
+        service::Committed::Canary(status) => Response::Gradual(status),
+    })
 }
 
 async fn rollback(

@@ -186,10 +186,8 @@ impl Actor {
     /// Runs one handoff; returns whether the service was handed off (the
     /// actor must end). The error is fatal for the service.
     pub(super) async fn handoff(&mut self, request: HandoffRequest) -> Result<bool> {
-        if self.shadow_running() {
-            let why = "a shadow swap is running: `wasmhost commit` or `wasmhost abort` it before \
-                       upgrading the host";
-            let _ = request.reply.send(Err(why.into()));
+        if let Some(why) = self.busy() {
+            let _ = request.reply.send(Err(format!("no host upgrade now: {why}")));
             return Ok(false);
         }
         // Held replies go out before the connections are frozen.
@@ -447,6 +445,7 @@ impl Actor {
                 Conn {
                     info: p.info,
                     outbox,
+                    side: false,
                 },
             );
             if !p.unread.is_empty() {

@@ -9,6 +9,7 @@
 
 mod event_time;
 mod freeze;
+mod gradual;
 mod instance;
 mod persist;
 mod recovery;
@@ -35,6 +36,7 @@ pub use freeze::{
     ConnImage, Decision, Handoff, HandoffRequest, ListenerImage, Parked, ParkedConn, ServiceImage,
     Start, TimerImage,
 };
+pub use gradual::{GradualOptions, GradualStatus, VersionStatus};
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
 pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, restore};
 pub use report::{
@@ -93,8 +95,27 @@ enum Msg {
         ShadowOptions,
         oneshot::Sender<Result<ShadowStatus, String>>,
     ),
-    Commit(oneshot::Sender<Result<SwapReport, String>>),
-    Abort(oneshot::Sender<Result<ShadowStatus, String>>),
+    Gradual(
+        Box<Prepared>,
+        GradualOptions,
+        oneshot::Sender<Result<GradualStatus, String>>,
+    ),
+    Commit(oneshot::Sender<Result<Committed, String>>),
+    Abort(oneshot::Sender<Result<Aborted, String>>),
+}
+
+/// What `wasmhost commit` did.
+pub enum Committed {
+    /// A shadow became the live version.
+    Shadow(Box<SwapReport>),
+    /// A canary became a drain.
+    Canary(Box<GradualStatus>),
+}
+
+/// What `wasmhost abort` dropped.
+pub enum Aborted {
+    Shadow(Box<ShadowStatus>),
+    Gradual(Box<GradualStatus>),
 }
 
 /// The service actor is gone (it has shut down).
@@ -157,16 +178,30 @@ impl ServiceHandle {
         rx.await.map_err(|_| Stopped.to_string())?
     }
 
-    /// Makes the running shadow the live version (`wasmhost commit`).
-    pub async fn commit(&self) -> Result<SwapReport, String> {
+    /// Starts a prepared (not yet initialised) instance beside the running
+    /// one for a drain or canary; the error says why none was started.
+    pub async fn gradual(
+        &self,
+        prepared: Prepared,
+        opts: GradualOptions,
+    ) -> Result<GradualStatus, String> {
+        let (tx, rx) = oneshot::channel();
+        let msg = Msg::Gradual(Box::new(prepared), opts, tx);
+        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
+        rx.await.map_err(|_| Stopped.to_string())?
+    }
+
+    /// Makes the running shadow the live version, or turns a canary into a
+    /// drain (`wasmhost commit`).
+    pub async fn commit(&self) -> Result<Committed, String> {
         let (tx, rx) = oneshot::channel();
         let msg = Msg::Commit(tx);
         self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
         rx.await.map_err(|_| Stopped.to_string())?
     }
 
-    /// Drops the running shadow (`wasmhost abort`).
-    pub async fn abort(&self) -> Result<ShadowStatus, String> {
+    /// Drops the running shadow, drain or canary (`wasmhost abort`).
+    pub async fn abort(&self) -> Result<Aborted, String> {
         let (tx, rx) = oneshot::channel();
         let msg = Msg::Abort(tx);
         self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
@@ -300,6 +335,8 @@ pub fn spawn(
         disk: None,
         shadow: None,
         last_shadow: None,
+        side: None,
+        last_gradual: None,
     };
     let resume = start.disk.as_ref().is_some_and(|d| d.resume);
     let flushed = start.journal.as_ref().map_or(0, |(bytes, _)| bytes.len());
@@ -344,6 +381,8 @@ pub struct Stats {
 struct Conn {
     info: ConnInfo,
     outbox: Outbox,
+    /// Served by the new version of a drain or canary.
+    side: bool,
 }
 
 struct Actor {
@@ -362,7 +401,9 @@ struct Actor {
     /// What connection tasks and accept loops need (to resume them).
     net: AcceptCtx,
     conns: HashMap<u64, Conn>,
-    timers: DelayQueue<u64>,
+    /// Armed timers: the token, and whether it is the new version's of a
+    /// drain or canary.
+    timers: DelayQueue<(u64, bool)>,
     timer_keys: HashMap<u64, delay_queue::Key>,
     /// Connections closed by an effect, whose `on-close` is still due.
     closing: VecDeque<u64>,
@@ -387,6 +428,10 @@ struct Actor {
     shadow: Option<shadow::Shadow>,
     /// The last shadow swap that ended, for `status`.
     last_shadow: Option<ShadowStatus>,
+    /// A drain or canary's new version, serving beside this one.
+    side: Option<gradual::Side>,
+    /// The last drain or canary that ended, for `status`.
+    last_gradual: Option<GradualStatus>,
 }
 
 impl Actor {
@@ -406,6 +451,8 @@ impl Actor {
                 self.flush().await?;
             }
             self.flush_shadow();
+            self.tend_side().await?;
+            let drain_due = self.drain_deadline().map(tokio::time::Instant::from_std);
             let timers_armed = !self.timers.is_empty();
             let shadow_due = self.shadow.as_ref().and_then(|s| s.flush_at());
             let shadow_due = shadow_due.map(tokio::time::Instant::from_std);
@@ -426,12 +473,30 @@ impl Actor {
                         let result = self.start_shadow(*prepared, opts).await?;
                         let _ = reply.send(result);
                     }
+                    Some(Msg::Gradual(prepared, opts, reply)) => {
+                        let result = self.start_side(*prepared, opts).await?;
+                        let _ = reply.send(result);
+                    }
                     Some(Msg::Commit(reply)) => {
-                        let result = self.commit_shadow().await?;
+                        let result = match self.side.is_some() {
+                            true => self.commit_side().map(|s| Committed::Canary(Box::new(s))),
+                            false => self
+                                .commit_shadow()
+                                .await?
+                                .map(|r| Committed::Shadow(Box::new(r))),
+                        };
                         let _ = reply.send(result);
                     }
                     Some(Msg::Abort(reply)) => {
-                        let _ = reply.send(self.abort_shadow());
+                        let result = match self.side.is_some() {
+                            true => {
+                                self.abort_side("by `wasmhost abort`".into(), None).await?;
+                                let status = self.gradual_status().expect("just ended");
+                                Ok(Aborted::Gradual(Box::new(status)))
+                            }
+                            false => self.abort_shadow().map(|s| Aborted::Shadow(Box::new(s))),
+                        };
+                        let _ = reply.send(result);
                     }
                     Some(Msg::Handoff(request)) => {
                         if self.handoff(*request).await? {
@@ -445,10 +510,16 @@ impl Actor {
                     None => return Ok(Ended::Stopped),
                 },
                 Some(expired) = std::future::poll_fn(|cx| self.timers.poll_expired(cx)), if timers_armed => {
-                    let token = expired.into_inner();
-                    self.timer_keys.remove(&token);
-                    self.deliver(Call::Timer(token)).await?;
+                    match expired.into_inner() {
+                        (token, true) => self.side_timer(token).await?,
+                        (token, false) => {
+                            self.timer_keys.remove(&token);
+                            self.deliver(Call::Timer(token)).await?;
+                        }
+                    }
                 }
+                // A drain's timeout.
+                _ = tokio::time::sleep_until(drain_due.unwrap_or_else(tokio::time::Instant::now)), if drain_due.is_some() => {}
                 // A shadow's batch is due while nothing else happens.
                 _ = tokio::time::sleep_until(shadow_due.unwrap_or_else(tokio::time::Instant::now)), if shadow_due.is_some() => {}
             }
@@ -476,31 +547,44 @@ impl Actor {
                     outbox.close();
                     return Ok(());
                 }
-                self.stats.connections_total += 1;
+                let side = self.side_takes_new();
+                if !side {
+                    self.stats.connections_total += 1;
+                }
                 let info = guest_conn_info(info);
                 let conn = Conn {
                     info: info.clone(),
                     outbox,
+                    side,
                 };
                 self.conns.insert(info.id, conn);
-                self.deliver(Call::Connect(&info)).await
+                match side {
+                    true => self.deliver_side(Call::Connect(&info)).await,
+                    false => self.deliver(Call::Connect(&info)).await,
+                }
             }
             Event::Data(id, data) => {
-                if !self.conns.contains_key(&id) {
+                let Some(conn) = self.conns.get(&id) else {
                     return Ok(()); // closed by the service; drop late bytes
-                }
+                };
                 // The table does not change during the call: effects are
                 // applied after it.
-                self.deliver(Call::Data(id, &data)).await?;
+                match conn.side {
+                    true => self.deliver_side(Call::Data(id, &data)).await?,
+                    false => self.deliver(Call::Data(id, &data)).await?,
+                }
                 if let Some(conn) = self.conns.get(&id) {
                     conn.outbox.consumed(data.len());
                 }
                 Ok(())
             }
             Event::ReadClosed(id) => {
-                if let Some(conn) = self.conns.remove(&id) {
+                if let Some(conn) = self.remove_conn(id) {
                     conn.outbox.close();
-                    self.deliver(Call::Close(id)).await?;
+                    match conn.side {
+                        true => self.deliver_side(Call::Close(id)).await?,
+                        false => self.deliver(Call::Close(id)).await?,
+                    }
                 }
                 Ok(())
             }
@@ -549,9 +633,11 @@ impl Actor {
     fn apply_now(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
-                Effect::Send(id, data) => self.send(id, data),
+                Effect::Send(id, data) => self.send(id, data, false),
                 Effect::Close(id) => {
-                    if let Some(conn) = self.conns.remove(&id) {
+                    if self.conns.get(&id).is_some_and(|c| !c.side)
+                        && let Some(conn) = self.remove_conn(id)
+                    {
                         conn.outbox.close();
                         self.closing.push_back(id);
                     }
@@ -566,10 +652,15 @@ impl Actor {
         }
     }
 
-    fn send(&mut self, id: u64, data: Vec<u8>) {
+    /// Sends `data` on `id` for the old (`side` false) or new version; a
+    /// version cannot send on the other's connections.
+    fn send(&mut self, id: u64, data: Vec<u8>, side: bool) {
         let Some(conn) = self.conns.get(&id) else {
             return;
         };
+        if conn.side != side {
+            return;
+        }
         if let Err(overflow) = conn.outbox.send(data) {
             tracing::warn!(
                 service = &*self.spec.name,
@@ -577,10 +668,25 @@ impl Actor {
                 peer = conn.info.peer,
                 "closing connection: {overflow}"
             );
-            let conn = self.conns.remove(&id).expect("present");
+            let conn = self.remove_conn(id).expect("present");
             conn.outbox.abort();
-            self.closing.push_back(id);
+            match side {
+                true => self.side.as_mut().expect("side").closing.push_back(id),
+                false => self.closing.push_back(id),
+            }
         }
+    }
+
+    /// Removes a connection from the table, keeping a drain or canary's
+    /// count of its new version's connections.
+    fn remove_conn(&mut self, id: u64) -> Option<Conn> {
+        let conn = self.conns.remove(&id)?;
+        if conn.side
+            && let Some(side) = &mut self.side
+        {
+            side.conns -= 1;
+        }
+        Some(conn)
     }
 
     fn set_timer(&mut self, token: u64, delay: std::time::Duration) {
@@ -593,7 +699,7 @@ impl Actor {
                 "set-timer refused: {MAX_TIMERS} timers already armed"
             );
         } else {
-            let key = self.timers.insert(token, delay);
+            let key = self.timers.insert((token, false), delay);
             self.timer_keys.insert(token, key);
         }
     }
@@ -604,9 +710,12 @@ impl Actor {
         let mut ids: Vec<u64> = self.conns.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            if let Some(conn) = self.conns.remove(&id) {
+            if let Some(conn) = self.remove_conn(id) {
                 conn.outbox.close();
-                self.deliver(Call::Close(id)).await?;
+                match conn.side {
+                    true => self.deliver_side(Call::Close(id)).await?,
+                    false => self.deliver(Call::Close(id)).await?,
+                }
             }
         }
         Ok(())

@@ -217,10 +217,15 @@ impl Actor {
 
     /// Delivers `on-close` for the connections that effects closed.
     pub(super) async fn deliver_closes(&mut self) -> Result<()> {
-        while let Some(id) = self.closing.pop_front() {
-            self.call_once(Call::Close(id)).await?;
+        loop {
+            if let Some(id) = self.closing.pop_front() {
+                self.call_once(Call::Close(id)).await?;
+            } else if let Some(id) = self.side.as_mut().and_then(|s| s.closing.pop_front()) {
+                self.call_side_once(Call::Close(id)).await?;
+            } else {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     async fn call_once(&mut self, call: Call<'_>) -> Result<()> {
@@ -255,7 +260,7 @@ impl Actor {
     /// Closes the connection whose event trapped (after what the service
     /// sent it before is written); `on-close` follows.
     fn close_culprit(&mut self, id: u64) {
-        if let Some(conn) = self.conns.remove(&id) {
+        if let Some(conn) = self.remove_conn(id) {
             tracing::warn!(
                 service = &*self.spec.name,
                 conn = id,
@@ -369,7 +374,8 @@ impl Actor {
         };
         let base = base_after_init(&instance);
         let mut connects = Vec::new();
-        let mut ids: Vec<u64> = self.conns.keys().copied().collect();
+        // Its own connections (not a drain or canary's new version's).
+        let mut ids: Vec<u64> = self.conns.iter().filter(|(_, c)| !c.side).map(|(id, _)| *id).collect();
         ids.sort_unstable();
         for id in ids {
             let info = self.conns[&id].info.clone();
@@ -414,6 +420,9 @@ impl Actor {
              restart the host"
         );
         self.end_shadow("stopped", format!("the running version stopped: {why}"));
+        if let Some(side) = self.side.take() {
+            super::swap::reap(Box::new(side));
+        }
         for (_, conn) in self.conns.drain() {
             conn.outbox.close();
         }

@@ -161,6 +161,9 @@ pub struct StatusReport {
     /// The running shadow swap, or the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<super::ShadowStatus>,
+    /// The running drain or canary, or the last one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradual: Option<super::GradualStatus>,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -199,6 +202,7 @@ impl Actor {
             swaps: self.history.iter().cloned().collect(),
             durable: self.durable_status(),
             shadow: self.shadow_status(),
+            gradual: self.gradual_status(),
         }
     }
 

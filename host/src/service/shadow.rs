@@ -418,6 +418,9 @@ impl Actor {
                 shadow.program.path.display()
             )));
         }
+        if let Some(why) = self.busy() {
+            return Ok(Err(why));
+        }
         if let Some(why) = &self.stopped {
             return Ok(Err(format!(
                 "the service is stopped ({why}): there is nothing to shadow; swap in a fixed \

@@ -152,11 +152,8 @@ impl Actor {
                 self.generation
             )));
         }
-        if let Some(shadow) = self.shadow_status().filter(|_| self.shadow_running()) {
-            return Ok(Err(format!(
-                "a shadow swap to {} is running: `wasmhost commit` or `wasmhost abort` it first",
-                shadow.component.path
-            )));
+        if let Some(why) = self.busy() {
+            return Ok(Err(why));
         }
         if let Some(why) = &self.stopped
             && !opts.fresh
