@@ -170,7 +170,11 @@ pub fn check_keys(addr: SocketAddr, from: u64, to: u64) -> Result<()> {
         let mut got = vec![0u8; expected.len()];
         c.read_exact(&mut got)?;
         if got != expected {
-            let at = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
+            let at = got
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
             bail!(
                 "keys {i}..{end} do not read back: first difference at byte {at}: {:?}",
                 String::from_utf8_lossy(&got[at.saturating_sub(20)..(at + 40).min(got.len())])

@@ -106,7 +106,12 @@ fn kv_to_kv_v2_by_shadow_under_fifty_clients_keeps_every_key_reply_and_timer() {
     assert_eq!(s["traps"], 0, "{s:#}");
     assert_eq!(s["shadow"]["state"], "committed", "{s:#}");
     assert_eq!(s["swaps"][0]["kind"], "shadow", "{s:#}");
-    assert!(s["component"]["path"].as_str().unwrap().ends_with("kv-v2.wasm"));
+    assert!(
+        s["component"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("kv-v2.wasm")
+    );
     // The new version's journal works: a snapshot, then its own rollback.
     let out = server.command("snapshot", &[]);
     assert!(out.status.success(), "{}", out.stderr);
@@ -150,7 +155,11 @@ fn a_divergence_stops_the_shadow_with_both_outputs_and_the_old_version_serves_on
     // Nothing to commit; the old version serves with its state.
     let out = server.command("commit", &[]);
     assert!(!out.status.success());
-    assert!(out.stderr.contains("no shadow swap is running"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no shadow swap is running"),
+        "{}",
+        out.stderr
+    );
     let v: String = redis_cmd(&mut c, &["GET", "k"]);
     assert_eq!(v, "v");
     assert_eq!(status(&server)["generation"], 1);
@@ -168,10 +177,18 @@ fn a_divergence_stops_the_shadow_with_both_outputs_and_the_old_version_serves_on
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = server.command("status", &[]);
-    assert!(text.stdout.contains("3 divergences (allowed)"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("3 divergences (allowed)"),
+        "{}",
+        text.stdout
+    );
     let out = server.command("commit", &[]);
     assert!(out.status.success(), "{}", out.stderr);
-    assert!(out.stderr.contains("3 divergences allowed"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("3 divergences allowed"),
+        "{}",
+        out.stderr
+    );
     let echoed: String = redis_cmd(&mut c, &["ECHO", "abc"]);
     assert_eq!(echoed, "cba", "kv-odd is live");
     let v: String = redis_cmd(&mut c, &["GET", "k"]);
@@ -229,7 +246,10 @@ fn a_shadow_too_slow_to_keep_up_is_stopped_with_the_reason() {
         }
     }
     let why = status(&server)["shadow"]["stopped"].clone();
-    assert!(why.as_str().unwrap().contains("too slow to keep up"), "{why}");
+    assert!(
+        why.as_str().unwrap().contains("too slow to keep up"),
+        "{why}"
+    );
     let pong: String = redis_cmd(&mut c, &["PING"]);
     assert_eq!(pong, "PONG");
 }

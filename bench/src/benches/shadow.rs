@@ -85,7 +85,8 @@ impl Benchmark for ShadowSwap {
     }
 
     fn run(&self, ctx: &Ctx) -> Result<Section> {
-        let mut s = Section::new("Shadow swaps: commit pause vs state size, and the cost of a shadow");
+        let mut s =
+            Section::new("Shadow swaps: commit pause vs state size, and the cost of a shadow");
         commit_pause(ctx, &mut s)?;
         throughput(ctx, &mut s)?;
         Ok(s)
@@ -153,7 +154,10 @@ fn commit_pause(ctx: &Ctx, s: &mut Section) -> Result<()> {
             worst.as_secs_f64() * 1000.0
         );
         s.headline.push((
-            format!("shadow commit pause p50 / p99, {} keys", thousands(keys as f64)),
+            format!(
+                "shadow commit pause p50 / p99, {} keys",
+                thousands(keys as f64)
+            ),
             format!(
                 "{} / {} ms (rapid swap: {} / {} ms)",
                 ms(median(commits)),

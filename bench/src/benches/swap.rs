@@ -15,8 +15,8 @@ use wasmhost::control::protocol::{Request, Response};
 use wasmhost::service::SwapReport;
 use wasmhost_bench::chart::grouped_bars;
 use wasmhost_bench::report::Section;
-use wasmhost_tests::{Served, guest};
 pub(super) use wasmhost_tests::load::load_keys;
+use wasmhost_tests::{Served, guest};
 
 use super::{Benchmark, Ctx, built, median, not_built, percentile};
 

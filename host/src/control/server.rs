@@ -460,27 +460,26 @@ async fn gradual_swap(
     Ok(Response::Gradual(Box::new(status)))
 }
 
-/// Events a shadow may still have queued when the commit is sent: the
-/// commit's pause includes handling them.
-const COMMIT_LAG: u64 = 32;
+/// How long `wasmhost commit` waits, serving all along, for a shadow that
+/// is behind to catch up before it commits anyway (or is refused).
+const COMMIT_CATCH_UP: Duration = Duration::from_secs(5);
 
-/// `wasmhost commit`: waits (up to a second, serving all along) for the
-/// shadow's queue to be nearly empty, so the pause is short, then commits.
+/// `wasmhost commit`: a shadow that is behind first catches up (the
+/// service serves meanwhile), so the pause is short; then it commits.
 async fn commit(ctx: &ControlCtx) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a commit")?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while tokio::time::Instant::now() < deadline {
-        let status = ctx.service.status().await.map_err(|e| e.to_string())?;
-        match status.shadow {
-            Some(s) if s.state == "in step" && s.lag_events > COMMIT_LAG => {}
-            _ => break,
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+    let deadline = tokio::time::Instant::now() + COMMIT_CATCH_UP;
+    loop {
+        let last_attempt = tokio::time::Instant::now() >= deadline;
+        return Ok(match ctx.service.commit(last_attempt).await? {
+            service::Committed::Shadow(report) => Response::Swapped(report),
+            service::Committed::Canary(status) => Response::Gradual(status),
+            service::Committed::NotYet(_) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue;
+            }
+        });
     }
-    Ok(match ctx.service.commit().await? {
-        service::Committed::Shadow(report) => Response::Swapped(report),
-        service::Committed::Canary(status) => Response::Gradual(status),
-    })
 }
 
 async fn rollback(

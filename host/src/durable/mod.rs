@@ -250,7 +250,8 @@ impl Journal {
     /// grow with the journal.
     pub fn share(&mut self) -> Journal {
         if !self.current.is_empty() {
-            self.frozen.push(Bytes::from(std::mem::take(&mut self.current)));
+            self.frozen
+                .push(Bytes::from(std::mem::take(&mut self.current)));
         }
         Journal {
             base: self.base.clone(),
@@ -277,8 +278,8 @@ impl Journal {
         out
     }
 
-    /// Records one event the instance handled.
-    pub fn record(&mut self, stamp: Stamp, event: journal::EventRef<'_>) {
+    /// Records one event the instance handled; returns its record.
+    pub fn record(&mut self, stamp: Stamp, event: journal::EventRef<'_>) -> &[u8] {
         let need = journal::encoded_len(event);
         if self.current.capacity() - self.current.len() < need {
             let full = std::mem::replace(&mut self.current, Vec::with_capacity(need.max(CHUNK)));
@@ -286,9 +287,29 @@ impl Journal {
                 self.frozen.push(Bytes::from(full));
             }
         }
+        let start = self.current.len();
         journal::encode(&mut self.current, stamp, event);
         self.len += need;
         self.events += 1;
+        &self.current[start..]
+    }
+
+    /// Appends records encoded elsewhere (`events` whole records, already
+    /// checked): a shadow's journal takes the live version's records as
+    /// they are.
+    pub fn append_records(&mut self, records: &[u8], events: u64) {
+        if self.current.capacity() - self.current.len() < records.len() {
+            let full = std::mem::replace(
+                &mut self.current,
+                Vec::with_capacity(records.len().max(CHUNK)),
+            );
+            if !full.is_empty() {
+                self.frozen.push(Bytes::from(full));
+            }
+        }
+        self.current.extend_from_slice(records);
+        self.len += records.len();
+        self.events += events;
     }
 
     /// Starts again from `base` (a snapshot, or `init` after a fresh

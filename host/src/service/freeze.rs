@@ -187,7 +187,9 @@ impl Actor {
     /// actor must end). The error is fatal for the service.
     pub(super) async fn handoff(&mut self, request: HandoffRequest) -> Result<bool> {
         if let Some(why) = self.busy() {
-            let _ = request.reply.send(Err(format!("no host upgrade now: {why}")));
+            let _ = request
+                .reply
+                .send(Err(format!("no host upgrade now: {why}")));
             return Ok(false);
         }
         // Held replies go out before the connections are frozen.

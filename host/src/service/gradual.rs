@@ -142,7 +142,9 @@ impl Actor {
             Ok(formats) => formats,
             Err(trap) => return self.old_trapped("exportable()", trap).await,
         };
-        let Prepared { instance: mut new, .. } = prepared;
+        let Prepared {
+            instance: mut new, ..
+        } = prepared;
         let new_exportable = match new.exportable().await {
             Ok(formats) => formats,
             Err(trap) => {
@@ -568,4 +570,3 @@ impl Actor {
         }
     }
 }
-

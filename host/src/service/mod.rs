@@ -100,7 +100,9 @@ enum Msg {
         GradualOptions,
         oneshot::Sender<Result<GradualStatus, String>>,
     ),
-    Commit(oneshot::Sender<Result<Committed, String>>),
+    /// Commit; unless the `bool` (a last attempt), answer
+    /// [`Committed::NotYet`] while the shadow is behind.
+    Commit(bool, oneshot::Sender<Result<Committed, String>>),
     Abort(oneshot::Sender<Result<Aborted, String>>),
 }
 
@@ -110,6 +112,9 @@ pub enum Committed {
     Shadow(Box<SwapReport>),
     /// A canary became a drain.
     Canary(Box<GradualStatus>),
+    /// Nothing yet: the shadow is this many events behind (it now runs at
+    /// normal priority to catch up); ask again.
+    NotYet(u64),
 }
 
 /// What `wasmhost abort` dropped.
@@ -192,10 +197,11 @@ impl ServiceHandle {
     }
 
     /// Makes the running shadow the live version, or turns a canary into a
-    /// drain (`wasmhost commit`).
-    pub async fn commit(&self) -> Result<Committed, String> {
+    /// drain (`wasmhost commit`). Unless `last_attempt`, a shadow that is
+    /// behind gets [`Committed::NotYet`] instead of a long pause.
+    pub async fn commit(&self, last_attempt: bool) -> Result<Committed, String> {
         let (tx, rx) = oneshot::channel();
-        let msg = Msg::Commit(tx);
+        let msg = Msg::Commit(last_attempt, tx);
         self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
         rx.await.map_err(|_| Stopped.to_string())?
     }
@@ -477,13 +483,15 @@ impl Actor {
                         let result = self.start_side(*prepared, opts).await?;
                         let _ = reply.send(result);
                     }
-                    Some(Msg::Commit(reply)) => {
-                        let result = match self.side.is_some() {
-                            true => self.commit_side().map(|s| Committed::Canary(Box::new(s))),
-                            false => self
-                                .commit_shadow()
+                    Some(Msg::Commit(last_attempt, reply)) => {
+                        let result = if self.side.is_some() {
+                            self.commit_side().map(|s| Committed::Canary(Box::new(s)))
+                        } else if let Some(behind) = self.shadow_not_ready(last_attempt) {
+                            Ok(Committed::NotYet(behind))
+                        } else {
+                            self.commit_shadow()
                                 .await?
-                                .map(|r| Committed::Shadow(Box::new(r))),
+                                .map(|r| Committed::Shadow(Box::new(r)))
                         };
                         let _ = reply.send(result);
                     }

@@ -237,12 +237,13 @@ impl Actor {
             Ok(()) => {
                 self.durable.trap_streak = 0;
                 let stamp = self.instance.stamp();
-                if let Some(journal) = &mut self.journal {
-                    journal.record(stamp, call.journal());
-                }
                 let effects = self.instance.take_effects();
+                let record = match &mut self.journal {
+                    Some(journal) => Some(journal.record(stamp, call.journal())),
+                    None => None,
+                };
                 if let Some(shadow) = &mut self.shadow {
-                    shadow.mirror(stamp, call.journal(), &effects);
+                    shadow.mirror(stamp, call.journal(), record, &effects);
                 }
                 self.apply(effects);
             }
@@ -375,7 +376,12 @@ impl Actor {
         let base = base_after_init(&instance);
         let mut connects = Vec::new();
         // Its own connections (not a drain or canary's new version's).
-        let mut ids: Vec<u64> = self.conns.iter().filter(|(_, c)| !c.side).map(|(id, _)| *id).collect();
+        let mut ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !c.side)
+            .map(|(id, _)| *id)
+            .collect();
         ids.sort_unstable();
         for id in ids {
             let info = self.conns[&id].info.clone();

@@ -93,10 +93,12 @@ use crate::durable::{Base, Begin, Journal};
 /// How long a commit waits for the shadow to handle its queued events.
 const COMMIT_WAIT: Duration = Duration::from_secs(2);
 
-/// Events a shadow may be behind for a commit to be tried: the commit's
-/// pause includes handling them (`wasmhost commit` waits up to a second,
-/// serving, for fewer).
-const COMMIT_MAX_BEHIND: u64 = 10_000;
+/// Events a shadow may be behind when the commit's pause begins (it
+/// includes handling them): `wasmhost commit` waits, serving, for fewer.
+const COMMIT_BEHIND: u64 = 32;
+
+/// ... and at most this many on its last attempt, else it is refused.
+const COMMIT_MAX_BEHIND: u64 = 1_000;
 
 /// Bytes queued for the shadow past which it is stopped as too slow,
 /// whatever `--max-lag-ms` says: memory stays bounded.
@@ -226,8 +228,19 @@ struct Batch {
 }
 
 impl Batch {
-    fn push(&mut self, stamp: super::Stamp, event: EventRef<'_>, effects: &[Effect]) {
-        journal::encode(&mut self.records, stamp, event);
+    /// Adds one event: its journal `record` if the live version keeps one
+    /// (copied, not encoded again), and its effects.
+    fn push(
+        &mut self,
+        stamp: super::Stamp,
+        event: EventRef<'_>,
+        record: Option<&[u8]>,
+        effects: &[Effect],
+    ) {
+        match record {
+            Some(record) => self.records.extend_from_slice(record),
+            None => journal::encode(&mut self.records, stamp, event),
+        }
         self.events += 1;
         for effect in effects {
             let act = match effect {
@@ -263,6 +276,9 @@ struct Shared {
     handled_bytes: AtomicU64,
     in_step: AtomicBool,
     stopped: AtomicBool,
+    /// A commit waits for it: run at normal priority (see
+    /// [`lower_priority`]).
+    boost: AtomicBool,
     info: Mutex<Info>,
 }
 
@@ -324,8 +340,14 @@ fn fail_at(step: &str) -> Option<String> {
 
 impl Shadow {
     /// Queues one live event and what it did.
-    pub(super) fn mirror(&mut self, stamp: super::Stamp, event: EventRef<'_>, effects: &[Effect]) {
-        self.batch.push(stamp, event, effects);
+    pub(super) fn mirror(
+        &mut self,
+        stamp: super::Stamp,
+        event: EventRef<'_>,
+        record: Option<&[u8]>,
+        effects: &[Effect],
+    ) {
+        self.batch.push(stamp, event, record, effects);
     }
 
     fn status(&self, state: Option<&str>) -> ShadowStatus {
@@ -374,7 +396,9 @@ impl Shadow {
         let due = now
             || batch.events >= BATCH_EVENTS
             || batch.size() >= BATCH_BYTES
-            || batch.since.is_some_and(|since| since.elapsed() >= BATCH_AGE);
+            || batch
+                .since
+                .is_some_and(|since| since.elapsed() >= BATCH_AGE);
         if batch.events == 0 || !due {
             return None;
         }
@@ -530,6 +554,19 @@ impl Actor {
         journal
     }
 
+    /// Before a commit: the shadow gets normal priority to catch up, and
+    /// unless `last_attempt`, how far it is behind if that is more than a
+    /// short pause's worth.
+    pub(super) fn shadow_not_ready(&mut self, last_attempt: bool) -> Option<u64> {
+        let shadow = self.shadow.as_mut()?;
+        shadow.shared.boost.store(true, Ordering::Release);
+        // Hand over what is pending, so the shadow can work on it.
+        shadow.flush(true);
+        let status = shadow.status(None);
+        (!last_attempt && status.state == "in step" && status.lag_events > COMMIT_BEHIND)
+            .then_some(status.lag_events)
+    }
+
     pub(super) fn shadow_running(&self) -> bool {
         self.shadow.is_some()
     }
@@ -599,8 +636,9 @@ impl Actor {
                     .map(|why| format!(": {why}"))
                     .unwrap_or_default()
             ),
-            None => "no shadow swap is running: start one with `wasmhost swap NEW.wasm --shadow`"
-                .into(),
+            None => {
+                "no shadow swap is running: start one with `wasmhost swap NEW.wasm --shadow`".into()
+            }
         }
     }
 
@@ -623,7 +661,8 @@ impl Actor {
         if now.state == "in step" && now.lag_events > COMMIT_MAX_BEHIND {
             return Ok(Err(format!(
                 "the shadow is {} events behind (at most {COMMIT_MAX_BEHIND} for a commit, so the \
-                 pause stays short); it runs on: commit again when it has caught up, or abort",
+                 pause stays short): the machine is too busy for it to catch up; it runs on: \
+                 commit again when the load drops, or abort",
                 now.lag_events
             )));
         }
@@ -647,7 +686,10 @@ impl Actor {
                 return Ok(Err(format!("the shadow stopped: {why}")));
             }
             Err(_) => {
-                let behind = self.shadow.as_ref().map_or(0, |s| s.status(None).lag_events);
+                let behind = self
+                    .shadow
+                    .as_ref()
+                    .map_or(0, |s| s.status(None).lag_events);
                 return Ok(Err(format!(
                     "the shadow did not catch up within {COMMIT_WAIT:?} ({behind} events behind); \
                      it runs on: commit again when `wasmhost status` shows it in step, or abort"
@@ -673,7 +715,10 @@ impl Actor {
             self.timer_keys.clear();
             let now_ms = unix_ms(SystemTime::now());
             for (token, deadline_ms) in timers {
-                self.set_timer(token, Duration::from_millis(deadline_ms.saturating_sub(now_ms)));
+                self.set_timer(
+                    token,
+                    Duration::from_millis(deadline_ms.saturating_sub(now_ms)),
+                );
             }
         }
         let connections = self.conns.len();
@@ -795,11 +840,23 @@ impl Start {
                 Ok(runner) => runner,
                 Err(why) => return shared.stop(why),
             };
+            // Catching up runs at normal priority; in step, the shadow
+            // yields the CPU to the live version until a commit waits.
+            let mut idle = false;
             loop {
+                if idle && shared.boost.load(Ordering::Acquire) {
+                    set_priority(false);
+                    idle = false;
+                }
                 let message = match rx.try_recv() {
                     Ok(message) => message,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        shared.in_step.store(true, Ordering::Release);
+                        if !shared.in_step.swap(true, Ordering::AcqRel)
+                            && !shared.boost.load(Ordering::Acquire)
+                        {
+                            set_priority(true);
+                            idle = true;
+                        }
                         match rx.recv().await {
                             Some(message) => message,
                             None => return,
@@ -860,8 +917,7 @@ impl Start {
         .map_err(|e| format!("the new version failed catching up: {e:#}"))?;
         drop(records);
         shared.info().replayed = replayed;
-        let (own_formats, journal_off) = match journal_formats(&mut instance, &spec.durable).await
-        {
+        let (own_formats, journal_off) = match journal_formats(&mut instance, &spec.durable).await {
             Ok(formats) => (formats, None),
             Err(why) => (Vec::new(), Some(why)),
         };
@@ -941,10 +997,12 @@ impl Runner {
                     return Err(format!("diverged at {text}"));
                 }
             }
-            if let Some(journal) = &mut self.journal {
-                journal.record(record.stamp, record.event.as_ref());
-            }
             self.shared.handled.store(self.handled, Ordering::Release);
+        }
+        // The batch is the live version's records: its journal takes them
+        // as they are.
+        if let Some(journal) = &mut self.journal {
+            journal.append_records(&batch.records, records.len() as u64);
         }
         self.snapshot_if_due().await?;
         self.publish_memory();
@@ -1056,6 +1114,30 @@ impl Runner {
 
     fn publish_memory(&self) {
         self.shared.info().memory_bytes = self.instance.memory_bytes();
+    }
+}
+
+/// Puts the calling thread (the shadow's) in Linux's `SCHED_IDLE` class
+/// (`idle`), or back in the normal one. While idle it runs only on CPU
+/// time nothing else wants, so a busy machine gives its cores to the live
+/// version (and its clients) first: the shadow then falls behind, catches
+/// up when the load drops, and is stopped past `--max-lag-ms` if it never
+/// does. Catching up at the start and before a commit runs at normal
+/// priority. Failing to change it is harmless: logged.
+fn set_priority(idle: bool) {
+    let param = libc::sched_param { sched_priority: 0 };
+    let policy = match idle {
+        true => libc::SCHED_IDLE,
+        false => libc::SCHED_OTHER,
+    };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
+    // is the calling thread.
+    let done = unsafe { libc::sched_setscheduler(0, policy, &param) };
+    if done != 0 {
+        tracing::debug!(
+            "could not lower the shadow thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
