@@ -117,10 +117,14 @@ async fn shadow_swap(args: SwapArgs, path: std::path::PathBuf) -> Result<()> {
         };
         if status.state != "catching up" && status.state != "in step" {
             let why = status.stopped.as_deref().unwrap_or("no reason given");
+            // With divergence allowed, the kept ones are not in the reason.
+            let kept = match status.allow_divergence {
+                true => divergence_lines(&status),
+                false => String::new(),
+            };
             bail!(
-                "the shadow {}: {why}; the running version keeps serving{}",
-                status.state,
-                divergence_lines(&status)
+                "the shadow {}: {why}; the running version keeps serving{kept}",
+                status.state
             );
         }
         let in_step = status.state == "in step";
@@ -147,7 +151,8 @@ async fn shadow_swap(args: SwapArgs, path: std::path::PathBuf) -> Result<()> {
         } else {
             print!("{}", format_shadow(&status));
             println!(
-                "the shadow runs beside the live version: `wasmhost commit` switches to it,                  `wasmhost abort` drops it"
+                "the shadow runs beside the live version: `wasmhost commit` switches to it, \
+                 `wasmhost abort` drops it"
             );
         }
         return Ok(());

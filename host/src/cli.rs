@@ -42,16 +42,24 @@ pub enum Command {
     /// same events and takes over only on `wasmhost commit` (or by itself
     /// with --commit-after): see --shadow.
     Swap(SwapArgs),
-    /// Make the running shadow (`swap --shadow`) the live version.
+    /// Make the running shadow (`swap --shadow`) the live version, or send
+    /// every new connection to a canary's new version (`swap --canary`).
     ///
-    /// Between two events the shadow handles the events still queued for
-    /// it and becomes the live instance, with its own timers and journal;
-    /// the old instance is dropped. The pause does not depend on the
-    /// state's size. Refused, with the reason, when no shadow is running
-    /// or it stopped; a shadow that does not hand over within 2 s runs on.
+    /// Shadow: a shadow that is behind first catches up (at normal CPU
+    /// priority, the service serving all along) until at most 32 events
+    /// are queued for it, for up to 5 s; then, between two events, it
+    /// handles those and becomes the live instance, with its own timers and
+    /// journal, and the old instance is dropped. The pause does not depend
+    /// on the state's size. Refused, with the reason, when no shadow is
+    /// running, it stopped, it is still catching up, or it is still more
+    /// than 1,000 events behind after the 5 s (the machine is too busy for
+    /// it); a shadow that does not hand over within 2 s runs on.
+    ///
+    /// Canary: it becomes a drain (see `swap --drain`).
     Commit(CommitArgs),
-    /// Drop the running shadow (`swap --shadow`); the running version
-    /// serves on, untouched.
+    /// Drop the running shadow (the running version serves on, untouched),
+    /// or end a drain or canary: the new version's connections go back to
+    /// the old one (`on-connect`) and it is dropped.
     Abort(CommitArgs),
     /// Show a running service: component, generation, counters, swap history.
     Status(StatusArgs),

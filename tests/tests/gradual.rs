@@ -207,6 +207,13 @@ fn services_with_state_are_refused_drain_and_canary_with_the_reason() {
     assert!(!out.status.success());
     assert!(out.stderr.contains("exports [echo/1]"), "{}", out.stderr);
     assert_eq!(status(&server)["generation"], 1);
+    // A stateless service may not drain into a version with state: kv's
+    // exportable() lists kv/1 once it has run init.
+    let stateless = Served::start("echo-stateless", &[]);
+    let out = stateless.command("swap", &[guest("kv").to_str().unwrap(), "--drain"]);
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("the new version exports [kv/1]"), "{}", out.stderr);
+    assert_eq!(status(&stateless)["generation"], 1);
 }
 
 #[test]

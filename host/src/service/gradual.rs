@@ -142,35 +142,38 @@ impl Actor {
             Ok(formats) => formats,
             Err(trap) => return self.old_trapped("exportable()", trap).await,
         };
+        let refuse = |which: &str, formats: &[String]| {
+            format!(
+                "{what} needs a service without shared state, and the {which} version exports \
+                 [{}]: its connections share that state, so two versions cannot serve side by \
+                 side. Use `swap --shadow` (or a plain swap). A guest declares it has no shared \
+                 state with an empty exportable()",
+                formats.join(", ")
+            )
+        };
+        if !exportable.is_empty() {
+            return Ok(Err(refuse("running", &exportable)));
+        }
         let Prepared {
             instance: mut new, ..
         } = prepared;
-        let new_exportable = match new.exportable().await {
-            Ok(formats) => formats,
-            Err(trap) => {
-                return Ok(Err(format!(
-                    "the new version trapped in exportable(): {}",
-                    root(&trap)
-                )));
-            }
-        };
-        for (which, formats) in [("running", &exportable), ("new", &new_exportable)] {
-            if !formats.is_empty() {
-                return Ok(Err(format!(
-                    "{what} needs a service without shared state, and the {which} version exports \
-                     [{}]: its connections share that state, so two versions cannot serve side by \
-                     side. Use `swap --shadow` (or a plain swap). A guest declares it has no \
-                     shared state with an empty exportable()",
-                    formats.join(", ")
-                )));
-            }
-        }
         match new.init(&self.spec.config).await {
             Ok(Ok(())) => {}
             Ok(Err(msg)) => return Ok(Err(format!("the new version's init failed: {msg}"))),
             Err(trap) => {
                 return Ok(Err(format!(
                     "the new version trapped in init: {}",
+                    root(&trap)
+                )));
+            }
+        }
+        // Asked after `init`: what a version exports depends on its state.
+        match new.exportable().await {
+            Ok(formats) if formats.is_empty() => {}
+            Ok(formats) => return Ok(Err(refuse("new", &formats))),
+            Err(trap) => {
+                return Ok(Err(format!(
+                    "the new version trapped in exportable(): {}",
                     root(&trap)
                 )));
             }
@@ -564,6 +567,7 @@ impl Actor {
             },
             drain_left_s: side
                 .drain_deadline
+                .filter(|_| state == "running")
                 .map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64()),
             age_s: side.started.elapsed().as_secs_f64(),
             ended: None,
