@@ -212,7 +212,11 @@ fn services_with_state_are_refused_drain_and_canary_with_the_reason() {
     let stateless = Served::start("echo-stateless", &[]);
     let out = stateless.command("swap", &[guest("kv").to_str().unwrap(), "--drain"]);
     assert!(!out.status.success());
-    assert!(out.stderr.contains("the new version exports [kv/1]"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the new version exports [kv/1]"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(status(&stateless)["generation"], 1);
 }
 

@@ -86,6 +86,8 @@ pub(super) struct Side {
     pub(super) instance: Instance,
     /// `Some(share)` while a canary; `None` once draining.
     canary: Option<u8>,
+    /// `canary` or `drain`, as it started (for the swap history).
+    kind: &'static str,
     /// The running sum that picks the canary's connections.
     picked: u32,
     drain_timeout: Duration,
@@ -182,6 +184,7 @@ impl Actor {
         self.side = Some(Side {
             instance: new,
             canary: opts.canary_percent,
+            kind: what.trim_start_matches("a "),
             picked: 0,
             drain_timeout,
             drain_deadline: opts
@@ -354,6 +357,7 @@ impl Actor {
         let Some(side) = self.side.take() else {
             return Ok(());
         };
+        let side_kind = side.kind;
         let mut status = self.status_of(&side, "aborted");
         status.ended = Some(why.clone());
         for key in side.timer_keys.values() {
@@ -378,7 +382,7 @@ impl Actor {
         );
         self.record(SwapRecord {
             at_unix_ms: unix_ms(SystemTime::now()),
-            kind: status.mode.clone(),
+            kind: side_kind.into(),
             from: ComponentInfo::of(&self.instance.program),
             to: status.new.component.clone(),
             format: None,
@@ -490,6 +494,7 @@ impl Actor {
     /// The new version becomes the only one: its timers become the host's,
     /// the old instance is dropped.
     async fn promote(&mut self, side: Side, moved: usize) -> Result<()> {
+        let side_kind = side.kind;
         let mut status = self.status_of(&side, "done");
         status.ended = Some(match moved {
             0 => "the old version's connections all closed".into(),
@@ -522,7 +527,7 @@ impl Actor {
         );
         self.record(SwapRecord {
             at_unix_ms: unix_ms(SystemTime::now()),
-            kind: status.mode.clone(),
+            kind: side_kind.into(),
             from: ComponentInfo::of(&old),
             to: status.new.component.clone(),
             format: None,

@@ -238,10 +238,10 @@ impl Actor {
                 self.durable.trap_streak = 0;
                 let stamp = self.instance.stamp();
                 let effects = self.instance.take_effects();
-                let record = match &mut self.journal {
-                    Some(journal) => Some(journal.record(stamp, call.journal())),
-                    None => None,
-                };
+                let record = self
+                    .journal
+                    .as_mut()
+                    .map(|journal| journal.record(stamp, call.journal()));
                 if let Some(shadow) = &mut self.shadow {
                     shadow.mirror(stamp, call.journal(), record, &effects);
                 }

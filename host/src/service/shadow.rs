@@ -878,7 +878,7 @@ impl Start {
                         match reply.send(Ok(Box::new(runner))) {
                             Ok(()) => return,
                             // The commit gave up waiting: shadow on.
-                            Err(back) => runner = *back.ok().expect("sent Ok"),
+                            Err(back) => runner = *back.expect("sent Ok"),
                         }
                     }
                 }
@@ -909,7 +909,7 @@ impl Start {
         let mut replayed = 0u64;
         let mut instance = replay(program, &spec, &journal.base, &records, |_, _| {
             replayed += 1;
-            if replayed % 1024 == 0 {
+            if replayed.is_multiple_of(1024) {
                 shared.info().replayed = replayed;
             }
         })
