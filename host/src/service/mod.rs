@@ -363,6 +363,16 @@ pub fn spawn(
     })
 }
 
+/// Sleeps until `due`, or forever. Made lazily: `select!` builds the future
+/// of a disabled branch too (it only does not poll it), and a timer is not
+/// free to make at every event.
+async fn sleep_until(due: Option<tokio::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The guest's view of a connection the host accepted.
 pub fn guest_conn_info(meta: ConnMeta) -> ConnInfo {
     ConnInfo {
@@ -527,9 +537,9 @@ impl Actor {
                     }
                 }
                 // A drain's timeout.
-                _ = tokio::time::sleep_until(drain_due.unwrap_or_else(tokio::time::Instant::now)), if drain_due.is_some() => {}
+                _ = sleep_until(drain_due), if drain_due.is_some() => {}
                 // A shadow's batch is due while nothing else happens.
-                _ = tokio::time::sleep_until(shadow_due.unwrap_or_else(tokio::time::Instant::now)), if shadow_due.is_some() => {}
+                _ = sleep_until(shadow_due), if shadow_due.is_some() => {}
             }
         }
     }
