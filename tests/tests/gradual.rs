@@ -239,3 +239,15 @@ fn a_stateless_services_shadow_starts_fresh_with_every_open_connection() {
     assert_eq!(report["shadow"]["divergences"], 0, "{report:#}");
     echoes(&mut conn, "after");
 }
+
+#[test]
+fn a_rapid_swap_from_a_stateless_version_starts_the_new_one_with_every_connection() {
+    let server = Served::start("echo-stateless", &[]);
+    let mut conn = open(&server, "before");
+    let out = server.command("swap", &[guest("echo-stateless").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stderr.contains("keeps no state"), "{}", out.stderr);
+    assert!(out.stdout.contains("state   none"), "{}", out.stdout);
+    echoes(&mut conn, "after");
+    assert_eq!(status(&server)["generation"], 2);
+}

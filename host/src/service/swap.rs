@@ -173,21 +173,18 @@ impl Actor {
         let mut warnings = Vec::new();
         let mut fresh_start = None;
         let mut transferred = None;
-        let (format, state_bytes) = if opts.fresh {
-            fresh_start = match self.start_fresh_in(&mut new).await {
-                Ok(started) => Some(started),
+        let exported = match opts.fresh {
+            true => None,
+            false => match self.export_for(&importable, opts.kind, &mut t).await? {
+                Ok(exported) => Some(exported),
+                // Nothing to carry: a running version with no state at all
+                // (an empty exportable()) hands over like a fresh start.
+                Err(_) if self.runs_stateless().await => None,
                 Err(why) => return Ok(Err(why)),
-            };
-            warnings.push(
-                "state dropped: the new version started fresh (init) and saw every open connection as new".into(),
-            );
-            (None, 0)
-        } else {
-            let Exported { format, state } =
-                match self.export_for(&importable, opts.kind, &mut t).await? {
-                    Ok(exported) => exported,
-                    Err(why) => return Ok(Err(why)),
-                };
+            },
+        };
+        let fresh = exported.is_none();
+        let (format, state_bytes) = if let Some(Exported { format, state }) = exported {
             let validated = match import(&mut new, &format, &state, opts.validation, &mut t).await {
                 Ok(validated) => validated,
                 Err(why) => return Ok(Err(why)),
@@ -198,9 +195,23 @@ impl Actor {
             // The transferred state is the new generation's first snapshot.
             transferred = Some(Bytes::from(state));
             (Some(format), len)
+        } else {
+            fresh_start = match self.start_fresh_in(&mut new).await {
+                Ok(started) => Some(started),
+                Err(why) => return Ok(Err(why)),
+            };
+            warnings.push(match opts.fresh {
+                true => "state dropped: the new version started fresh (init) and saw every open \
+                         connection as new"
+                    .into(),
+                false => "the running version keeps no state (its exportable() is empty): the new \
+                          version started with init and saw every open connection as new"
+                    .into(),
+            });
+            (None, 0)
         };
         let connections = self.conns.len();
-        let old_program = self.commit(new, opts.fresh);
+        let old_program = self.commit(new, fresh);
         let pause = Pause::new(started.elapsed(), &t);
         // After the pause: the new generation's journal starts from the
         // transferred state (or its `init`).
@@ -236,12 +247,18 @@ impl Actor {
             connections,
             warnings,
             upgrade: None,
-            validation: Some(match opts.fresh {
+            validation: Some(match fresh {
                 true => Validation::None,
                 false => opts.validation,
             }),
             shadow: None,
         }))
+    }
+
+    /// Whether the running version says it keeps no state (an empty
+    /// `exportable()`; a trap answering counts as no).
+    async fn runs_stateless(&mut self) -> bool {
+        matches!(self.instance.exportable().await, Ok(formats) if formats.is_empty())
     }
 
     /// `--fresh`: `init` and `on-connect` for every open connection, on the
