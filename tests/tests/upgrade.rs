@@ -639,3 +639,37 @@ fn sighup_swaps_to_the_component_file_now_on_disk() {
     let v: String = redis::cmd("GET").arg("k").query(&mut c).unwrap();
     assert_eq!(v, "v");
 }
+
+/// A service that keeps no state (an empty `exportable()`) hands over no
+/// state: the new process starts its component with `init`, announces
+/// every connection with `on-connect`, and the connections serve on.
+#[test]
+fn a_stateless_service_is_upgraded_with_its_connections() {
+    let server = Served::start("echo-stateless", &[]);
+    let mut conns: Vec<wasmhost_tests::LineConn> = (0..3)
+        .map(|i| {
+            let mut c = wasmhost_tests::LineConn::open(&server);
+            c.send(&format!("before {i}"));
+            assert_eq!(c.recv(), format!("before {i}"));
+            c
+        })
+        .collect();
+    let old_pid = server.serving_pid();
+    let events = status_number(&status_json(&server), "events");
+    let report = server.upgrade_ok(&[]);
+    assert!(report.contains("state   none"), "{report}");
+    assert!(report.contains("kept    3 connections"), "{report}");
+    assert_ne!(server.serving_pid(), old_pid);
+    // The new instance was told of each connection (on-connect).
+    let after = status_number(&status_json(&server), "events");
+    assert_eq!(after, events + 3, "events before {events}, after {after}");
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.send(&format!("after {i}"));
+        assert_eq!(c.recv(), format!("after {i}"));
+    }
+    let status = status_json(&server);
+    assert_eq!(status_number(&status, "connections"), 3, "{status}");
+    let mut late = wasmhost_tests::LineConn::open(&server);
+    late.send("new");
+    assert_eq!(late.recv(), "new");
+}

@@ -26,6 +26,7 @@ use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use super::recovery::Call;
 use super::report::{ComponentInfo, SwapRecord, SwapReport, unix_ms};
 use super::transfer::{Exported, SwapKind, Timings};
 use super::{Actor, Conn, Event, Msg, Program, Stats};
@@ -45,7 +46,8 @@ pub struct HandoffRequest {
 /// The service frozen at an update point, ready to be sent.
 pub struct Handoff {
     pub image: ServiceImage,
-    /// The state, in `image.format`.
+    /// The state, in `image.format` (empty when that is empty: the
+    /// service keeps no state).
     pub state: Vec<u8>,
     /// For each connection of `image.conns`, in order: its unread bytes,
     /// then its unsent bytes.
@@ -84,6 +86,9 @@ pub struct ServiceImage {
     pub previous: Option<ComponentInfo>,
     /// The next connection id to hand out: ids are never reused.
     pub next_conn_id: u64,
+    /// The state's format; empty for a service that keeps no state (an
+    /// empty `exportable()`): the new process then starts its component
+    /// with `init` and announces every connection with `on-connect`.
     pub format: String,
     pub listeners: Vec<ListenerImage>,
     pub conns: Vec<ConnImage>,
@@ -149,6 +154,10 @@ pub struct Start {
     pub journal: Option<(Vec<u8>, u64)>,
     /// Connections open when the host crashed: each gets `on-close`.
     pub closes: Vec<u64>,
+    /// The instance started with `init` although `parked` holds open
+    /// connections (a host upgrade of a service that keeps no state): each
+    /// gets `on-connect` before anything else.
+    pub announce: bool,
 }
 
 impl Start {
@@ -169,6 +178,7 @@ impl Start {
             disk: None,
             journal: None,
             closes: Vec::new(),
+            announce: false,
         }
     }
 }
@@ -198,7 +208,7 @@ impl Actor {
         let mut parked = match self.freeze(request.drain_timeout).await? {
             Ok(parked) => parked,
             Err((why, parked)) => {
-                self.thaw(parked).await?;
+                self.thaw(parked, false).await?;
                 let _ = request.reply.send(Err(why));
                 return Ok(false);
             }
@@ -210,8 +220,14 @@ impl Actor {
             .await?
         {
             Ok(exported) => exported,
+            // A version that keeps no state (an empty exportable()) hands
+            // over none: the new process starts its component with init.
+            Err(_) if self.runs_stateless().await => Exported {
+                format: String::new(),
+                state: Vec::new(),
+            },
             Err(why) => {
-                self.thaw(parked).await?;
+                self.thaw(parked, false).await?;
                 let _ = request.reply.send(Err(why));
                 return Ok(false);
             }
@@ -225,7 +241,7 @@ impl Actor {
             frozen_at.elapsed() - drained
         );
         if request.reply.send(Ok(handoff)).is_err() {
-            self.thaw(parked).await?;
+            self.thaw(parked, false).await?;
             return Ok(false);
         }
         match decided.await {
@@ -242,7 +258,7 @@ impl Actor {
             }
             Ok(Decision::Abort(record)) => {
                 self.record(*record);
-                self.thaw(parked).await?;
+                self.thaw(parked, false).await?;
                 Ok(false)
             }
             Err(_) => {
@@ -250,7 +266,7 @@ impl Actor {
                     service = &*self.spec.name,
                     "the upgrade ended without a decision; serving on"
                 );
-                self.thaw(parked).await?;
+                self.thaw(parked, false).await?;
                 Ok(false)
             }
         }
@@ -436,8 +452,10 @@ impl Actor {
     }
 
     /// Serves parked listeners and connections, then gives the guest the
-    /// bytes it has not seen yet.
-    pub(super) async fn thaw(&mut self, parked: Parked) -> Result<()> {
+    /// bytes it has not seen yet; with `announce`, `on-connect` for every
+    /// connection first (a guest that started with `init` has not seen
+    /// them).
+    pub(super) async fn thaw(&mut self, parked: Parked, announce: bool) -> Result<()> {
         self.net.freeze.thaw();
         let mut unread = std::mem::take(&mut self.late_unread);
         for (id, p) in parked.conns {
@@ -452,6 +470,13 @@ impl Actor {
             );
             if !p.unread.is_empty() {
                 unread.push((id, p.unread));
+            }
+        }
+        if announce {
+            let mut infos: Vec<ConnInfo> = self.conns.values().map(|c| c.info.clone()).collect();
+            infos.sort_unstable_by_key(|info| info.id);
+            for info in infos {
+                self.deliver(Call::Connect(&info)).await?;
             }
         }
         net::start_accepting(parked.listeners, &self.net);

@@ -345,6 +345,7 @@ pub fn spawn(
         last_gradual: None,
     };
     let resume = start.disk.as_ref().is_some_and(|d| d.resume);
+    let announce = start.announce;
     let flushed = start.journal.as_ref().map_or(0, |(bytes, _)| bytes.len());
     actor.disk = start.disk.map(|attach| persist::Disk::new(attach, flushed));
     for timer in &start.timers {
@@ -352,7 +353,7 @@ pub fn spawn(
     }
     tokio::spawn(async move {
         actor.start_journal(base, &[], start.journal, resume).await;
-        actor.thaw(start.parked).await?;
+        actor.thaw(start.parked, announce).await?;
         // Restarted from a state dir: the connections open at the crash
         // are gone.
         for id in start.closes {

@@ -257,7 +257,7 @@ impl Actor {
 
     /// Whether the running version says it keeps no state (an empty
     /// `exportable()`; a trap answering counts as no).
-    async fn runs_stateless(&mut self) -> bool {
+    pub(super) async fn runs_stateless(&mut self) -> bool {
         matches!(self.instance.exportable().await, Ok(formats) if formats.is_empty())
     }
 

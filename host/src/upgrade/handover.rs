@@ -462,7 +462,7 @@ fn aborted_record(handoff: &Handoff, prepared: &Prepared, failure: &Failure) -> 
         kind: "upgrade".into(),
         from: handoff.image.component.clone(),
         to: prepared.component.clone(),
-        format: Some(handoff.image.format.clone()),
+        format: Some(handoff.image.format.clone()).filter(|f| !f.is_empty()),
         state_bytes: handoff.state.len(),
         pause_us: micros(handoff.frozen_at.elapsed()),
         outcome: format!("aborted: {}", failure.text()),

@@ -15,7 +15,7 @@
 //! | 1 `spawn` | starts N | | N cannot be started, or exits: O reports it, nothing changed |
 //! | 2 `offer` | sends `Offer` (version, component, previous component) | | N gone: as above |
 //! | 3 `prepare` | serves on, waits for `Prepared` | loads (compile cache) and instantiates the component, asks `importable()`; answers `Prepared` or `Failed` | `Failed`, N exits, or no answer before the deadline: O kills N, serves on |
-//! | 4 `freeze` | at an update point of the actor: stops accepting and reading, handles what was queued, collects sockets and unsent bytes ([`crate::service::Handoff`]), exports the state in the first format of N's `importable()` that O exports (the swap's negotiation) | waits | no common format, export refused or trapped, tasks not stopping: O thaws (serves every connection again, gives the guest the bytes it read meanwhile), kills N |
+//! | 4 `freeze` | at an update point of the actor: stops accepting and reading, handles what was queued, collects sockets and unsent bytes ([`crate::service::Handoff`]), exports the state in the first format of N's `importable()` that O exports (the swap's negotiation); a service that keeps no state (an empty `exportable()`) sends none, with an empty format, and N starts its component with `init` and `on-connect` for every connection | waits | no common format, export refused or trapped, tasks not stopping: O thaws (serves every connection again, gives the guest the bytes it read meanwhile), kills N |
 //! | 5 `send` | sends `Manifest` (the service image, lengths, descriptor count) with the state and every connection's unread and unsent bytes as payload, then the descriptors | receives and checks them: lengths, counts, each descriptor is a socket of the kind and address the manifest says | send fails (N died): O kills N, thaws |
 //! | 6 `import` | waits for `Ready` | imports the state (the swap's import and validation), arms the timers, builds its service without serving it; answers `Ready` with its timings, or `Failed` | `Failed`, N exits, or no `Ready` before the deadline (`--timeout-ms`): O sends `Abort`, kills N, thaws |
 //! | 7 `commit` | stops accepting control clients, sends `Commit` with the report, waits for `Serving`; then closes its copies of the sockets (close, never `shutdown`, which would cut them for N too), answers the client, lets connections it was closing finish, exits 0 | on `Commit`: answers `Serving`, then serves (accepting, reading, writing the unsent bytes first, giving the guest the unread bytes first). On `Abort`: exits without serving. On end of channel without either: O crashed after N was ready, so N serves (it holds everything) | N exits or does not answer `Serving` in time: O kills N and thaws (N touches no socket before `Serving`). O crashes after `Commit`: N serves anyway |
@@ -164,7 +164,7 @@ pub(crate) fn report(
         generation_to: image.generation + 1,
         from: image.component.clone(),
         to: moved.to,
-        format: Some(image.format.clone()),
+        format: Some(image.format.clone()).filter(|f| !f.is_empty()),
         state_bytes: moved.state_bytes,
         compile_us: moved.compile_us,
         from_cache: moved.from_cache,

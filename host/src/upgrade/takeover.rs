@@ -117,7 +117,7 @@ impl Takeover<'_> {
             report.kind = "upgrade".into();
             report.from = manifest.image.component.clone();
             report.to = ComponentInfo::of(&parts.instance.program);
-            report.format = Some(manifest.image.format.clone());
+            report.format = Some(manifest.image.format.clone()).filter(|f| !f.is_empty());
             report.state_bytes = manifest.state_len as usize;
         }
         let mut parts = parts;
@@ -218,21 +218,31 @@ pub(super) async fn import(
     });
     let mut instance = loaded.prepared.instance;
     let mut timings = Timings::default();
-    let imported = match fail_at("import") {
-        true => Err(format!(
+    // The old version keeps no state: start this one with init.
+    let stateless = image.format.is_empty();
+    let imported = if fail_at("import") {
+        Err(format!(
             "test: {}=import: rejecting the state",
             super::FAIL_ENV
-        )),
-        false => {
-            service::import(
-                &mut instance,
-                &image.format,
-                &payload,
-                service::Validation::Export,
-                &mut timings,
-            )
-            .await
+        ))
+    } else if stateless {
+        match instance.init(&opts.config).await {
+            Ok(Ok(())) => Ok(None),
+            Ok(Err(msg)) => Err(format!("the component's init failed: {msg}")),
+            Err(trap) => Err(format!(
+                "the component trapped in init: {}",
+                service::root(&trap)
+            )),
         }
+    } else {
+        service::import(
+            &mut instance,
+            &image.format,
+            &payload,
+            service::Validation::Export,
+            &mut timings,
+        )
+        .await
     };
     let (adopted, adopt_time) = sockets.await.context("adopting the sockets panicked")?;
     let Sockets {
@@ -264,14 +274,17 @@ pub(super) async fn import(
         previous: loaded.previous,
         history: image.history.clone(),
         stats: image.stats.clone(),
-        timers: image.timers.clone(),
+        // A stateless version's timers went with its instance.
+        timers: match stateless {
+            true => Vec::new(),
+            false => image.timers.clone(),
+        },
         parked: service::Parked { listeners, conns },
-        // The carried state is where a rebuild after a trap starts.
-        base: Some(service::base_of_state(
-            &instance,
-            image.format.clone(),
-            bytes::Bytes::from(payload),
-        )),
+        // The carried state is where a rebuild after a trap starts (init,
+        // when there is none).
+        base: (!stateless).then(|| {
+            service::base_of_state(&instance, image.format.clone(), bytes::Bytes::from(payload))
+        }),
         // The carried state becomes the state dir's next snapshot.
         disk: match &opts.durable.state_dir {
             Some(dir) => Some(
@@ -282,6 +295,7 @@ pub(super) async fn import(
         },
         journal: None,
         closes: Vec::new(),
+        announce: stateless,
     };
     let parts = Parts {
         runtime: loaded.runtime,
