@@ -1133,11 +1133,20 @@ fn set_priority(idle: bool) {
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0
     // is the calling thread.
     let done = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if done != 0 {
-        tracing::debug!(
-            "could not lower the shadow thread's priority: {}",
-            std::io::Error::last_os_error()
-        );
+    if done == 0 {
+        return;
+    }
+    let why = std::io::Error::last_os_error();
+    match idle {
+        true => tracing::debug!("could not put the shadow thread in SCHED_IDLE: {why}"),
+        // Linux lets a thread leave SCHED_IDLE only with CAP_SYS_NICE or
+        // an RLIMIT_NICE that allows nice 0.
+        false => tracing::warn!(
+            "could not give the shadow thread normal priority back for its catch-up ({why}): it \
+             stays in SCHED_IDLE, so under a load that keeps every core busy it catches up only \
+             when the load drops; allow it with CAP_SYS_NICE or RLIMIT_NICE 20 (`ulimit -e 20`, \
+             systemd LimitNICE=20)"
+        ),
     }
 }
 
