@@ -251,3 +251,14 @@ fn a_rapid_swap_from_a_stateless_version_starts_the_new_one_with_every_connectio
     echoes(&mut conn, "after");
     assert_eq!(status(&server)["generation"], 2);
 }
+
+/// SIGTERM while a canary runs: both versions' connections get their
+/// `on-close` and the host exits cleanly.
+#[test]
+fn shutdown_while_a_canary_runs_is_clean() {
+    let server = Served::start("echo-stateless", &[]);
+    start(&server, &["--canary", "50"]);
+    let _conns: Vec<LineConn> = (0..4).map(|i| open(&server, &format!("c{i}"))).collect();
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{status:?}\n{stderr}");
+}

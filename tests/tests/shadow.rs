@@ -411,3 +411,50 @@ fn after_a_shadow_commit_a_state_dir_restart_has_the_new_versions_state() {
     assert_eq!(v, "shadow");
     check_keys(server.addr(), 0, 2_000).unwrap();
 }
+
+/// The running version traps while a shadow runs: its state is rebuilt
+/// from the journal, the trapping event never reaches the shadow (it is
+/// not journaled either), and the shadow commits with no divergence.
+#[test]
+fn a_trap_in_the_running_version_leaves_the_shadow_in_step() {
+    let server = Served::start("kv", &["--config", "enable-debug-command=yes"]);
+    let mut c = redis_connect(&server);
+    let _: () = redis_cmd(&mut c, &["SET", "a", "1"]);
+    let out = shadow(&server, "kv-v2", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let mut crasher = std::net::TcpStream::connect(server.addr()).unwrap();
+    crasher
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    std::io::Write::write_all(&mut crasher, b"*2\r\n$5\r\nDEBUG\r\n$8\r\nSEGFAULT\r\n").unwrap();
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut crasher, &mut rest).unwrap();
+    assert_eq!(rest, b"", "the trapping connection is closed, unanswered");
+    let _: () = redis_cmd(&mut c, &["SET", "b", "2"]);
+    let s = status(&server);
+    assert_eq!(s["durable"]["recoveries"], 1, "{s:#}");
+    assert_eq!(s["shadow"]["state"], "in step", "{s:#}");
+    let commit = server.command("commit", &["--json"]);
+    let report = json(&commit);
+    assert_eq!(report["shadow"]["divergences"], 0, "{report:#}");
+    for (k, v) in [("a", "1"), ("b", "2")] {
+        let got: String = redis_cmd(&mut c, &["GET", k]);
+        assert_eq!(got, v);
+    }
+    // The old version is kept for a rollback, as after any swap.
+    let back = server.command("rollback", &[]);
+    assert!(back.status.success(), "{}", back.stderr);
+    assert!(back.stdout.contains("state   kv/1"), "{}", back.stdout);
+    let got: String = redis_cmd(&mut c, &["GET", "b"]);
+    assert_eq!(got, "2");
+}
+
+/// SIGTERM while a shadow runs: the host shuts down as always.
+#[test]
+fn shutdown_while_a_shadow_runs_is_clean() {
+    let server = Served::start("kv", &[]);
+    let out = shadow(&server, "kv-v2", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let (status, stderr) = server.terminate();
+    assert!(status.success(), "{status:?}\n{stderr}");
+}
