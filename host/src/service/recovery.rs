@@ -356,7 +356,7 @@ impl Actor {
             records.extend(read);
         }
         let program = self.instance.program.clone();
-        let new = replay(program, &self.spec, &journal.base, &records, |_, _| {}).await?;
+        let new = replay(program, &self.spec, &journal.base, &records, |_, _| Ok(())).await?;
         new.advance_past(self.instance.stamp());
         Ok((new, records.len()))
     }
@@ -676,13 +676,14 @@ pub(super) async fn journal_formats(
 /// base's instantiation with its key, its `init` or snapshot import, then
 /// every record replayed with its stamp. Each record's effects go to
 /// `effects` (a trap recovery drops them: they already happened; a restart
-/// from a state dir rebuilds its timers from them).
+/// from a state dir rebuilds its timers from them); an error from it ends
+/// the replay (a shadow that was aborted while catching up).
 pub(super) async fn replay(
     program: std::sync::Arc<super::Program>,
     spec: &super::ServiceSpec,
     base: &Base,
     records: &[journal::Record],
-    mut effects: impl FnMut(&journal::Record, Vec<super::Effect>),
+    mut effects: impl FnMut(&journal::Record, Vec<super::Effect>) -> Result<()>,
 ) -> Result<Instance> {
     let (name, limits) = (spec.name.clone(), &spec.limits);
     let mut new = Instance::rebuild(program, name, limits, base.key, base.born).await?;
@@ -720,7 +721,7 @@ pub(super) async fn replay(
                 call.describe()
             )
         })?;
-        effects(record, new.take_effects());
+        effects(record, new.take_effects())?;
     }
     new.pin(None);
     Ok(new)
@@ -797,6 +798,7 @@ pub async fn restore(
                 super::Effect::Send(..) => {}
             }
         }
+        Ok(())
     })
     .await
     .context("replaying the state dir's journal")?;

@@ -48,7 +48,8 @@
 //!   instance, journal and timers, and switches (the swap's own
 //!   `commit`). The timer table is replaced only when the shadow's timer
 //!   calls ever differed. The old instance is dropped off the pause.
-//! * **abort**: the shadow's queue is closed; its thread drops it.
+//! * **abort**: the shadow's queue is closed; its thread drops it (a
+//!   catch-up in progress ends within 1,024 replayed events).
 //!
 //! # What fails where
 //!
@@ -59,7 +60,7 @@
 //! | sync | the live version traps exporting | recovered as any trap (state rebuilt); `swap` fails |
 //! | catch up | `init`, `import-state` or a replayed event fails or traps | the shadow stops with the reason |
 //! | in step | different bytes sent, or different closes | the shadow stops with the event and both outputs, unless `--allow-divergence` (counted, the first few kept) |
-//! | in step | the shadow traps or overruns its deadline | the shadow stops with the reason |
+//! | in step | the shadow traps or overruns its deadline (in its thread's CPU time: it may wait for idle CPU mid-call) | the shadow stops with the reason |
 //! | in step | an event waited longer than `--max-lag-ms`, or 256 MiB queued | the shadow stops ("too slow to keep up") |
 //! | any | the live version restarts fresh or stops | the shadow stops: its state no longer follows the live one |
 //! | commit | the shadow stopped | commit refused with the reason; nothing changes |
@@ -494,6 +495,7 @@ impl Actor {
         };
         let shared = Arc::new(Shared::default());
         shared.info().to_replay = journal.events();
+
         let (tx, rx) = mpsc::unbounded_channel();
         let runner = Start {
             program: program.clone(),
@@ -709,6 +711,7 @@ impl Actor {
             ..
         } = *runner;
         instance.pin(None);
+        instance.cpu_deadline(false);
         instance.advance_past(self.instance.stamp());
         if timers_differ {
             self.timers.clear();
@@ -911,7 +914,12 @@ impl Start {
             replayed += 1;
             if replayed.is_multiple_of(1024) {
                 shared.info().replayed = replayed;
+                // Aborted or stopped meanwhile: no use going on.
+                if shared.stopped.load(Ordering::Acquire) {
+                    anyhow::bail!("stopped while catching up");
+                }
             }
+            Ok(())
         })
         .await
         .map_err(|e| format!("the new version failed catching up: {e:#}"))?;
@@ -939,6 +947,9 @@ impl Start {
         };
         runner.snapshot_if_due().await?;
         runner.publish_memory();
+        // From now on its thread may wait for idle CPU in mid-call: its
+        // deadlines count the CPU it got, not the time it waited.
+        runner.instance.cpu_deadline(true);
         Ok(runner)
     }
 }

@@ -43,6 +43,12 @@ pub struct StoreData {
     /// When the current guest call started, and how long it may run.
     pub call_started: Instant,
     pub call_budget: Duration,
+    /// Measure the deadline in the thread's CPU time instead of wall time
+    /// (a shadow, whose thread waits for idle CPU, and never moves).
+    pub cpu_clock: bool,
+    /// With `cpu_clock`: the thread's CPU time when the deadline check
+    /// first ran in the current call (at most one epoch tick after it began).
+    pub cpu_started: Option<Duration>,
 }
 
 impl StoreData {
@@ -73,6 +79,8 @@ impl StoreData {
             effects: Vec::new(),
             call_started: Instant::now(),
             call_budget: Duration::from_secs(1),
+            cpu_clock: false,
+            cpu_started: None,
         }
     }
 }
