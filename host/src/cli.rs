@@ -40,7 +40,9 @@ pub enum Command {
     ///
     /// With --shadow the new version first runs beside the old one on the
     /// same events and takes over only on `wasmhost commit` (or by itself
-    /// with --commit-after): see --shadow.
+    /// with --commit-after): see --shadow. With --drain or --canary both
+    /// versions of a service without shared state serve side by side, each
+    /// its own connections: see --drain.
     Swap(SwapArgs),
     /// Make the running shadow (`swap --shadow`) the live version, or send
     /// every new connection to a canary's new version (`swap --canary`).
