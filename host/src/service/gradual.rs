@@ -453,7 +453,7 @@ impl Actor {
         let Some(deadline) = side.drain_deadline else {
             return Ok(());
         };
-        let old_conns = self.conns.len() - side.conns;
+        let old_conns = self.conns.len().saturating_sub(side.conns);
         if old_conns > 0 && Instant::now() < deadline {
             return Ok(());
         }
@@ -558,7 +558,7 @@ impl Actor {
             percent: side.canary.unwrap_or(100),
             old: VersionStatus {
                 component: ComponentInfo::of(&self.instance.program),
-                connections: self.conns.len() - side.conns,
+                connections: self.conns.len().saturating_sub(side.conns),
                 connections_total: self.stats.connections_total - side.old_connections_total,
                 events: self.stats.events - side.old_events,
                 traps: self.stats.traps - side.old_traps,
