@@ -436,12 +436,20 @@ async fn shadow_swap(
     opts: ShadowOptions,
 ) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a swap")?;
-    let program = load(ctx, path).await?;
-    let prepared = service::prepare(program, ctx.name.clone(), &ctx.limits, true)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let status = ctx.service.shadow(prepared, opts).await?;
+    let status = ctx
+        .service
+        .shadow(load_prepared(ctx, path).await?, opts)
+        .await?;
     Ok(Response::Shadow(Box::new(status)))
+}
+
+/// Reads, compiles and instantiates the component at `path` for a swap
+/// ([`service::prepare`]).
+async fn load_prepared(ctx: &ControlCtx, path: &Path) -> Result<service::Prepared, String> {
+    let program = load(ctx, path).await?;
+    service::prepare(program, ctx.name.clone(), &ctx.limits, true)
+        .await
+        .map_err(|e| format!("{e:#}"))
 }
 
 /// `swap --drain` / `--canary`: prepares the new version as for any swap
@@ -452,11 +460,10 @@ async fn gradual_swap(
     opts: GradualOptions,
 ) -> Result<Response, String> {
     let _running = ctx.upgrader.exclusive.begin("a swap")?;
-    let program = load(ctx, path).await?;
-    let prepared = service::prepare(program, ctx.name.clone(), &ctx.limits, true)
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    let status = ctx.service.gradual(prepared, opts).await?;
+    let status = ctx
+        .service
+        .gradual(load_prepared(ctx, path).await?, opts)
+        .await?;
     Ok(Response::Gradual(Box::new(status)))
 }
 

@@ -223,11 +223,8 @@ impl Actor {
 
     /// Why no other swap, shadow, drain or upgrade may start now.
     pub(super) fn busy(&self) -> Option<String> {
-        if let Some(shadow) = self.shadow_status().filter(|_| self.shadow_running()) {
-            return Some(format!(
-                "a shadow swap to {} is running: `wasmhost commit` or `wasmhost abort` it first",
-                shadow.component.path
-            ));
+        if let Some(why) = self.shadow_busy() {
+            return Some(why);
         }
         let side = self.side.as_ref()?;
         let what = match side.canary {
@@ -363,13 +360,7 @@ impl Actor {
         for key in side.timer_keys.values() {
             self.timers.remove(key);
         }
-        let mut moved: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.side)
-            .map(|(id, _)| *id)
-            .collect();
-        moved.sort_unstable();
+        let moved = self.conn_ids(true);
         // Closed by the new version, their `on-close` due: it is gone.
         let closed = side.closing.len();
         tracing::warn!(
@@ -458,13 +449,7 @@ impl Actor {
             return Ok(());
         }
         // Timed out: the old version's connections move to the new one.
-        let mut moved: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.side)
-            .map(|(id, _)| *id)
-            .collect();
-        moved.sort_unstable();
+        let moved = self.conn_ids(false);
         if !moved.is_empty() {
             tracing::info!(
                 service = &*self.spec.name,

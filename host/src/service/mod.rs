@@ -139,35 +139,35 @@ impl ServiceHandle {
         self.tx.send(Msg::Event(event)).await.map_err(|_| Stopped)
     }
 
-    pub async fn status(&self) -> Result<StatusReport, Stopped> {
+    /// Sends the request `make` builds around a reply channel and waits
+    /// for the reply.
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Msg) -> Result<T, Stopped> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Status(tx)).await.map_err(|_| Stopped)?;
+        self.tx.send(make(tx)).await.map_err(|_| Stopped)?;
         rx.await.map_err(|_| Stopped)
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, Stopped> {
+        self.ask(Msg::Status).await
     }
 
     /// The previous generation's program (for rollback), with the current
     /// generation number.
     pub async fn previous(&self) -> Result<Option<(Arc<Program>, u64)>, Stopped> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Previous(tx)).await.map_err(|_| Stopped)?;
-        rx.await.map_err(|_| Stopped)
+        self.ask(Msg::Previous).await
     }
 
     /// Swaps in a prepared instance at the next update point. The error
     /// says why the swap was aborted; the old version is then still live.
     pub async fn swap(&self, prepared: Prepared, opts: SwapOptions) -> Result<SwapReport, String> {
-        let (tx, rx) = oneshot::channel();
-        let msg = Msg::Swap(Box::new(prepared), opts, tx);
-        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        let msg = |tx| Msg::Swap(Box::new(prepared), opts, tx);
+        self.ask(msg).await.map_err(|e| e.to_string())?
     }
 
     /// Takes a snapshot at the next update point; the error says why none
     /// was taken.
     pub async fn snapshot(&self) -> Result<Result<SnapshotReport, String>, Stopped> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.send(Msg::Snapshot(tx)).await.map_err(|_| Stopped)?;
-        rx.await.map_err(|_| Stopped)
+        self.ask(Msg::Snapshot).await
     }
 
     /// Starts a shadow of a prepared instance at the next update point
@@ -177,10 +177,8 @@ impl ServiceHandle {
         prepared: Prepared,
         opts: ShadowOptions,
     ) -> Result<ShadowStatus, String> {
-        let (tx, rx) = oneshot::channel();
-        let msg = Msg::Shadow(Box::new(prepared), opts, tx);
-        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        let msg = |tx| Msg::Shadow(Box::new(prepared), opts, tx);
+        self.ask(msg).await.map_err(|e| e.to_string())?
     }
 
     /// Starts a prepared (not yet initialised) instance beside the running
@@ -190,28 +188,21 @@ impl ServiceHandle {
         prepared: Prepared,
         opts: GradualOptions,
     ) -> Result<GradualStatus, String> {
-        let (tx, rx) = oneshot::channel();
-        let msg = Msg::Gradual(Box::new(prepared), opts, tx);
-        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        let msg = |tx| Msg::Gradual(Box::new(prepared), opts, tx);
+        self.ask(msg).await.map_err(|e| e.to_string())?
     }
 
     /// Makes the running shadow the live version, or turns a canary into a
     /// drain (`wasmhost commit`). Unless `last_attempt`, a shadow that is
     /// behind gets [`Committed::NotYet`] instead of a long pause.
     pub async fn commit(&self, last_attempt: bool) -> Result<Committed, String> {
-        let (tx, rx) = oneshot::channel();
-        let msg = Msg::Commit(last_attempt, tx);
-        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        let msg = |tx| Msg::Commit(last_attempt, tx);
+        self.ask(msg).await.map_err(|e| e.to_string())?
     }
 
     /// Drops the running shadow, drain or canary (`wasmhost abort`).
     pub async fn abort(&self) -> Result<Aborted, String> {
-        let (tx, rx) = oneshot::channel();
-        let msg = Msg::Abort(tx);
-        self.tx.send(msg).await.map_err(|_| Stopped.to_string())?;
-        rx.await.map_err(|_| Stopped.to_string())?
+        self.ask(Msg::Abort).await.map_err(|e| e.to_string())?
     }
 
     /// Freezes the service at its next update point for a host upgrade:
@@ -694,6 +685,19 @@ impl Actor {
                 false => self.closing.push_back(id),
             }
         }
+    }
+
+    /// The ids of the connections the old version (`side` false) or a
+    /// drain or canary's new version serves, in increasing order.
+    fn conn_ids(&self, side: bool) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.side == side)
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        ids
     }
 
     /// Removes a connection from the table, keeping a drain or canary's

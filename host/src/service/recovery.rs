@@ -376,13 +376,7 @@ impl Actor {
         let base = base_after_init(&instance);
         let mut connects = Vec::new();
         // Its own connections (not a drain or canary's new version's).
-        let mut ids: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| !c.side)
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
+        let ids = self.conn_ids(false);
         for id in ids {
             let info = self.conns[&id].info.clone();
             if let Err(trap) = instance.on_connect(&info).await {

@@ -437,12 +437,6 @@ impl Actor {
         prepared: Prepared,
         opts: ShadowOptions,
     ) -> Result<Result<ShadowStatus, String>> {
-        if let Some(shadow) = &self.shadow {
-            return Ok(Err(format!(
-                "a shadow swap to {} is already running: `wasmhost commit` or `wasmhost abort` it first",
-                shadow.program.path.display()
-            )));
-        }
         if let Some(why) = self.busy() {
             return Ok(Err(why));
         }
@@ -548,8 +542,7 @@ impl Actor {
             start: Begin::Init(stamp),
         };
         let mut journal = Journal::new(base);
-        let mut ids: Vec<u64> = self.conns.keys().copied().collect();
-        ids.sort_unstable();
+        let ids = self.conn_ids(false);
         for id in ids {
             journal.record(stamp, Call::Connect(&self.conns[&id].info).journal());
         }
@@ -569,8 +562,13 @@ impl Actor {
             .then_some(status.lag_events)
     }
 
-    pub(super) fn shadow_running(&self) -> bool {
-        self.shadow.is_some()
+    /// Why nothing else may start while a shadow runs, if one does.
+    pub(super) fn shadow_busy(&self) -> Option<String> {
+        let shadow = self.shadow.as_ref()?;
+        Some(format!(
+            "a shadow swap to {} is already running: `wasmhost commit` or `wasmhost abort` it first",
+            shadow.program.path.display()
+        ))
     }
 
     /// The running or last shadow, for `status`.

@@ -276,8 +276,7 @@ impl Actor {
         }
         let base = base_after_init(new);
         let mut connects = Vec::new();
-        let mut ids: Vec<u64> = self.conns.keys().copied().collect();
-        ids.sort_unstable();
+        let ids = self.conn_ids(false);
         for id in ids {
             let info = &self.conns[&id].info;
             if let Err(trap) = new.on_connect(info).await {
