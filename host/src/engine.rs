@@ -69,6 +69,13 @@ impl Runtime {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        if std::env::var_os("WASMHOST_PERFMAP").is_some_and(|v| v == "1") {
+            // For profiling: `perf` names guest functions from
+            // /tmp/perf-PID.map (guests built without `strip`, as
+            // `CARGO_PROFILE_GUEST_STRIP=false guests/build` does, keep
+            // their own names).
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         spawn_epoch_ticker(&engine);
         Ok(Runtime { engine, cache })

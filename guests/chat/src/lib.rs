@@ -129,11 +129,11 @@ impl Service for Chat {
     fn formats() -> Formats<Self> {
         let formats = Formats::<Chat>::new();
         let formats = if cfg!(feature = "v2") {
-            formats.format(CHAT2, |c, p| export(c.clone(), p), |s| import(s, CHAT2))
+            formats.format(CHAT2, |c, p| export(c.clone(), p), |s| import(&s, CHAT2))
         } else {
             formats
         };
-        formats.format(CHAT1, |c, p| export(c.to_v1(), p), |s| import(s, CHAT1))
+        formats.format(CHAT1, |c, p| export(c.to_v1(), p), |s| import(&s, CHAT1))
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::collections::VecDeque;
 
+use bytes::{Bytes, BytesMut};
+
 use crate::db::{Db, Entry, Value, glob_match};
 use crate::resp::Out;
 
@@ -213,10 +215,10 @@ fn set(call: &mut Call) {
     let write = !(nx && exists || xx && !exists);
     if write {
         let entry = Entry {
-            value: Value::Str(call.args[2].clone()),
+            value: Value::Str(Bytes::copy_from_slice(&call.args[2])),
             expires_at: expires_at.or(kept_ttl),
         };
-        call.db.insert(key.clone(), entry);
+        call.db.insert(Bytes::copy_from_slice(key), entry);
     }
     match (get, write) {
         (true, _) => call.out.opt_bulk(old_value.as_deref()),
@@ -246,11 +248,11 @@ fn incr_by(call: &mut Call, delta: i64) {
     let Some(new) = current.unwrap_or(0).checked_add(delta) else {
         return call.out.error(OVERFLOW);
     };
-    let digits = new.to_string().into_bytes();
+    let digits = Bytes::from(new.to_string());
     match call.db.get(&key, call.now) {
         Some(entry) => entry.value = Value::Str(digits),
         None => call.db.insert(
-            key,
+            Bytes::from(key),
             Entry {
                 value: Value::Str(digits),
                 expires_at: None,
@@ -278,16 +280,23 @@ fn append(call: &mut Call) {
             value: Value::Str(s),
             ..
         }) => {
-            s.extend_from_slice(&call.args[2]);
+            // In place when the value's buffer is its own (amortized
+            // O(1), as Redis), copied once when it is shared (an imported
+            // state's buffer).
+            let mut grown = std::mem::take(s)
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            grown.extend_from_slice(&call.args[2]);
+            *s = grown.freeze();
             let len = s.len() as i64;
             call.out.int(len);
         }
         Some(_) => call.out.error(WRONGTYPE),
         None => {
-            let value = call.args[2].clone();
+            let value = Bytes::copy_from_slice(&call.args[2]);
             call.out.int(value.len() as i64);
             call.db.insert(
-                key.clone(),
+                Bytes::copy_from_slice(key),
                 Entry {
                     value: Value::Str(value),
                     expires_at: None,
@@ -345,9 +354,9 @@ fn mset(call: &mut Call) {
     }
     for pair in call.args[1..].chunks(2) {
         call.db.insert(
-            pair[0].clone(),
+            Bytes::copy_from_slice(&pair[0]),
             Entry {
-                value: Value::Str(pair[1].clone()),
+                value: Value::Str(Bytes::copy_from_slice(&pair[1])),
                 expires_at: None,
             },
         );
@@ -357,7 +366,7 @@ fn mset(call: &mut Call) {
 
 fn keys(call: &mut Call) {
     let pattern = &call.args[1];
-    let found: Vec<&Vec<u8>> = call
+    let found: Vec<&Bytes> = call
         .db
         .keys(call.now)
         .filter(|k| glob_match(pattern, k))
@@ -466,7 +475,7 @@ fn push(call: &mut Call, front: bool) {
         Some(_) => return call.out.error(WRONGTYPE),
         None => {
             call.db.insert(
-                key.clone(),
+                Bytes::copy_from_slice(key),
                 Entry {
                     value: Value::List(VecDeque::new()),
                     expires_at: None,
@@ -483,9 +492,9 @@ fn push(call: &mut Call, front: bool) {
     };
     for item in &call.args[2..] {
         if front {
-            list.push_front(item.clone());
+            list.push_front(Bytes::copy_from_slice(item));
         } else {
-            list.push_back(item.clone());
+            list.push_back(Bytes::copy_from_slice(item));
         }
     }
     call.out.int(list.len() as i64);
@@ -519,7 +528,7 @@ fn pop(call: &mut Call, front: bool) {
         None => return call.out.nil(),
     };
     let take = count.unwrap_or(1).min(list.len());
-    let items: Vec<Vec<u8>> = (0..take)
+    let items: Vec<Bytes> = (0..take)
         .filter_map(|_| {
             if front {
                 list.pop_front()
@@ -532,7 +541,7 @@ fn pop(call: &mut Call, front: bool) {
         call.db.remove(&key, call.now);
     }
     match count {
-        None => call.out.opt_bulk(items.first().map(Vec::as_slice)),
+        None => call.out.opt_bulk(items.first().map(|i| &i[..])),
         Some(_) => {
             call.out.array(items.len());
             items.iter().for_each(|i| call.out.bulk(i));

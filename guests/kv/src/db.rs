@@ -1,24 +1,30 @@
 //! The keyspace: values, expiry, and the bookkeeping for active expiry.
+//!
+//! Keys, strings and list items are [`Bytes`]: an imported state keeps its
+//! keys and values where they are, in the imported buffer (no allocation
+//! per key), and a write replaces a value with a buffer of its own. The
+//! imported buffer is freed when the last key or value in it is.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 
+use bytes::Bytes;
 use indexmap::IndexMap;
 
-/// The map kv keeps keys (and hash fields) in: insertion-ordered, so an
-/// export lists keys in an order the import restores and a state exported,
-/// imported and exported again is the same bytes; foldhash, several times
-/// faster than SipHash in wasm and seeded per instance, so clients cannot
-/// predict collisions.
-pub type Map<V> = IndexMap<Vec<u8>, V, foldhash::fast::RandomState>;
+use crate::keyspace::Keyspace;
+
+/// The map kv-v2 keeps a hash's fields in: insertion-ordered, so an export
+/// lists them in an order the import restores (a state exported, imported
+/// and exported again is the same bytes).
+pub type Map<V> = IndexMap<Bytes, V, crate::keyspace::Hasher>;
 
 /// A stored value. Hashes exist only in kv-v2 (the `v2` feature); kv
 /// never creates one.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
-    Str(Vec<u8>),
-    List(VecDeque<Vec<u8>>),
-    Hash(Map<Vec<u8>>),
+    Str(Bytes),
+    List(VecDeque<Bytes>),
+    Hash(Box<Map<Bytes>>),
 }
 
 fn is_hash(entry: &Entry) -> bool {
@@ -36,20 +42,29 @@ pub struct Entry {
 /// periodic sweep.
 #[derive(Default)]
 pub struct Db {
-    map: Map<Entry>,
+    map: Keyspace<Entry>,
     /// (deadline, key) for every deadline ever set; stale pairs (the key's
     /// deadline changed or it was deleted) are skipped when popped.
-    deadlines: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
+    deadlines: BinaryHeap<Reverse<(u64, Bytes)>>,
     /// How many keys hold a hash (kv-v2 can export `kv/1` only at zero).
     hashes: usize,
 }
 
 impl Db {
-    /// An empty keyspace with room for `keys` keys (for imports).
-    pub fn with_capacity(keys: usize) -> Db {
+    /// The keyspace of an import, built by [`Keyspace::building`].
+    pub fn from_keyspace(map: Keyspace<Entry>) -> Db {
+        let mut deadlines = Vec::new();
+        let mut hashes = 0;
+        for (key, entry) in map.iter() {
+            if let Some(t) = entry.expires_at {
+                deadlines.push(Reverse((t, key.clone())));
+            }
+            hashes += usize::from(is_hash(entry));
+        }
         Db {
-            map: Map::with_capacity_and_hasher(keys, Default::default()),
-            ..Db::default()
+            map,
+            deadlines: BinaryHeap::from(deadlines),
+            hashes,
         }
     }
 
@@ -92,7 +107,7 @@ impl Db {
         self.get(key, now).is_some()
     }
 
-    pub fn insert(&mut self, key: Vec<u8>, entry: Entry) {
+    pub fn insert(&mut self, key: Bytes, entry: Entry) {
         if let Some(t) = entry.expires_at {
             self.deadlines.push(Reverse((t, key.clone())));
         }
@@ -115,7 +130,8 @@ impl Db {
         if let Some(entry) = self.map.get_mut(key) {
             entry.expires_at = at;
             if let Some(t) = at {
-                self.deadlines.push(Reverse((t, key.to_vec())));
+                self.deadlines
+                    .push(Reverse((t, Bytes::copy_from_slice(key))));
             }
         }
     }
@@ -127,7 +143,7 @@ impl Db {
     }
 
     /// Live keys, in the map's order.
-    pub fn keys(&self, now: u64) -> impl Iterator<Item = &Vec<u8>> {
+    pub fn keys(&self, now: u64) -> impl Iterator<Item = &Bytes> {
         self.map
             .iter()
             .filter(move |(_, e)| e.expires_at.is_none_or(|t| t > now))
@@ -135,7 +151,7 @@ impl Db {
     }
 
     /// Every entry, expired or not, in the map's order (for export).
-    pub fn entries(&self) -> impl Iterator<Item = (&Vec<u8>, &Entry)> {
+    pub fn entries(&self) -> impl Iterator<Item = (&Bytes, &Entry)> {
         self.map.iter()
     }
 
@@ -264,16 +280,16 @@ mod tests {
     fn expiry_is_lazy_and_swept() {
         let mut db = Db::default();
         db.insert(
-            b"a".to_vec(),
+            Bytes::from_static(b"a"),
             Entry {
-                value: Value::Str(b"1".to_vec()),
+                value: Value::Str(Bytes::from_static(b"1")),
                 expires_at: Some(100),
             },
         );
         db.insert(
-            b"b".to_vec(),
+            Bytes::from_static(b"b"),
             Entry {
-                value: Value::Str(b"2".to_vec()),
+                value: Value::Str(Bytes::from_static(b"2")),
                 expires_at: None,
             },
         );

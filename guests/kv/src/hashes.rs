@@ -1,9 +1,11 @@
 //! Hash commands (kv-v2 only): HSET, HGET, HDEL, HGETALL, HLEN, HINCRBY.
 
+use bytes::Bytes;
+
 use crate::commands::{Call, NOT_INT, OVERFLOW, WRONGTYPE, parse_int};
 use crate::db::{Entry, Value};
 
-type Fields = crate::db::Map<Vec<u8>>;
+type Fields = crate::db::Map<Bytes>;
 
 pub fn execute(call: &mut Call, name: &[u8]) {
     match name {
@@ -24,7 +26,7 @@ fn hash<'a>(call: &'a mut Call, key: &[u8]) -> Result<Option<&'a mut Fields>, ()
         Some(Entry {
             value: Value::Hash(h),
             ..
-        }) => Ok(Some(h)),
+        }) => Ok(Some(&mut **h)),
         Some(_) => Err(()),
     }
 }
@@ -33,10 +35,10 @@ fn hash<'a>(call: &'a mut Call, key: &[u8]) -> Result<Option<&'a mut Fields>, ()
 fn hash_or_new<'a>(call: &'a mut Call, key: &[u8]) -> Result<&'a mut Fields, ()> {
     if hash(call, key)?.is_none() {
         let entry = Entry {
-            value: Value::Hash(Fields::default()),
+            value: Value::Hash(Box::default()),
             expires_at: None,
         };
-        call.db.insert(key.to_vec(), entry);
+        call.db.insert(Bytes::copy_from_slice(key), entry);
     }
     Ok(hash(call, key)?.expect("just created"))
 }
@@ -53,7 +55,10 @@ fn hset(call: &mut Call) {
     };
     let added = args[2..]
         .chunks(2)
-        .filter(|p| h.insert(p[0].clone(), p[1].clone()).is_none())
+        .filter(|p| {
+            let (field, value) = (Bytes::copy_from_slice(&p[0]), Bytes::copy_from_slice(&p[1]));
+            h.insert(field, value).is_none()
+        })
         .count();
     call.out.int(added as i64);
 }
@@ -62,7 +67,7 @@ fn hget(call: &mut Call) {
     let args = call.args;
     match hash(call, &args[1]) {
         Ok(Some(h)) => {
-            let v = h.get(&args[2]).cloned();
+            let v = h.get(&args[2][..]).cloned();
             call.out.opt_bulk(v.as_deref());
         }
         Ok(None) => call.out.nil(),
@@ -76,7 +81,7 @@ fn hdel(call: &mut Call) {
         Ok(Some(h)) => (
             args[2..]
                 .iter()
-                .filter(|f| h.swap_remove(*f).is_some())
+                .filter(|f| h.swap_remove(&f[..]).is_some())
                 .count(),
             h.is_empty(),
         ),
@@ -91,7 +96,7 @@ fn hdel(call: &mut Call) {
 
 fn hgetall(call: &mut Call) {
     let args = call.args;
-    let pairs: Vec<(Vec<u8>, Vec<u8>)> = match hash(call, &args[1]) {
+    let pairs: Vec<(Bytes, Bytes)> = match hash(call, &args[1]) {
         Ok(Some(h)) => h.iter().map(|(f, v)| (f.clone(), v.clone())).collect(),
         Ok(None) => Vec::new(),
         Err(()) => return call.out.error(WRONGTYPE),
@@ -122,7 +127,7 @@ fn hincrby(call: &mut Call) {
     let Ok(h) = hash_or_new(call, &args[1]) else {
         return call.out.error(WRONGTYPE);
     };
-    let current = match h.get(&args[2]) {
+    let current = match h.get(&args[2][..]) {
         None => 0,
         Some(v) => match parse_int(v) {
             Some(n) => n,
@@ -132,6 +137,9 @@ fn hincrby(call: &mut Call) {
     let Some(new) = current.checked_add(delta) else {
         return call.out.error(OVERFLOW);
     };
-    h.insert(args[2].clone(), new.to_string().into_bytes());
+    h.insert(
+        Bytes::copy_from_slice(&args[2]),
+        Bytes::from(new.to_string()),
+    );
     call.out.int(new);
 }

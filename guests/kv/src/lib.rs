@@ -15,6 +15,7 @@ mod commands;
 mod db;
 #[cfg(feature = "v2")]
 mod hashes;
+mod keyspace;
 #[cfg(feature = "odd")]
 mod odd;
 #[cfg(test)]

@@ -47,10 +47,12 @@
 
 use std::collections::VecDeque;
 
+use bytes::Bytes;
 use wasmhost_guest::state::{Formats, Pending, Reader, Writer};
 
 use crate::Kv;
 use crate::db::{Db, Entry, Map, Value};
+use crate::keyspace::Keyspace;
 
 pub const KV1: &str = "kv/1";
 pub const KV2: &str = "kv/2";
@@ -80,7 +82,7 @@ pub fn export(db: &Db, pending: &Pending, format: &str) -> Result<Vec<u8>, Strin
             db.hash_count()
         ));
     }
-    let mut w = Writer::with_capacity(64 + db.len() * 32);
+    let mut w = Writer::with_capacity(exported_size(db, pending));
     w.raw(magic(format)).u64(db.len() as u64);
     for (key, entry) in db.entries() {
         w.bytes(key).u64(entry.expires_at.unwrap_or(0));
@@ -103,24 +105,51 @@ pub fn export(db: &Db, pending: &Pending, format: &str) -> Result<Vec<u8>, Strin
     Ok(w.finish())
 }
 
-/// Decodes a state in `format`.
-pub fn import(state: &[u8], format: &str) -> Result<(Kv, Pending), String> {
-    let mut r = Reader::new(state);
+/// The exact length of [`export`]'s output, so it is written into one
+/// buffer of the right size.
+fn exported_size(db: &Db, pending: &Pending) -> usize {
+    let values: usize = db
+        .entries()
+        .map(|(key, entry)| {
+            4 + key.len()
+                + 9
+                + match &entry.value {
+                    Value::Str(s) => 4 + s.len(),
+                    Value::List(items) => 4 + items.iter().map(|i| 4 + i.len()).sum::<usize>(),
+                    Value::Hash(fields) => {
+                        4 + fields
+                            .iter()
+                            .map(|(f, v)| 8 + f.len() + v.len())
+                            .sum::<usize>()
+                    }
+                }
+        })
+        .sum();
+    let conns: usize = pending.values().map(|p| 12 + p.len()).sum();
+    4 + 8 + values + 8 + conns
+}
+
+/// Decodes a state in `format`. Keys, strings, list items and hash fields
+/// stay in `state`'s buffer (slices of it, no copy).
+pub fn import(state: Vec<u8>, format: &str) -> Result<(Kv, Pending), String> {
+    let state = Bytes::from(state);
+    let mut r = Reader::new(&state);
+    let slice = |b: &[u8]| state.slice_ref(b);
     r.magic(magic(format))?;
     // Every key takes at least 17 bytes (length, deadline, type).
     let nkeys = r.count(17)?;
-    let mut db = Db::with_capacity(nkeys);
+    let mut keyspace = Keyspace::building(nkeys);
     for _ in 0..nkeys {
-        let key = r.bytes()?.to_vec();
+        let key = slice(r.bytes()?);
         let expires_at = Some(r.u64()?).filter(|&t| t != 0);
         let at = r.offset();
         let value = match r.u8()? {
-            0 => Value::Str(r.bytes()?.to_vec()),
+            0 => Value::Str(slice(r.bytes()?)),
             1 => {
                 let n = r.u32()?;
                 let mut items = VecDeque::with_capacity(n.min(1 << 16) as usize);
                 for _ in 0..n {
-                    items.push_back(r.bytes()?.to_vec());
+                    items.push_back(slice(r.bytes()?));
                 }
                 Value::List(items)
             }
@@ -129,15 +158,16 @@ pub fn import(state: &[u8], format: &str) -> Result<(Kv, Pending), String> {
                 let mut fields =
                     Map::with_capacity_and_hasher(n.min(1 << 16) as usize, Default::default());
                 for _ in 0..n {
-                    let field = r.bytes()?.to_vec();
-                    fields.insert(field, r.bytes()?.to_vec());
+                    let field = slice(r.bytes()?);
+                    fields.insert(field, slice(r.bytes()?));
                 }
-                Value::Hash(fields)
+                Value::Hash(Box::new(fields))
             }
             t => return Err(format!("unknown value type {t} at byte {at}")),
         };
-        db.insert(key, Entry { value, expires_at });
+        keyspace.push(key, Entry { value, expires_at });
     }
+    let db = Db::from_keyspace(keyspace.finish());
     let mut pending = Pending::new();
     for _ in 0..r.count(12)? {
         let conn = r.u64()?;
@@ -155,17 +185,25 @@ mod tests {
     fn round_trip_is_byte_for_byte() {
         let mut db = Db::default();
         let entry = |value, expires_at| Entry { value, expires_at };
-        db.insert(b"s".to_vec(), entry(Value::Str(b"v".to_vec()), Some(5000)));
-        let list = VecDeque::from([b"a".to_vec(), b"b".to_vec()]);
-        db.insert(b"l".to_vec(), entry(Value::List(list), None));
-        db.insert(b"old".to_vec(), entry(Value::Str(b"x".to_vec()), Some(10)));
+        let b = Bytes::from_static;
+        db.insert(b(b"s"), entry(Value::Str(b(b"v")), Some(5000)));
+        let list = VecDeque::from([b(b"a"), b(b"b")]);
+        db.insert(b(b"l"), entry(Value::List(list), None));
+        db.insert(b(b"old"), entry(Value::Str(b(b"x")), Some(10)));
         let pending = Pending::from([(7, b"*1\r\n$4\r\nPI".to_vec()), (9, Vec::new())]);
         let state = export(&db, &pending, KV1).unwrap();
-        let (back, back_pending) = import(&state, KV1).unwrap();
+        assert_eq!(
+            state.capacity(),
+            state.len(),
+            "written into a buffer of the exact size"
+        );
+        let (back, back_pending) = import(state.clone(), KV1).unwrap();
         assert_eq!(back.db.len(), 3, "expired keys are kept until swept");
         assert_eq!(back_pending, pending);
         assert_eq!(export(&back.db, &back_pending, KV1).unwrap(), state);
-        let err = import(&state[..state.len() - 1], KV1).err().unwrap();
+        let err = import(state[..state.len() - 1].to_vec(), KV1)
+            .err()
+            .unwrap();
         assert!(err.contains("truncated"), "{err}");
     }
 
@@ -188,7 +226,7 @@ mod tests {
         s.extend(42u64.to_le_bytes());
         s.extend(3u32.to_le_bytes());
         s.extend(b"GET");
-        let (kv, pending) = import(&s, KV1).unwrap();
+        let (kv, pending) = import(s.clone(), KV1).unwrap();
         assert_eq!(kv.db.entries().count(), 1);
         assert_eq!(pending[&42], b"GET");
         assert_eq!(export(&kv.db, &pending, KV1).unwrap(), s);

@@ -41,7 +41,7 @@
 //!     }
 //!     fn formats() -> Formats<Self> {
 //!         Formats::new().format("counter/1", |c, _pending: &Pending| Ok(c.count.to_le_bytes().to_vec()),
-//!             |bytes| Ok((Counter { count: wasmhost_guest::state::Reader::new(bytes).u64()? }, Pending::new())))
+//!             |bytes| Ok((Counter { count: wasmhost_guest::state::Reader::new(&bytes).u64()? }, Pending::new())))
 //!     }
 //! }
 //!
@@ -173,7 +173,7 @@ macro_rules! export_service {
                     format: ::std::string::String,
                     state: ::std::vec::Vec<u8>,
                 ) -> ::std::result::Result<(), ::std::string::String> {
-                    RUNTIME.with_borrow_mut(|rt| rt.import(&format, &state))
+                    RUNTIME.with_borrow_mut(|rt| rt.import(&format, state))
                 }
             }
 

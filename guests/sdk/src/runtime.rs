@@ -113,7 +113,7 @@ impl<S: Service> Runtime<S> {
         self.formats.export(service, &self.inputs, format)
     }
 
-    pub fn import(&mut self, format: &str, state: &[u8]) -> Result<(), String> {
+    pub fn import(&mut self, format: &str, state: Vec<u8>) -> Result<(), String> {
         let (service, inputs) = self.formats.import(format, state)?;
         self.service = Some(service);
         self.inputs = inputs;

@@ -25,8 +25,10 @@ pub type Pending = BTreeMap<ConnId, Vec<u8>>;
 
 /// Writes the state in one format.
 pub type ExportFn<S> = fn(&S, &Pending) -> Result<Vec<u8>, String>;
-/// Reads the state from one format.
-pub type ImportFn<S> = fn(&[u8]) -> Result<(S, Pending), String>;
+/// Reads the state from one format. The state's buffer is handed over, so
+/// a service may keep its data where it is instead of copying it (kv keeps
+/// its keys and values in it).
+pub type ImportFn<S> = fn(Vec<u8>) -> Result<(S, Pending), String>;
 
 struct Format<S> {
     name: &'static str,
@@ -128,7 +130,7 @@ impl<S> Formats<S> {
     }
 
     /// `migrate.import-state(format, state)`.
-    pub fn import(&self, format: &str, state: &[u8]) -> Result<(S, Pending), String> {
+    pub fn import(&self, format: &str, state: Vec<u8>) -> Result<(S, Pending), String> {
         match self.find(format).and_then(|f| f.import) {
             Some(import) => import(state).map_err(|e| format!("invalid {format} state: {e}")),
             None => Err(format!(

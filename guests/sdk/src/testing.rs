@@ -81,7 +81,7 @@ impl<S: Service> TestHost<S> {
     /// `import-state`), as a swap would.
     pub fn from_state(format: &str, state: &[u8]) -> Result<TestHost<S>, String> {
         let mut runtime = Runtime::new();
-        start(|| runtime.import(format, state))?;
+        start(|| runtime.import(format, state.to_vec()))?;
         let next_conn = runtime.pending().keys().max().map_or(1, |c| c + 1);
         Ok(TestHost { runtime, next_conn })
     }

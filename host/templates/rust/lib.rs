@@ -52,8 +52,10 @@ fn export(app: &App, pending: &Pending) -> Result<Vec<u8>, String> {
     Ok(w.finish())
 }
 
-fn import(state: &[u8]) -> Result<(App, Pending), String> {
-    let mut r = Reader::new(state);
+/// The state's buffer is handed over (`Vec<u8>`): a service may keep its
+/// data in it instead of copying it out.
+fn import(state: Vec<u8>) -> Result<(App, Pending), String> {
+    let mut r = Reader::new(&state);
     let app = App { lines: r.u64()? };
     let mut pending = Pending::new();
     for _ in 0..r.count(12)? {
