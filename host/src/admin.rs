@@ -567,6 +567,18 @@ pub fn format_status(r: &StatusReport) -> String {
         "connections  {} open, {} since start",
         r.connections, r.connections_total
     );
+    for (i, inst) in r.instances.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "  instance {i}  generation {} ({}): {} connections open, {} since, {} events, {} traps",
+            inst.generation,
+            inst.component,
+            inst.connections,
+            inst.connections_total,
+            inst.events,
+            inst.traps
+        );
+    }
     let d = &r.durable;
     let _ = writeln!(
         s,

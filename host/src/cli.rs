@@ -573,12 +573,39 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     pub shutdown_timeout_ms: u64,
 
-    /// Worker threads for socket I/O [default: half the cores, 1 to 4].
-    /// A service runs its guest on one actor at a time, so more threads
-    /// only add cross-thread wake-ups; on a 2-core machine one thread
-    /// serves about 30% more requests than two.
+    /// Worker threads for socket I/O and the service's actors [default:
+    /// half the cores, 1 to 4, and at least --instances]. One instance runs
+    /// its guest on one actor at a time, so more threads only add
+    /// cross-thread wake-ups; on a 2-core machine one thread serves about
+    /// 30% more requests than two.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub threads: Option<u16>,
+
+    /// Run N instances of the service, each with its own actor, so that its
+    /// guest code runs on N cores; `auto` is the number of cores. Only for
+    /// a service without shared state (its `exportable()` is empty, such as
+    /// a stateless proxy or echo): a service that keeps state is refused.
+    /// Each new connection goes to the instance with the fewest open
+    /// connections and stays there. `swap` and `rollback` replace every
+    /// instance at one update point, all or none; shadow swaps, drain and
+    /// canary, snapshots, `--state-dir` and host upgrade need a single
+    /// instance.
+    #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_instances)]
+    pub instances: usize,
+}
+
+/// `--instances`: a count from 1 to 256, or `auto` (the number of cores).
+fn parse_instances(s: &str) -> Result<usize, String> {
+    if s == "auto" {
+        return Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(256));
+    }
+    match s.parse::<usize>() {
+        Ok(n @ 1..=256) => Ok(n),
+        _ => Err(format!("`{s}` is not a number from 1 to 256, or auto")),
+    }
 }
 
 /// A switch.

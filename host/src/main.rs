@@ -33,9 +33,10 @@ fn main() -> ExitCode {
         }
     };
     let threads = match &cli.command {
-        Command::Serve(args) => args
-            .threads
-            .map_or_else(wasmhost::cli::default_threads, usize::from),
+        Command::Serve(args) => args.threads.map_or_else(
+            || wasmhost::cli::default_threads().max(args.instances),
+            usize::from,
+        ),
         _ => 1,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -218,6 +219,7 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
         },
         cache,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
+        instances: args.instances,
     })
 }
 

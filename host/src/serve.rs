@@ -25,7 +25,8 @@ use crate::durable;
 use crate::engine::Runtime;
 use crate::net::{self, AcceptCtx, ConnLimits, FreezeSwitch, ListenSpec};
 use crate::service::{
-    self, Ended, Exclusive, Instance, InstanceLimits, Program, ServiceHandle, ServiceSpec, Start,
+    self, Ended, Exclusive, Instance, InstanceLimits, Program, ServiceHandle, ServiceSpec, Spread,
+    Start,
 };
 use crate::upgrade::Upgrader;
 
@@ -47,6 +48,9 @@ pub struct ServeOptions {
     pub shutdown_timeout: Duration,
     /// The control socket's path; `None` runs without one.
     pub control: Option<PathBuf>,
+    /// How many instances serve the service (`--instances`; more than one
+    /// only for a guest without state: [`crate::service::Spread`]).
+    pub instances: usize,
 }
 
 /// How this process was started: what a host upgrade starts again.
@@ -75,6 +79,8 @@ pub struct Server {
     addrs: Vec<(Arc<str>, SocketAddr)>,
     control: Option<PathBuf>,
     service: ServiceHandle,
+    /// With `--instances N`: the other N - 1 instances' actors.
+    others: Vec<ServiceHandle>,
     actor: tokio::task::JoinHandle<Result<Ended>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -86,6 +92,8 @@ pub struct Server {
 pub(crate) struct Parts {
     pub runtime: Runtime,
     pub instance: Instance,
+    /// With `--instances N`: the other N - 1 instances, initialised.
+    pub extra: Vec<Instance>,
     pub spec: ServiceSpec,
     pub start: Start,
     pub control: Option<ControlSocket>,
@@ -108,6 +116,13 @@ impl Server {
             Some(path) => Some(ControlSocket::bind(path).await?),
             None => None,
         };
+        if opts.instances > 1 && opts.durable.state_dir.is_some() {
+            anyhow::bail!(
+                "--state-dir keeps a service's state on disk, and --instances {} runs a service \
+                 without state: use one or the other",
+                opts.instances
+            );
+        }
         let runtime = Runtime::new(opts.cache.clone())?;
         let path = std::path::absolute(&opts.guest).unwrap_or_else(|_| opts.guest.clone());
         let program = load_program(&runtime, &path).await?;
@@ -129,7 +144,16 @@ impl Server {
         };
         let mut start = Start::fresh(listeners);
         let mut next_id = 1;
+        let mut extra = Vec::new();
         let instance = match &opts.durable.state_dir {
+            None if opts.instances > 1 => {
+                let mut first = service::start_fresh(program.clone(), &spec).await?;
+                service::check_stateless(&mut first, opts.instances).await?;
+                for _ in 1..opts.instances {
+                    extra.push(service::start_fresh(program.clone(), &spec).await?);
+                }
+                first
+            }
             None => service::start_fresh(program, &spec).await?,
             Some(dir) => {
                 let fsync = opts.durable.fsync;
@@ -174,6 +198,7 @@ impl Server {
         let parts = Parts {
             runtime,
             instance,
+            extra,
             spec,
             start,
             control,
@@ -186,10 +211,17 @@ impl Server {
     /// the control socket.
     pub(crate) fn assemble(parts: Parts, opts: &ServeOptions, launch: Launch) -> Server {
         let (service, mailbox) = service::mailbox();
+        let (others, other_mailboxes): (Vec<_>, Vec<_>) =
+            parts.extra.iter().map(|_| service::mailbox()).unzip();
+        let spread = (!others.is_empty()).then(|| {
+            let all = std::iter::once(service.clone()).chain(others.iter().cloned());
+            Spread::new(all.collect())
+        });
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
         let net = AcceptCtx {
             service: service.clone(),
+            spread,
             limits: opts.conn_limits,
             permits: Arc::new(Semaphore::new(opts.max_connections)),
             next_id: Arc::new(AtomicU64::new(parts.next_id)),
@@ -204,17 +236,42 @@ impl Server {
             .map(|(name, addr)| (Arc::from(name.as_str()), *addr))
             .collect();
         let (name, limits) = (parts.spec.name.clone(), parts.spec.limits.clone());
-        let actor = service::spawn(parts.instance, parts.spec, mailbox, net, parts.start);
+        let mut actors = Vec::new();
+        for ((instance, handle), mailbox) in
+            parts.extra.into_iter().zip(&others).zip(other_mailboxes)
+        {
+            let net = AcceptCtx {
+                service: handle.clone(),
+                ..net.clone()
+            };
+            let start = Start::fresh(Vec::new());
+            actors.push(service::spawn(
+                instance,
+                parts.spec.clone(),
+                mailbox,
+                net,
+                start,
+            ));
+        }
+        let first = service::spawn(parts.instance, parts.spec, mailbox, net, parts.start);
+        let actor = match actors.is_empty() {
+            true => first,
+            false => tokio::spawn(supervise(first, actors)),
+        };
         let upgrader = Upgrader {
             service: service.clone(),
             name: name.clone(),
             launch,
             control: parts.control.as_ref().map(ControlSocket::handoff),
             exclusive: Exclusive::default(),
+            instances: others.len() + 1,
         };
         let operations = ControlCtx {
             runtime: parts.runtime,
             service: service.clone(),
+            instances: std::iter::once(service.clone())
+                .chain(others.iter().cloned())
+                .collect(),
             name,
             limits,
             upgrader,
@@ -228,6 +285,7 @@ impl Server {
             addrs,
             control,
             service,
+            others,
             actor,
             shutdown,
             tracker,
@@ -266,6 +324,9 @@ impl Server {
             Some(ended) => ended,
             None => {
                 tracing::info!("shutting down: closing connections");
+                for other in &self.others {
+                    other.shutdown().await;
+                }
                 self.service.shutdown().await;
                 self.flush().await;
                 (&mut self.actor).await
@@ -297,6 +358,39 @@ impl Server {
             );
         }
     }
+}
+
+/// Waits for the actors of `--instances N`: the first to fail is the
+/// service's error (the others are then shut down with the server); when
+/// they stop, the first instance's end is the service's.
+async fn supervise(
+    first: tokio::task::JoinHandle<Result<Ended>>,
+    others: Vec<tokio::task::JoinHandle<Result<Ended>>>,
+) -> Result<Ended> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let count = others.len() + 1;
+    for (index, actor) in std::iter::once(first).chain(others).enumerate() {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let ended = match actor.await {
+                Ok(ended) => ended,
+                Err(e) => Err(anyhow::anyhow!("instance {index}'s actor panicked: {e}")),
+            };
+            let _ = tx.send((index, ended));
+        });
+    }
+    let mut first_end = None;
+    for _ in 0..count {
+        let Some((index, ended)) = rx.recv().await else {
+            break;
+        };
+        match ended {
+            Err(e) => return Err(e.context(format!("instance {index} of {count} failed"))),
+            Ok(end) if index == 0 => first_end = Some(end),
+            Ok(_) => {}
+        }
+    }
+    Ok(first_end.unwrap_or(Ended::Stopped))
 }
 
 /// Reads, compiles (or loads from the cache) and type-checks a component,

@@ -6,6 +6,9 @@
 //! at all (an empty `exportable()` is how a guest says it has no shared
 //! state, which `swap --drain` and `--canary` require), and it traps on
 //! input that holds `TRAP-NEW`, so tests can make a new version trap.
+//! With `v2` as well it is echo-stateless-v2, the same service as another
+//! build (it logs its version at `init`), for tests that swap between two
+//! stateless versions.
 
 use wasmhost_guest::state::{Formats, Pending};
 use wasmhost_guest::{ConnId, Input, Service, host};
@@ -14,6 +17,9 @@ struct Echo;
 
 impl Service for Echo {
     fn init(_config: Vec<(String, String)>) -> Result<Self, String> {
+        if cfg!(feature = "v2") {
+            host::log(wasmhost_guest::LogLevel::Info, "echo v2 started");
+        }
         Ok(Echo)
     }
 
@@ -29,7 +35,7 @@ impl Service for Echo {
         if cfg!(feature = "stateless") {
             return Formats::new();
         }
-        Formats::new().format("echo/1", |_, _| Ok(Vec::new()), import)
+        Formats::new().format("echo/1", |_, _| Ok(Vec::new()), |s| import(&s))
     }
 }
 

@@ -25,6 +25,9 @@ use crate::upgrade::{self, UpgradeOptions, Upgrader};
 pub struct ControlCtx {
     pub runtime: Runtime,
     pub service: ServiceHandle,
+    /// Every instance's actor, `service` first (more than one with
+    /// `serve --instances N`).
+    pub instances: Vec<ServiceHandle>,
     pub name: Arc<str>,
     pub limits: InstanceLimits,
     pub upgrader: Upgrader,
@@ -278,10 +281,30 @@ async fn reply(stream: &mut UnixStream, response: Response) -> Result<()> {
 /// Answers one request; `client` is the connection's descriptor, which an
 /// `upgrade --exec` keeps open for the new image to answer on.
 async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
+    let single = match &request {
+        Request::Swap {
+            shadow: Some(_), ..
+        } => Some("a shadow swap"),
+        Request::Swap {
+            gradual: Some(_), ..
+        } => Some("a drain or canary"),
+        Request::Commit => Some("commit"),
+        Request::Abort => Some("abort"),
+        Request::Snapshot => Some("a snapshot"),
+        _ => None,
+    };
+    if let Some(what) = single
+        && ctx.instances.len() > 1
+    {
+        return Response::Error {
+            message: format!(
+                "{what} needs a service on one instance, and this one runs on {} (--instances)",
+                ctx.instances.len()
+            ),
+        };
+    }
     let result = match request {
-        Request::Status => ctx
-            .service
-            .status()
+        Request::Status => status(ctx)
             .await
             .map(|s| Response::Status(Box::new(s)))
             .map_err(|e| e.to_string()),
@@ -423,6 +446,7 @@ async fn swap(
         fresh,
         validation,
         expect_generation: None,
+        group: None,
     };
     run_swap(ctx, program, opts, true).await
 }
@@ -504,6 +528,7 @@ async fn rollback(
         fresh,
         validation,
         expect_generation: Some(generation),
+        group: None,
     };
     run_swap(ctx, program, opts, false).await
 }
@@ -514,9 +539,97 @@ async fn run_swap(
     opts: SwapOptions,
     compiled: bool,
 ) -> Result<Response, String> {
+    if ctx.instances.len() > 1 {
+        return group_swap(ctx, program, opts, compiled).await;
+    }
     let prepared = service::prepare(program, ctx.name.clone(), &ctx.limits, compiled)
         .await
         .map_err(|e| format!("{e:#}"))?;
     let report = ctx.service.swap(prepared, opts).await?;
     Ok(Response::Swapped(Box::new(report)))
+}
+
+/// A swap or rollback of every instance of `serve --instances N`, all or
+/// none ([`service::GroupGate`]): one new instance per actor, prepared
+/// first; the report is the first instance's, with the longest pause.
+async fn group_swap(
+    ctx: &ControlCtx,
+    program: Arc<Program>,
+    opts: SwapOptions,
+    compiled: bool,
+) -> Result<Response, String> {
+    let mut prepared = Vec::with_capacity(ctx.instances.len());
+    for _ in &ctx.instances {
+        let new = service::prepare(program.clone(), ctx.name.clone(), &ctx.limits, compiled)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        prepared.push(new);
+    }
+    let gate = service::GroupGate::new(ctx.instances.len());
+    let swaps = ctx
+        .instances
+        .iter()
+        .zip(prepared)
+        .enumerate()
+        .map(|(i, (h, p))| {
+            let opts = SwapOptions {
+                group: Some((gate.clone(), i)),
+                ..opts.clone()
+            };
+            let handle = h.clone();
+            async move { handle.swap(p, opts).await }
+        });
+    let tasks: Vec<_> = swaps.map(tokio::spawn).collect();
+    let mut reports = Vec::with_capacity(tasks.len());
+    let mut failed = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(report)) => reports.push(report),
+            Ok(Err(why)) => failed = failed.or(Some(why)),
+            Err(e) => failed = failed.or(Some(format!("a swap task panicked: {e}"))),
+        }
+    }
+    if let Some(why) = failed {
+        // The gate's reason names the instance that failed.
+        return Err(gate.failure().unwrap_or(why));
+    }
+    let longest = reports.iter().map(|r| r.pause.pause_us).max().unwrap_or(0);
+    let mut report = reports.swap_remove(0);
+    report.connections += reports.iter().map(|r| r.connections).sum::<usize>();
+    if longest > report.pause.pause_us {
+        report.warnings.push(format!(
+            "{} instances swapped together; the longest pause was {longest} µs",
+            ctx.instances.len()
+        ));
+    }
+    report.pause.pause_us = longest;
+    Ok(Response::Swapped(Box::new(report)))
+}
+
+/// The first instance's status; with `--instances N`, every instance's
+/// connections and events too, and the totals.
+async fn status(ctx: &ControlCtx) -> Result<service::StatusReport, service::Stopped> {
+    let mut first = ctx.service.status().await?;
+    if ctx.instances.len() > 1 {
+        for (index, handle) in ctx.instances.iter().enumerate() {
+            let status = match index {
+                0 => first.clone(),
+                _ => handle.status().await?,
+            };
+            first.instances.push(service::InstanceSummary {
+                generation: status.generation,
+                component: status.component.short_hash().to_string(),
+                connections: status.connections,
+                connections_total: status.connections_total,
+                events: status.events,
+                traps: status.traps,
+            });
+        }
+        let all = &first.instances;
+        first.connections = all.iter().map(|i| i.connections).sum();
+        first.connections_total = all.iter().map(|i| i.connections_total).sum();
+        first.events = all.iter().map(|i| i.events).sum();
+        first.traps = all.iter().map(|i| i.traps).sum();
+    }
+    Ok(first)
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::AcceptCtx;
-use crate::service::{Event, ServiceHandle};
+use crate::service::{Event, LoadGuard, ServiceHandle};
 
 /// Per-connection limits.
 #[derive(Clone, Copy, Debug)]
@@ -209,6 +209,7 @@ pub async fn spawn(
     info: super::ConnMeta,
     ctx: &AcceptCtx,
     permit: OwnedSemaphorePermit,
+    load: Option<LoadGuard>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let shared = Shared::new(ctx.limits, &ctx.shutdown);
@@ -225,7 +226,7 @@ pub async fn spawn(
     {
         return; // the service is shutting down
     }
-    start(id, stream, rx, shared, ctx, Some(permit));
+    start(id, stream, rx, shared, ctx, Some(permit), load);
 }
 
 /// Serves a frozen connection again: its unsent bytes go out first. The
@@ -246,7 +247,15 @@ pub fn adopt(mut frozen: FrozenConn, ctx: &AcceptCtx) -> Outbox {
         .permit
         .take()
         .or_else(|| ctx.permits.clone().try_acquire_owned().ok());
-    start(frozen.id, frozen.stream, rx, shared.clone(), ctx, permit);
+    start(
+        frozen.id,
+        frozen.stream,
+        rx,
+        shared.clone(),
+        ctx,
+        permit,
+        None,
+    );
     Outbox { tx, shared }
 }
 
@@ -300,10 +309,13 @@ fn start(
     shared: Arc<Shared>,
     ctx: &AcceptCtx,
     permit: Option<OwnedSemaphorePermit>,
+    load: Option<LoadGuard>,
 ) {
     let service = ctx.service.clone();
     let freeze = ctx.freeze.token();
     ctx.tracker.spawn(async move {
+        // Counts this connection against its instance until the task ends.
+        let _load = load;
         let (reader, mut writer) = stream.into_split();
         let (read_end, write_end) = tokio::join!(
             read_loop(id, &reader, &shared, &service, &freeze),

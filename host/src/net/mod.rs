@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 pub use conn::{ConnLimits, FrozenConn};
 
-use crate::service::{Event, ServiceHandle};
+use crate::service::{Event, ServiceHandle, Spread};
 
 /// A `--listen [NAME=]ADDR` argument.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -184,6 +184,10 @@ impl FreezeSwitch {
 #[derive(Clone)]
 pub struct AcceptCtx {
     pub service: ServiceHandle,
+    /// With `serve --instances N`: the instances a new connection is
+    /// handed to, the least loaded first (only the first instance's actor
+    /// runs accept loops).
+    pub spread: Option<Arc<Spread>>,
     pub limits: ConnLimits,
     /// Caps open connections; an accept waits for a free permit.
     pub permits: Arc<Semaphore>,
@@ -235,7 +239,17 @@ async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
             listener: listener.name.to_string(),
             peer: peer.to_string(),
         };
-        conn::spawn(stream, info, &ctx, permit).await;
+        match &ctx.spread {
+            None => conn::spawn(stream, info, &ctx, permit, None).await,
+            Some(spread) => {
+                let (service, load) = spread.pick();
+                let routed = AcceptCtx {
+                    service,
+                    ..ctx.clone()
+                };
+                conn::spawn(stream, info, &routed, permit, Some(load)).await
+            }
+        }
     }
     let _ = ctx.service.event(Event::ListenerFrozen(listener)).await;
 }

@@ -10,6 +10,7 @@
 mod event_time;
 mod freeze;
 mod gradual;
+mod group;
 mod instance;
 mod persist;
 mod recovery;
@@ -37,10 +38,12 @@ pub use freeze::{
     Start, TimerImage,
 };
 pub use gradual::{GradualOptions, GradualStatus, VersionStatus};
+pub use group::{GATE_TIMEOUT, GroupGate, LoadGuard, Spread, check_stateless};
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
 pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, restore};
 pub use report::{
-    ComponentInfo, HISTORY_LEN, StatusReport, SwapRecord, SwapReport, UpgradeInfo, micros, unix_ms,
+    ComponentInfo, HISTORY_LEN, InstanceSummary, StatusReport, SwapRecord, SwapReport, UpgradeInfo,
+    micros, unix_ms,
 };
 pub use shadow::{Divergence, ShadowOptions, ShadowStatus, default_max_lag_ms};
 pub use state::Effect;

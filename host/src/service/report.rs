@@ -164,6 +164,22 @@ pub struct StatusReport {
     /// The running drain or canary, or the last one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gradual: Option<super::GradualStatus>,
+    /// With `serve --instances N`: each instance (the counts above are
+    /// then the totals; the rest is the first instance's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<InstanceSummary>,
+}
+
+/// One instance of `serve --instances N`, in `status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceSummary {
+    pub generation: u64,
+    /// The short hash of the component it runs.
+    pub component: String,
+    pub connections: usize,
+    pub connections_total: u64,
+    pub events: u64,
+    pub traps: u64,
 }
 
 pub fn unix_ms(t: SystemTime) -> u64 {
@@ -203,6 +219,7 @@ impl Actor {
             durable: self.durable_status(),
             shadow: self.shadow_status(),
             gradual: self.gradual_status(),
+            instances: Vec::new(),
         }
     }
 

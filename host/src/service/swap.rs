@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 
 use super::event_time::Stamp;
+use super::group::GroupGate;
 use super::recovery::{base_after_init, base_of_state};
 use super::report::{ComponentInfo, SwapRecord, SwapReport, micros, unix_ms};
 use super::transfer::{Exported, Pause, SwapKind, Timings, Validation, import, root};
@@ -68,6 +69,9 @@ pub struct SwapOptions {
     /// Abort unless the service is still at this generation (rollback
     /// prepares against a specific previous generation).
     pub expect_generation: Option<u64>,
+    /// For `serve --instances N`: this actor's index and the gate every
+    /// instance's swap commits or aborts through ([`super::group`]).
+    pub group: Option<(Arc<GroupGate>, usize)>,
 }
 
 impl Actor {
@@ -90,7 +94,16 @@ impl Actor {
             (SwapKind::Snapshot, _) => "snapshot",
             (SwapKind::Shadow, _) => "shadow",
         };
-        let result = self.transfer(prepared, &opts, started).await?;
+        let result = self.transfer(prepared, &opts, started).await;
+        if let Some((gate, index)) = &opts.group {
+            // Whatever stopped this member stops the others.
+            match &result {
+                Ok(Ok(_)) => {}
+                Ok(Err(why)) => gate.fail(*index, why),
+                Err(e) => gate.fail(*index, &format!("{e:#}")),
+            }
+        }
+        let result = result?;
         let record = |format: Option<String>, state_bytes, pause_us, outcome| SwapRecord {
             at_unix_ms: unix_ms(SystemTime::now()),
             kind: kind.into(),
@@ -210,6 +223,14 @@ impl Actor {
             });
             (None, 0)
         };
+        if let Some((gate, index)) = &opts.group {
+            if let Err(why) = stateless(&mut new).await {
+                return Ok(Err(why));
+            }
+            if let Err(why) = gate.ready(*index).await {
+                return Ok(Err(why));
+            }
+        }
         let connections = self.conns.len();
         let old_program = self.commit(new, fresh);
         let pause = Pause::new(started.elapsed(), &t);
@@ -313,6 +334,23 @@ impl Actor {
         let program = old.program.clone();
         reap(Box::new((old, older)));
         program
+    }
+}
+
+/// For a group swap: the new version, started, must have no state either
+/// (an empty `exportable()`).
+async fn stateless(new: &mut Instance) -> Result<(), String> {
+    match new.exportable().await {
+        Ok(formats) if formats.is_empty() => Ok(()),
+        Ok(formats) => Err(format!(
+            "the new version keeps state (its exportable() lists {}), so it cannot run as several \
+             instances; serve it with --instances 1",
+            formats.join(", ")
+        )),
+        Err(trap) => Err(format!(
+            "the new version trapped in exportable(): {}",
+            root(&trap)
+        )),
     }
 }
 

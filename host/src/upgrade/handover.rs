@@ -32,6 +32,9 @@ pub struct Upgrader {
     pub control: Option<ControlHandoff>,
     /// One swap or upgrade at a time.
     pub exclusive: Exclusive,
+    /// `serve --instances`: an upgrade hands over one instance only, so it
+    /// is refused for more.
+    pub instances: usize,
 }
 
 /// `wasmhost upgrade`'s options.
@@ -85,6 +88,13 @@ impl Failure {
 /// actor has ended); on failure this process serves on, and the error says
 /// which step failed and why.
 pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, String> {
+    if u.instances > 1 {
+        return Err(format!(
+            "a host upgrade hands over one instance, and this service runs {} (--instances): \
+             restart it instead, or serve it with --instances 1",
+            u.instances
+        ));
+    }
     let _running = u.exclusive.begin("an upgrade")?;
     crate::systemd::reloading();
     let result = run(u, opts).await;

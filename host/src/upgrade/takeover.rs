@@ -298,6 +298,7 @@ pub(super) async fn import(
         announce: stateless,
     };
     let parts = Parts {
+        extra: Vec::new(),
         runtime: loaded.runtime,
         instance,
         spec,
