@@ -37,8 +37,18 @@ pub fn sibling_bin(name: &str) -> Result<PathBuf> {
 
 /// Starts `echo-native` on a free loopback port.
 pub fn echo_native() -> Result<Baseline> {
-    let mut child = Command::new(sibling_bin("echo-native")?)
-        .arg("127.0.0.1:0")
+    echo_native_on(None)
+}
+
+/// [`echo_native`] with `threads` tokio worker threads (default: one per
+/// core).
+pub fn echo_native_on(threads: Option<usize>) -> Result<Baseline> {
+    let mut command = Command::new(sibling_bin("echo-native")?);
+    command.arg("127.0.0.1:0");
+    if let Some(n) = threads {
+        command.arg(n.to_string());
+    }
+    let mut child = command
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()?;

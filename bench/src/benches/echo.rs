@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use wasmhost_bench::chart::grouped_bars;
 use wasmhost_bench::loadgen::{EchoLoad, LoadResult, run_echo};
-use wasmhost_bench::procs::echo_native;
+use wasmhost_bench::procs::{echo_native, echo_native_on};
 use wasmhost_bench::report::Section;
 use wasmhost_tests::Served;
 
@@ -97,6 +97,64 @@ impl Benchmark for EchoVsTokio {
             ],
         )?;
         s.charts.push((file, "echo throughput".into()));
+        drop(host);
+        drop(native);
+        instances(ctx, &mut s)?;
         Ok(s)
     }
+}
+
+/// `serve --instances N`: echo-stateless on 1, 2 and `auto` (one per core)
+/// instances, each run with as many worker threads, beside native tokio
+/// with the same worker count.
+fn instances(ctx: &Ctx, s: &mut Section) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut counts = vec![1, 2, cores];
+    counts.dedup();
+    let rounds = if ctx.quick { 1 } else { 2 };
+    let _ = writeln!(
+        s.body,
+        "\n### Stateless services over every core: `serve --instances N`\n\n\
+         echo-stateless (no state, so it may run as several instances) with `--instances N --threads N`, \
+         beside native tokio with N worker threads; `auto` is {cores} (the cores here). The load generator \
+         shares the machine's {cores} cores. {rounds} rounds alternating; medians.\n\n\
+         | instances | connections | wasmhost msg/s | native msg/s | ratio | vs 1 instance |\n|---|---|---|---|---|---|"
+    );
+    let mut single = std::collections::HashMap::new();
+    for &n in &counts {
+        let threads = n.to_string();
+        let args = ["--instances", threads.as_str(), "--threads", threads.as_str()];
+        let host = Served::start("echo-stateless", &args);
+        let native = echo_native_on(Some(n))?;
+        for conns in [50usize, 1000] {
+            let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                ours.push(load(ctx, host.addr(), conns)?);
+                theirs.push(load(ctx, native.addr, conns)?);
+            }
+            let rate = |v: &[LoadResult]| median(v.iter().map(LoadResult::per_second).collect());
+            let (a, b) = (rate(&ours), rate(&theirs));
+            let base = *single.entry(conns).or_insert(a);
+            let label = match n == cores && n > 2 {
+                true => format!("{n} (auto)"),
+                false if n == cores => format!("{n} (= auto)"),
+                false => n.to_string(),
+            };
+            let _ = writeln!(
+                s.body,
+                "| {label} | {conns} | {} | {} | {:.2} | {:.2}x |",
+                thousands(a),
+                thousands(b),
+                a / b,
+                a / base
+            );
+            if n == cores && conns == 50 {
+                s.headline.push((
+                    format!("echo on {n} instances vs 1, {conns} connections"),
+                    format!("{:.2}x", a / base),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

@@ -1,11 +1,21 @@
 //! The baseline for the echo benchmark: a plain tokio echo server, the way
 //! one would write it natively. Prints `listening on ADDR` on stderr.
+//!
+//! `echo-native [ADDR] [THREADS]`: THREADS worker threads (default: one per
+//! core, tokio's default).
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = std::env::args().nth(2) {
+        rt.worker_threads(threads.parse()?);
+    }
+    rt.enable_all().build()?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let addr = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:0".into());
