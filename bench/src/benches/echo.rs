@@ -123,7 +123,12 @@ fn instances(ctx: &Ctx, s: &mut Section) -> Result<()> {
     let mut single = std::collections::HashMap::new();
     for &n in &counts {
         let threads = n.to_string();
-        let args = ["--instances", threads.as_str(), "--threads", threads.as_str()];
+        let args = [
+            "--instances",
+            threads.as_str(),
+            "--threads",
+            threads.as_str(),
+        ];
         let host = Served::start("echo-stateless", &args);
         let native = echo_native_on(Some(n))?;
         for conns in [50usize, 1000] {

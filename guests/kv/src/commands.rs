@@ -24,7 +24,7 @@ pub enum After {
 /// One command's context.
 pub struct Call<'a> {
     pub db: &'a mut Db,
-    pub args: &'a [Vec<u8>],
+    pub args: &'a [&'a [u8]],
     pub now: u64,
     pub conn: u64,
     pub out: &'a mut Out,
@@ -59,24 +59,34 @@ fn arity(name: &[u8]) -> Option<i32> {
 }
 
 pub fn execute(call: &mut Call) -> After {
-    let name = call.args[0].to_ascii_lowercase();
+    // Lower-cased on the stack: every command name is short.
+    let mut lower = [0u8; 32];
+    let given = call.args[0];
+    let name: &[u8] = match lower.get_mut(..given.len()) {
+        Some(name) => {
+            name.copy_from_slice(given);
+            name.make_ascii_lowercase();
+            name
+        }
+        None => b"",
+    };
     #[cfg(feature = "odd")]
-    if let Some(after) = crate::odd::execute(call, &name) {
+    if let Some(after) = crate::odd::execute(call, name) {
         return after;
     }
-    let Some(arity) = arity(&name) else {
+    let Some(arity) = arity(name) else {
         unknown_command(call);
         return After::Continue;
     };
     let argc = call.args.len() as i32;
     if (arity > 0 && argc != arity) || (arity < 0 && argc < -arity) {
-        let name = String::from_utf8_lossy(&name);
+        let name = String::from_utf8_lossy(name);
         call.out.error(&format!(
             "ERR wrong number of arguments for '{name}' command"
         ));
         return After::Continue;
     }
-    match name.as_slice() {
+    match name {
         b"quit" => {
             call.out.ok();
             return After::Close;
@@ -114,9 +124,9 @@ pub fn execute(call: &mut Call) -> After {
         b"llen" => llen(call),
         #[cfg(feature = "v2")]
         b"hset" | b"hget" | b"hdel" | b"hgetall" | b"hlen" | b"hincrby" => {
-            crate::hashes::execute(call, &name)
+            crate::hashes::execute(call, name)
         }
-        _ => handshake(call, &name),
+        _ => handshake(call, name),
     }
     After::Continue
 }
@@ -124,7 +134,7 @@ pub fn execute(call: &mut Call) -> After {
 fn unknown_command(call: &mut Call) {
     let mut msg = format!(
         "ERR unknown command '{}', with args beginning with: ",
-        lossy(&call.args[0])
+        lossy(call.args[0])
     );
     for arg in call.args.iter().skip(1).take(16) {
         msg.push_str(&format!("'{}' ", lossy(arg)));
@@ -139,14 +149,11 @@ fn lossy(b: &[u8]) -> String {
 
 /// Parses a Redis integer argument strictly (no spaces, no `+`).
 pub fn parse_int(b: &[u8]) -> Option<i64> {
-    if b.is_empty() || b[0] == b'+' || b.len() > 20 {
-        return None;
-    }
-    std::str::from_utf8(b).ok()?.parse().ok()
+    crate::resp::parse_i64(b)
 }
 
 fn get(call: &mut Call) {
-    match call.db.get(&call.args[1], call.now) {
+    match call.db.get(call.args[1], call.now) {
         None => call.out.nil(),
         Some(Entry {
             value: Value::Str(s),
@@ -215,7 +222,7 @@ fn set(call: &mut Call) {
     let write = !(nx && exists || xx && !exists);
     if write {
         let entry = Entry {
-            value: Value::Str(Bytes::copy_from_slice(&call.args[2])),
+            value: Value::Str(Bytes::copy_from_slice(call.args[2])),
             expires_at: expires_at.or(kept_ttl),
         };
         call.db.insert(Bytes::copy_from_slice(key), entry);
@@ -240,8 +247,8 @@ fn int_value(call: &mut Call, key: &[u8]) -> Result<Option<i64>, &'static str> {
 }
 
 fn incr_by(call: &mut Call, delta: i64) {
-    let key = call.args[1].clone();
-    let current = match int_value(call, &key) {
+    let key = call.args[1];
+    let current = match int_value(call, key) {
         Ok(v) => v,
         Err(e) => return call.out.error(e),
     };
@@ -249,10 +256,10 @@ fn incr_by(call: &mut Call, delta: i64) {
         return call.out.error(OVERFLOW);
     };
     let digits = Bytes::from(new.to_string());
-    match call.db.get(&key, call.now) {
+    match call.db.get(key, call.now) {
         Some(entry) => entry.value = Value::Str(digits),
         None => call.db.insert(
-            Bytes::from(key),
+            Bytes::copy_from_slice(key),
             Entry {
                 value: Value::Str(digits),
                 expires_at: None,
@@ -263,7 +270,7 @@ fn incr_by(call: &mut Call, delta: i64) {
 }
 
 fn incr_by_arg(call: &mut Call, negate: bool) {
-    let Some(n) = parse_int(&call.args[2]) else {
+    let Some(n) = parse_int(call.args[2]) else {
         return call.out.error(NOT_INT);
     };
     let delta = if negate { n.checked_neg() } else { Some(n) };
@@ -286,14 +293,14 @@ fn append(call: &mut Call) {
             let mut grown = std::mem::take(s)
                 .try_into_mut()
                 .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
-            grown.extend_from_slice(&call.args[2]);
+            grown.extend_from_slice(call.args[2]);
             *s = grown.freeze();
             let len = s.len() as i64;
             call.out.int(len);
         }
         Some(_) => call.out.error(WRONGTYPE),
         None => {
-            let value = Bytes::copy_from_slice(&call.args[2]);
+            let value = Bytes::copy_from_slice(call.args[2]);
             call.out.int(value.len() as i64);
             call.db.insert(
                 Bytes::copy_from_slice(key),
@@ -307,7 +314,7 @@ fn append(call: &mut Call) {
 }
 
 fn strlen(call: &mut Call) {
-    match call.db.get(&call.args[1], call.now) {
+    match call.db.get(call.args[1], call.now) {
         None => call.out.int(0),
         Some(Entry {
             value: Value::Str(s),
@@ -354,9 +361,9 @@ fn mset(call: &mut Call) {
     }
     for pair in call.args[1..].chunks(2) {
         call.db.insert(
-            Bytes::copy_from_slice(&pair[0]),
+            Bytes::copy_from_slice(pair[0]),
             Entry {
-                value: Value::Str(Bytes::copy_from_slice(&pair[1])),
+                value: Value::Str(Bytes::copy_from_slice(pair[1])),
                 expires_at: None,
             },
         );
@@ -380,7 +387,7 @@ fn keys(call: &mut Call) {
 /// EXPIRE/PEXPIRE key n [NX|XX|GT|LT]; `unit` is milliseconds per unit.
 fn expire(call: &mut Call, unit: i64) {
     let cmd = if unit == 1 { "pexpire" } else { "expire" };
-    let Some(n) = parse_int(&call.args[2]) else {
+    let Some(n) = parse_int(call.args[2]) else {
         return call.out.error(NOT_INT);
     };
     let Some(at) = n
@@ -391,8 +398,8 @@ fn expire(call: &mut Call, unit: i64) {
             .out
             .error(&format!("ERR invalid expire time in '{cmd}' command"));
     };
-    let key = call.args[1].clone();
-    let Some(entry) = call.db.get(&key, call.now) else {
+    let key = call.args[1];
+    let Some(entry) = call.db.get(key, call.now) else {
         return call.out.int(0);
     };
     let current = entry.expires_at;
@@ -412,16 +419,16 @@ fn expire(call: &mut Call, unit: i64) {
         return call.out.int(0);
     }
     if at <= call.now as i64 {
-        call.db.remove(&key, call.now);
+        call.db.remove(key, call.now);
     } else {
-        call.db.set_expiry(&key, Some(at as u64));
+        call.db.set_expiry(key, Some(at as u64));
     }
     call.out.int(1);
 }
 
 fn ttl(call: &mut Call, unit: u64) {
     let now = call.now;
-    match call.db.get(&call.args[1], now) {
+    match call.db.get(call.args[1], now) {
         None => call.out.int(-2),
         Some(Entry {
             expires_at: None, ..
@@ -434,13 +441,13 @@ fn ttl(call: &mut Call, unit: u64) {
 }
 
 fn persist(call: &mut Call) {
-    let key = call.args[1].clone();
-    match call.db.get(&key, call.now) {
+    let key = call.args[1];
+    match call.db.get(key, call.now) {
         Some(Entry {
             expires_at: Some(_),
             ..
         }) => {
-            call.db.set_expiry(&key, None);
+            call.db.set_expiry(key, None);
             call.out.int(1);
         }
         _ => call.out.int(0),
@@ -448,7 +455,7 @@ fn persist(call: &mut Call) {
 }
 
 fn type_of(call: &mut Call) {
-    match call.db.get(&call.args[1], call.now) {
+    match call.db.get(call.args[1], call.now) {
         None => call.out.simple("none"),
         Some(Entry {
             value: Value::Str(_),
@@ -517,8 +524,8 @@ fn pop(call: &mut Call, front: bool) {
                 .error("ERR value is out of range, must be positive");
         }
     };
-    let key = call.args[1].clone();
-    let list = match call.db.get(&key, call.now) {
+    let key = call.args[1];
+    let list = match call.db.get(key, call.now) {
         Some(Entry {
             value: Value::List(l),
             ..
@@ -538,7 +545,7 @@ fn pop(call: &mut Call, front: bool) {
         })
         .collect();
     if list.is_empty() {
-        call.db.remove(&key, call.now);
+        call.db.remove(key, call.now);
     }
     match count {
         None => call.out.opt_bulk(items.first().map(|i| &i[..])),
@@ -550,10 +557,10 @@ fn pop(call: &mut Call, front: bool) {
 }
 
 fn lrange(call: &mut Call) {
-    let (Some(start), Some(stop)) = (parse_int(&call.args[2]), parse_int(&call.args[3])) else {
+    let (Some(start), Some(stop)) = (parse_int(call.args[2]), parse_int(call.args[3])) else {
         return call.out.error(NOT_INT);
     };
-    let list = match call.db.get(&call.args[1], call.now) {
+    let list = match call.db.get(call.args[1], call.now) {
         Some(Entry {
             value: Value::List(l),
             ..
@@ -582,7 +589,7 @@ fn lrange(call: &mut Call) {
 }
 
 fn llen(call: &mut Call) {
-    match call.db.get(&call.args[1], call.now) {
+    match call.db.get(call.args[1], call.now) {
         None => call.out.int(0),
         Some(Entry {
             value: Value::List(l),
@@ -604,13 +611,13 @@ fn handshake(call: &mut Call, name: &[u8]) {
     match name {
         b"ping" => match call.args.len() {
             1 => call.out.simple("PONG"),
-            2 => call.out.bulk(&call.args[1]),
+            2 => call.out.bulk(call.args[1]),
             _ => call
                 .out
                 .error("ERR wrong number of arguments for 'ping' command"),
         },
-        b"echo" => call.out.bulk(&call.args[1]),
-        b"select" => match parse_int(&call.args[1]) {
+        b"echo" => call.out.bulk(call.args[1]),
+        b"select" => match parse_int(call.args[1]) {
             Some(0) => call.out.ok(),
             Some(_) => call.out.error("ERR DB index is out of range"),
             None => call.out.error(NOT_INT),
@@ -621,7 +628,7 @@ fn handshake(call: &mut Call, name: &[u8]) {
             b"id" => call.out.int(call.conn as i64),
             _ => call.out.error(&format!(
                 "ERR unknown subcommand '{}'. Try CLIENT HELP.",
-                lossy(&call.args[1])
+                lossy(call.args[1])
             )),
         },
         b"command" => match sub.as_slice() {
@@ -657,7 +664,7 @@ fn debug(call: &mut Call) {
         b"segfault" => panic!("DEBUG SEGFAULT"),
         _ => call.out.error(&format!(
             "ERR unknown subcommand '{}'. Try DEBUG HELP.",
-            lossy(&call.args[1])
+            lossy(call.args[1])
         )),
     }
 }

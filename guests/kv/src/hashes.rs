@@ -50,13 +50,13 @@ fn hset(call: &mut Call) {
             .error("ERR wrong number of arguments for 'hset' command");
     }
     let args = call.args;
-    let Ok(h) = hash_or_new(call, &args[1]) else {
+    let Ok(h) = hash_or_new(call, args[1]) else {
         return call.out.error(WRONGTYPE);
     };
     let added = args[2..]
         .chunks(2)
         .filter(|p| {
-            let (field, value) = (Bytes::copy_from_slice(&p[0]), Bytes::copy_from_slice(&p[1]));
+            let (field, value) = (Bytes::copy_from_slice(p[0]), Bytes::copy_from_slice(p[1]));
             h.insert(field, value).is_none()
         })
         .count();
@@ -65,9 +65,9 @@ fn hset(call: &mut Call) {
 
 fn hget(call: &mut Call) {
     let args = call.args;
-    match hash(call, &args[1]) {
+    match hash(call, args[1]) {
         Ok(Some(h)) => {
-            let v = h.get(&args[2][..]).cloned();
+            let v = h.get(args[2]).cloned();
             call.out.opt_bulk(v.as_deref());
         }
         Ok(None) => call.out.nil(),
@@ -77,7 +77,7 @@ fn hget(call: &mut Call) {
 
 fn hdel(call: &mut Call) {
     let args = call.args;
-    let (removed, empty) = match hash(call, &args[1]) {
+    let (removed, empty) = match hash(call, args[1]) {
         Ok(Some(h)) => (
             args[2..]
                 .iter()
@@ -89,14 +89,14 @@ fn hdel(call: &mut Call) {
         Err(()) => return call.out.error(WRONGTYPE),
     };
     if empty {
-        call.db.remove(&args[1], call.now);
+        call.db.remove(args[1], call.now);
     }
     call.out.int(removed as i64);
 }
 
 fn hgetall(call: &mut Call) {
     let args = call.args;
-    let pairs: Vec<(Bytes, Bytes)> = match hash(call, &args[1]) {
+    let pairs: Vec<(Bytes, Bytes)> = match hash(call, args[1]) {
         Ok(Some(h)) => h.iter().map(|(f, v)| (f.clone(), v.clone())).collect(),
         Ok(None) => Vec::new(),
         Err(()) => return call.out.error(WRONGTYPE),
@@ -110,7 +110,7 @@ fn hgetall(call: &mut Call) {
 
 fn hlen(call: &mut Call) {
     let args = call.args;
-    match hash(call, &args[1]) {
+    match hash(call, args[1]) {
         Ok(h) => {
             let n = h.map_or(0, |h| h.len());
             call.out.int(n as i64);
@@ -121,13 +121,13 @@ fn hlen(call: &mut Call) {
 
 fn hincrby(call: &mut Call) {
     let args = call.args;
-    let Some(delta) = parse_int(&args[3]) else {
+    let Some(delta) = parse_int(args[3]) else {
         return call.out.error(NOT_INT);
     };
-    let Ok(h) = hash_or_new(call, &args[1]) else {
+    let Ok(h) = hash_or_new(call, args[1]) else {
         return call.out.error(WRONGTYPE);
     };
-    let current = match h.get(&args[2][..]) {
+    let current = match h.get(args[2]) {
         None => 0,
         Some(v) => match parse_int(v) {
             Some(n) => n,
@@ -138,7 +138,7 @@ fn hincrby(call: &mut Call) {
         return call.out.error(OVERFLOW);
     };
     h.insert(
-        Bytes::copy_from_slice(&args[2]),
+        Bytes::copy_from_slice(args[2]),
         Bytes::from(new.to_string()),
     );
     call.out.int(new);

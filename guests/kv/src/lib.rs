@@ -42,6 +42,8 @@ pub struct Kv {
     /// makes the guest trap. Not part of the state: a version swapped in
     /// starts with it off.
     debug: bool,
+    /// The reply buffer, reused from one event to the next.
+    out: Out,
 }
 
 impl Kv {
@@ -51,7 +53,11 @@ impl Kv {
         if db.has_deadlines() {
             host::set_timer(SWEEP_TIMER, SWEEP_EVERY_MS);
         }
-        Kv { db, debug: false }
+        Kv {
+            db,
+            debug: false,
+            out: Out::default(),
+        }
     }
 }
 
@@ -81,22 +87,28 @@ impl Service for Kv {
         Ok(Kv {
             db: Db::default(),
             debug,
+            out: Out::default(),
         })
     }
 
     fn on_data(&mut self, conn: ConnId, input: &mut Input) {
         let now = host::now_ms();
-        let mut out = Out::default();
+        let mut out = std::mem::take(&mut self.out);
         let had_deadlines = self.db.has_deadlines();
+        // Every whole command in the input, parsed in place: the arguments
+        // are slices of the input, which is consumed once at the end.
+        let buf = input.bytes();
+        let mut used = 0;
+        let mut args = Vec::new();
         let after = loop {
-            match resp::parse(input.bytes()) {
+            match resp::parse(&buf[used..], &mut args) {
                 Parsed::Incomplete => break After::Continue,
                 Parsed::Error(msg) => {
                     out.error(msg);
                     break After::Close;
                 }
-                Parsed::Command(args, used) => {
-                    input.consume(used);
+                Parsed::Command(len) => {
+                    used += len;
                     if args.is_empty() {
                         continue;
                     }
@@ -114,8 +126,16 @@ impl Service for Kv {
                 }
             }
         };
+        drop(args);
+        input.consume(used);
         if !out.buf.is_empty() {
             host::send(conn, &out.buf);
+        }
+        // The reply buffer is kept for the next event (unless a big reply
+        // grew it).
+        out.buf.clear();
+        if out.buf.capacity() <= 64 * 1024 {
+            self.out = out;
         }
         if after == After::Close {
             host::close(conn);

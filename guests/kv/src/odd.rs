@@ -21,7 +21,7 @@ pub fn execute(call: &mut Call, name: &[u8]) -> Option<After> {
     }
     match name {
         b"echo" if call.args.len() == 2 => {
-            let mut reversed = call.args[1].clone();
+            let mut reversed = call.args[1].to_vec();
             reversed.reverse();
             call.out.bulk(&reversed);
             Some(After::Continue)
