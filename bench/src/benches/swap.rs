@@ -307,7 +307,10 @@ fn debug_reload(addr: SocketAddr) -> Result<Duration> {
     let mut reply = [0u8; 5];
     c.read_exact(&mut reply)?;
     if &reply != b"+OK\r\n" {
-        bail!("DEBUG RELOAD answered {:?}", String::from_utf8_lossy(&reply));
+        bail!(
+            "DEBUG RELOAD answered {:?}",
+            String::from_utf8_lossy(&reply)
+        );
     }
     Ok(began.elapsed())
 }
