@@ -1,5 +1,14 @@
 //! One task per connection: it reads from the socket and sends the bytes to
-//! the service actor as events, and it writes what the service sends.
+//! the service actor as events, and it writes what the service sends when
+//! the socket does not take it at once.
+//!
+//! The actor writes a reply straight to the socket (a non-blocking send,
+//! on its own thread) when nothing is queued for that connection; only
+//! what the socket does not take goes to the connection's task, which
+//! writes it when the socket is writable. Every reply so costs one system
+//! call and no hand-off while clients keep up, as in Redis's event loop,
+//! and order is kept: the actor writes directly only while the task holds
+//! nothing unwritten.
 //!
 //! The task never calls the guest. Memory per connection is bounded:
 //! reads happen only when the socket is readable and are handed over at
@@ -13,9 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -55,6 +62,9 @@ struct Shared {
     stop_reading: CancellationToken,
     /// Stops the writer at once, dropping unsent bytes.
     abort: CancellationToken,
+    /// The socket, shared by the task and the actor's [`Outbox`] (which
+    /// writes to it directly); `None` once frozen or closing.
+    direct: std::sync::Mutex<Option<Arc<TcpStream>>>,
     limits: ConnLimits,
 }
 
@@ -99,18 +109,37 @@ pub struct Overflow {
 }
 
 impl Outbox {
-    /// Queues `data` for writing. On overflow nothing is queued; the caller
-    /// should [`abort`](Outbox::abort) the connection.
+    /// Writes `data` to the socket if nothing is queued before it and the
+    /// socket takes it, and queues what it does not take. On overflow
+    /// nothing is written or queued; the caller should
+    /// [`abort`](Outbox::abort) the connection.
     pub fn send(&self, data: Vec<u8>) -> Result<(), Overflow> {
         let limit = self.shared.limits.max_output_buffer;
         let queued = self.shared.queued.load(Ordering::Acquire);
         if queued + data.len() > limit {
             return Err(Overflow { queued, limit });
         }
-        self.shared.queued.fetch_add(data.len(), Ordering::AcqRel);
+        let mut written = 0;
+        // `queued` counts every byte handed to the task and not yet
+        // written, so at zero the task holds nothing that must go first;
+        // the actor is the only sender, so nothing is added meanwhile. The
+        // lock keeps the task from giving the socket up (a freeze) while
+        // this writes.
+        if queued == 0 {
+            let direct = self.shared.direct.lock().expect("direct lock");
+            if let Some(stream) = direct.as_ref() {
+                // Full, or failing: the task writes it, or meets the error.
+                written = stream.try_write(&data).unwrap_or(0);
+            }
+        }
+        if written == data.len() {
+            return Ok(());
+        }
+        let rest = Bytes::from(data).slice(written..);
+        self.shared.queued.fetch_add(rest.len(), Ordering::AcqRel);
         // The receiver is gone only when the writer has failed; the reader
         // then reports the end of the connection.
-        let _ = self.tx.send(Bytes::from(data));
+        let _ = self.tx.send(rest);
         Ok(())
     }
 
@@ -143,8 +172,15 @@ impl Shared {
             wake_reader: Notify::new(),
             stop_reading: shutdown.child_token(),
             abort: CancellationToken::new(),
+            direct: std::sync::Mutex::new(None),
             limits,
         })
+    }
+
+    /// No more direct writes from the actor (the task is giving up the
+    /// socket); waits for one in progress, which holds the lock.
+    fn end_direct(&self) {
+        self.direct.lock().expect("direct lock").take();
     }
 }
 
@@ -155,7 +191,7 @@ impl Shared {
 /// or in the one it was handed to.
 pub struct FrozenConn {
     pub id: u64,
-    pub stream: TcpStream,
+    pub stream: Arc<TcpStream>,
     /// What the writer had not written when it stopped; what the service
     /// queued since is still in the task's channel
     /// ([`FrozenConn::take_unsent`]).
@@ -176,7 +212,7 @@ impl FrozenConn {
         stream.set_nonblocking(true)?;
         Ok(FrozenConn {
             id,
-            stream: TcpStream::from_std(stream)?,
+            stream: Arc::new(TcpStream::from_std(stream)?),
             unsent,
             task: None,
             permit: None,
@@ -226,7 +262,7 @@ pub async fn spawn(
     {
         return; // the service is shutting down
     }
-    start(id, stream, rx, shared, ctx, Some(permit), load);
+    start(id, Arc::new(stream), rx, shared, ctx, Some(permit), load);
 }
 
 /// Serves a frozen connection again: its unsent bytes go out first. The
@@ -277,8 +313,7 @@ pub fn finish(frozen: FrozenConn, tracker: &TaskTracker) {
         )
     });
     tracker.spawn(async move {
-        let (_reader, mut writer) = stream.into_split();
-        write_loop(id, &mut writer, &mut rx, &shared, None, unsent).await;
+        write_loop(id, &stream, &mut rx, &shared, None, unsent).await;
         drop(permit);
     });
 }
@@ -304,7 +339,7 @@ enum WriteEnd {
 
 fn start(
     id: u64,
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     shared: Arc<Shared>,
     ctx: &AcceptCtx,
@@ -316,14 +351,17 @@ fn start(
     ctx.tracker.spawn(async move {
         // Counts this connection against its instance until the task ends.
         let _load = load;
-        let (reader, mut writer) = stream.into_split();
+        *shared.direct.lock().expect("direct lock") = Some(stream.clone());
         let (read_end, write_end) = tokio::join!(
-            read_loop(id, &reader, &shared, &service, &freeze),
-            write_loop(id, &mut writer, &mut rx, &shared, Some(&freeze), Vec::new()),
+            read_loop(id, &stream, &shared, &service, &freeze),
+            write_loop(id, &stream, &mut rx, &shared, Some(&freeze), Vec::new()),
         );
+        // The writer has stopped: from now on nothing is written directly.
+        shared.end_direct();
         match (read_end, write_end) {
             (ReadEnd::Frozen, WriteEnd::Frozen(unsent)) => {
-                let stream = reader.reunite(writer).expect("halves of one stream");
+                // write_loop ended the actor's direct writes (it returns
+                // only then), so these bytes are all that is unwritten.
                 let frozen = FrozenConn {
                     id,
                     stream,
@@ -340,7 +378,7 @@ fn start(
             }
             (ReadEnd::Ended, WriteEnd::Frozen(unsent)) => {
                 // The connection is ending: write what it has, then close.
-                write_loop(id, &mut writer, &mut rx, &shared, None, unsent).await;
+                write_loop(id, &stream, &mut rx, &shared, None, unsent).await;
             }
             (ReadEnd::Ended, _) => {}
         }
@@ -364,7 +402,7 @@ fn next_read_size(current: usize, read: usize, max: usize) -> usize {
 
 async fn read_loop(
     id: u64,
-    reader: &OwnedReadHalf,
+    reader: &TcpStream,
     shared: &Shared,
     service: &ServiceHandle,
     freeze: &CancellationToken,
@@ -429,7 +467,37 @@ async fn read_loop(
 /// finishes: those bytes are the service's last words to the client).
 async fn write_loop(
     id: u64,
-    writer: &mut OwnedWriteHalf,
+    writer: &TcpStream,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    shared: &Shared,
+    freeze: Option<&CancellationToken>,
+    carry: Vec<u8>,
+) -> WriteEnd {
+    let end = write_all_queued(id, writer, rx, shared, freeze, carry).await;
+    if let WriteEnd::Frozen(_) = end {
+        // The socket is about to be handed over: the actor stops writing
+        // to it (waiting for a write in progress to finish).
+        shared.end_direct();
+        // What the actor wrote is in the kernel, in order; what it queued
+        // meanwhile is in the channel (`FrozenConn::take_unsent`).
+    }
+    end
+}
+
+/// One write when the socket is writable.
+async fn write_some(stream: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
+    loop {
+        stream.writable().await?;
+        match stream.try_write(data) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
+        }
+    }
+}
+
+async fn write_all_queued(
+    id: u64,
+    writer: &TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Bytes>,
     shared: &Shared,
     freeze: Option<&CancellationToken>,
@@ -484,7 +552,7 @@ async fn write_loop(
                     }
                     return WriteEnd::Frozen(data[off..].to_vec());
                 }
-                r = writer.write(&data[off..]) => r,
+                r = write_some(writer, &data[off..]) => r,
             };
             match written {
                 Ok(n) if n > 0 => {
@@ -507,7 +575,11 @@ async fn write_loop(
     }
     // The service closed the connection (or it ended): everything queued
     // has been written; close our side.
-    let _ = writer.shutdown().await;
+    shared.end_direct();
+    let _ = nix::sys::socket::shutdown(
+        std::os::fd::AsRawFd::as_raw_fd(writer),
+        nix::sys::socket::Shutdown::Write,
+    );
     WriteEnd::Done
 }
 
