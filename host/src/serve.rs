@@ -148,7 +148,9 @@ impl Server {
         let instance = match &opts.durable.state_dir {
             None if opts.instances > 1 => {
                 let mut first = service::start_fresh(program.clone(), &spec).await?;
-                service::check_stateless(&mut first, opts.instances).await?;
+                service::require_stateless(&mut first, "the service")
+                    .await
+                    .map_err(|why| anyhow::anyhow!("--instances {}: {why}", opts.instances))?;
                 for _ in 1..opts.instances {
                     extra.push(service::start_fresh(program.clone(), &spec).await?);
                 }

@@ -103,6 +103,49 @@ fn a_client_that_never_reads_is_disconnected_not_buffered() {
     fast.sync("still-alive");
 }
 
+/// The host writes a reply straight to the socket when nothing is queued
+/// before it, and queues what the socket does not take: a client that
+/// reads late (the kernel's buffers fill, writes go partly direct and
+/// partly through the queue) must still get every reply, in order. Each
+/// ECHO's reply is its own (1 KB with the request's number), so a reordered,
+/// lost or repeated reply fails here.
+#[test]
+fn a_client_that_reads_late_gets_every_reply_in_order() {
+    // 40 MB each way: far more than the loopback socket buffers hold.
+    const ECHOS: usize = 40_000;
+    let body = |i: usize| format!("{i:010}{}", "x".repeat(990));
+    let server = Served::start("kv", &["--max-output-buffer", "1MiB"]);
+    let conn = TcpStream::connect(server.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        for start in (0..ECHOS).step_by(1_000) {
+            let chunk: String = (start..start + 1_000)
+                .map(|i| format!("*2\r\n$4\r\nECHO\r\n$1000\r\n{}\r\n", body(i)))
+                .collect();
+            writer.write_all(chunk.as_bytes()).unwrap();
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut reader = BufReader::with_capacity(1 << 16, conn);
+    let mut line = String::new();
+    for i in 0..ECHOS {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, "$1000\r\n", "reply {i}");
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{}\r\n", body(i)), "reply {i}");
+    }
+    sender.join().unwrap();
+    assert!(
+        !server.stderr().contains("output buffer limit"),
+        "{}",
+        server.stderr()
+    );
+}
+
 /// Puts `slow` on #watch (reading its replies once), then stops reading it.
 fn slow_join(mut slow: IrcClient, fast: &mut IrcClient) {
     slow.send("JOIN #watch");

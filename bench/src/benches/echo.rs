@@ -113,6 +113,7 @@ impl Benchmark for EchoVsTokio {
 fn instances(ctx: &Ctx, s: &mut Section) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut counts = vec![1, 2, cores];
+    counts.sort_unstable();
     counts.dedup();
     let rounds = if ctx.quick { 1 } else { 2 };
     let _ = writeln!(

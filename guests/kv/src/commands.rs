@@ -225,7 +225,7 @@ fn set(call: &mut Call) {
             value: Value::Str(Bytes::copy_from_slice(call.args[2])),
             expires_at: expires_at.or(kept_ttl),
         };
-        call.db.insert(Bytes::copy_from_slice(key), entry);
+        call.db.put(key, entry);
     }
     match (get, write) {
         (true, _) => call.out.opt_bulk(old_value.as_deref()),
@@ -360,8 +360,8 @@ fn mset(call: &mut Call) {
             .error("ERR wrong number of arguments for 'mset' command");
     }
     for pair in call.args[1..].chunks(2) {
-        call.db.insert(
-            Bytes::copy_from_slice(pair[0]),
+        call.db.put(
+            pair[0],
             Entry {
                 value: Value::Str(Bytes::copy_from_slice(pair[1])),
                 expires_at: None,

@@ -119,6 +119,25 @@ impl Db {
         }
     }
 
+    /// Sets `key` to `entry`, copying the key only when it is new (SET on
+    /// an existing key allocates nothing for the key).
+    pub fn put(&mut self, key: &[u8], entry: Entry) {
+        match self.map.get_mut(key) {
+            Some(slot) => {
+                if let Some(t) = entry.expires_at {
+                    self.deadlines
+                        .push(Reverse((t, Bytes::copy_from_slice(key))));
+                }
+                if is_hash(&entry) {
+                    self.hashes += 1;
+                }
+                let old = std::mem::replace(slot, entry);
+                self.forget(&old);
+            }
+            None => self.insert(Bytes::copy_from_slice(key), entry),
+        }
+    }
+
     pub fn remove(&mut self, key: &[u8], now: u64) -> Option<Entry> {
         let entry = self.map.swap_remove(key)?;
         self.forget(&entry);
@@ -274,6 +293,25 @@ mod tests {
         assert!(glob_match(b"h[a-c]llo", b"hbllo"));
         assert!(glob_match(b"a\\*b", b"a*b"));
         assert!(glob_match(b"*b*c", b"aabxxc"));
+    }
+
+    #[test]
+    fn put_replaces_in_place_and_counts_hashes() {
+        let entry = |value| Entry {
+            value,
+            expires_at: None,
+        };
+        let mut db = Db::default();
+        db.put(b"a", entry(Value::Str(Bytes::from_static(b"1"))));
+        db.put(b"b", entry(Value::Hash(Box::default())));
+        db.put(b"a", entry(Value::Str(Bytes::from_static(b"2"))));
+        assert_eq!(db.len(), 2);
+        assert_eq!(db.hash_count(), 1);
+        let keys: Vec<&[u8]> = db.keys(0).map(|k| &k[..]).collect();
+        assert_eq!(keys, [&b"a"[..], b"b"], "a replaced key keeps its place");
+        db.put(b"b", entry(Value::Str(Bytes::from_static(b"3"))));
+        assert_eq!(db.hash_count(), 0, "the replaced hash is counted out");
+        assert!(matches!(&db.get(b"a", 0).unwrap().value, Value::Str(v) if &v[..] == b"2"));
     }
 
     #[test]

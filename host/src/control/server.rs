@@ -593,37 +593,37 @@ async fn group_swap(
         // The gate's reason names the instance that failed.
         return Err(gate.failure().unwrap_or(why));
     }
-    let longest = reports.iter().map(|r| r.pause.pause_us).max().unwrap_or(0);
-    let mut report = reports.swap_remove(0);
-    report.connections += reports.iter().map(|r| r.connections).sum::<usize>();
-    if longest > report.pause.pause_us {
-        report.warnings.push(format!(
-            "{} instances swapped together; the longest pause was {longest} µs",
-            ctx.instances.len()
-        ));
-    }
-    report.pause.pause_us = longest;
+    // The slowest instance's report (its pause is the service's), with
+    // every instance's connections.
+    let connections = reports.iter().map(|r| r.connections).sum();
+    let slowest = (0..reports.len())
+        .max_by_key(|&i| reports[i].pause.pause_us)
+        .expect("a group has instances");
+    let mut report = reports.swap_remove(slowest);
+    report.connections = connections;
+    report.warnings.push(format!(
+        "{} instances swapped together; the figures are the slowest one's (instance {slowest})",
+        ctx.instances.len()
+    ));
     Ok(Response::Swapped(Box::new(report)))
 }
 
 /// The first instance's status; with `--instances N`, every instance's
 /// connections and events too, and the totals.
 async fn status(ctx: &ControlCtx) -> Result<service::StatusReport, service::Stopped> {
+    let summary = |s: &service::StatusReport| service::InstanceSummary {
+        generation: s.generation,
+        component: s.component.short_hash().to_string(),
+        connections: s.connections,
+        connections_total: s.connections_total,
+        events: s.events,
+        traps: s.traps,
+    };
     let mut first = ctx.service.status().await?;
     if ctx.instances.len() > 1 {
-        for (index, handle) in ctx.instances.iter().enumerate() {
-            let status = match index {
-                0 => first.clone(),
-                _ => handle.status().await?,
-            };
-            first.instances.push(service::InstanceSummary {
-                generation: status.generation,
-                component: status.component.short_hash().to_string(),
-                connections: status.connections,
-                connections_total: status.connections_total,
-                events: status.events,
-                traps: status.traps,
-            });
+        first.instances.push(summary(&first));
+        for handle in &ctx.instances[1..] {
+            first.instances.push(summary(&handle.status().await?));
         }
         let all = &first.instances;
         first.connections = all.iter().map(|i| i.connections).sum();

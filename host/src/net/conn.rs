@@ -356,12 +356,14 @@ fn start(
             read_loop(id, &stream, &shared, &service, &freeze),
             write_loop(id, &stream, &mut rx, &shared, Some(&freeze), Vec::new()),
         );
-        // The writer has stopped: from now on nothing is written directly.
+        // The writer has stopped: from now on the actor writes nothing
+        // directly (this waits for a write in progress). A frozen socket
+        // is handed over only after this, and what the writer left is in
+        // `unsent` or the channel: the actor writes directly only while
+        // nothing is queued, so its bytes are already in order before it.
         shared.end_direct();
         match (read_end, write_end) {
             (ReadEnd::Frozen, WriteEnd::Frozen(unsent)) => {
-                // write_loop ended the actor's direct writes (it returns
-                // only then), so these bytes are all that is unwritten.
                 let frozen = FrozenConn {
                     id,
                     stream,
@@ -460,30 +462,6 @@ async fn read_loop(
     ReadEnd::Ended
 }
 
-/// Writes what the service sends (after `carry`, bytes left from before a
-/// freeze) until the channel closes, then closes the socket's write side.
-/// With `freeze`, it stops when that token is cancelled and returns what
-/// it did not write, unless the connection is already closing (then it
-/// finishes: those bytes are the service's last words to the client).
-async fn write_loop(
-    id: u64,
-    writer: &TcpStream,
-    rx: &mut mpsc::UnboundedReceiver<Bytes>,
-    shared: &Shared,
-    freeze: Option<&CancellationToken>,
-    carry: Vec<u8>,
-) -> WriteEnd {
-    let end = write_all_queued(id, writer, rx, shared, freeze, carry).await;
-    if let WriteEnd::Frozen(_) = end {
-        // The socket is about to be handed over: the actor stops writing
-        // to it (waiting for a write in progress to finish).
-        shared.end_direct();
-        // What the actor wrote is in the kernel, in order; what it queued
-        // meanwhile is in the channel (`FrozenConn::take_unsent`).
-    }
-    end
-}
-
 /// One write when the socket is writable.
 async fn write_some(stream: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
     loop {
@@ -495,7 +473,12 @@ async fn write_some(stream: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
     }
 }
 
-async fn write_all_queued(
+/// Writes what the service sends (after `carry`, bytes left from before a
+/// freeze) until the channel closes, then closes the socket's write side.
+/// With `freeze`, it stops when that token is cancelled and returns what
+/// it did not write, unless the connection is already closing (then it
+/// finishes: those bytes are the service's last words to the client).
+async fn write_loop(
     id: u64,
     writer: &TcpStream,
     rx: &mut mpsc::UnboundedReceiver<Bytes>,
@@ -574,8 +557,8 @@ async fn write_all_queued(
         batch.clear();
     }
     // The service closed the connection (or it ended): everything queued
-    // has been written; close our side.
-    shared.end_direct();
+    // has been written, and the outbox (the only direct writer) is gone
+    // with the channel; close our side.
     let _ = nix::sys::socket::shutdown(
         std::os::fd::AsRawFd::as_raw_fd(writer),
         nix::sys::socket::Shutdown::Write,

@@ -124,23 +124,20 @@ impl GroupGate {
     }
 }
 
-/// `serve --instances N` with N > 1: refuses a guest that keeps state
-/// (its `exportable()` lists a format), since N copies of it would each
-/// hold a different part.
-pub async fn check_stateless(instance: &mut Instance, instances: usize) -> anyhow::Result<()> {
-    let formats = instance
-        .exportable()
-        .await
-        .map_err(|trap| anyhow::anyhow!("the service trapped in exportable(): {}", root(&trap)))?;
-    if !formats.is_empty() {
-        anyhow::bail!(
-            "--instances {instances} runs several copies of a service without shared state, and \
-             this one keeps state (its exportable() lists {}): each copy would hold a different \
-             part of it. Serve it with --instances 1 (the default)",
+/// What runs as several instances must keep no state (an empty
+/// `exportable()`, asked after `init`: what a version exports depends on
+/// its state), since each copy would hold a different part of it. `who`
+/// names the instance in the reason ("the service", "the new version").
+pub async fn require_stateless(instance: &mut Instance, who: &str) -> Result<(), String> {
+    match instance.exportable().await {
+        Ok(formats) if formats.is_empty() => Ok(()),
+        Ok(formats) => Err(format!(
+            "{who} keeps state (its exportable() lists {}), so it cannot run as several \
+             instances: each would hold a different part of it; serve it with --instances 1",
             formats.join(", ")
-        );
+        )),
+        Err(trap) => Err(format!("{who} trapped in exportable(): {}", root(&trap))),
     }
-    Ok(())
 }
 
 fn test_fail(index: usize) -> bool {

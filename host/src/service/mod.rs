@@ -38,7 +38,7 @@ pub use freeze::{
     Start, TimerImage,
 };
 pub use gradual::{GradualOptions, GradualStatus, VersionStatus};
-pub use group::{GATE_TIMEOUT, GroupGate, LoadGuard, Spread, check_stateless};
+pub use group::{GroupGate, LoadGuard, Spread, require_stateless};
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
 pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, restore};
 pub use report::{

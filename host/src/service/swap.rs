@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Result;
 
 use super::event_time::Stamp;
-use super::group::GroupGate;
+use super::group::{GroupGate, require_stateless};
 use super::recovery::{base_after_init, base_of_state};
 use super::report::{ComponentInfo, SwapRecord, SwapReport, micros, unix_ms};
 use super::transfer::{Exported, Pause, SwapKind, Timings, Validation, import, root};
@@ -224,7 +224,7 @@ impl Actor {
             (None, 0)
         };
         if let Some((gate, index)) = &opts.group {
-            if let Err(why) = stateless(&mut new).await {
+            if let Err(why) = require_stateless(&mut new, "the new version").await {
                 return Ok(Err(why));
             }
             if let Err(why) = gate.ready(*index).await {
@@ -334,23 +334,6 @@ impl Actor {
         let program = old.program.clone();
         reap(Box::new((old, older)));
         program
-    }
-}
-
-/// For a group swap: the new version, started, must have no state either
-/// (an empty `exportable()`).
-async fn stateless(new: &mut Instance) -> Result<(), String> {
-    match new.exportable().await {
-        Ok(formats) if formats.is_empty() => Ok(()),
-        Ok(formats) => Err(format!(
-            "the new version keeps state (its exportable() lists {}), so it cannot run as several \
-             instances; serve it with --instances 1",
-            formats.join(", ")
-        )),
-        Err(trap) => Err(format!(
-            "the new version trapped in exportable(): {}",
-            root(&trap)
-        )),
     }
 }
 
