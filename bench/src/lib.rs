@@ -5,4 +5,5 @@ pub mod chart;
 pub mod irc;
 pub mod loadgen;
 pub mod procs;
+pub mod profile;
 pub mod report;

@@ -13,6 +13,9 @@ pub struct Target {
     pub goal: String,
     pub measured: String,
     pub met: bool,
+    /// For a missed target: why, from this run's measurements, and what it
+    /// would take.
+    pub why: Option<String>,
 }
 
 /// One benchmark's part of the report.
@@ -42,7 +45,16 @@ impl Section {
             goal: goal.into(),
             measured,
             met,
+            why: None,
         });
+    }
+
+    /// Says why the target just added is missed (from this run's
+    /// measurements) and what it would take; nothing if it is met.
+    pub fn why_missed(&mut self, why: String) {
+        if let Some(t) = self.targets.last_mut().filter(|t| !t.met) {
+            t.why = Some(why);
+        }
     }
 }
 
@@ -74,6 +86,25 @@ impl Output {
         for t in sections.iter().flat_map(|s| &s.targets) {
             let mark = if t.met { "met" } else { "**missed**" };
             let _ = writeln!(md, "| {} | {} | {} | {mark} |", t.name, t.goal, t.measured);
+        }
+        let missed: Vec<&Target> = sections
+            .iter()
+            .flat_map(|s| &s.targets)
+            .filter(|t| t.why.is_some())
+            .collect();
+        if !missed.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nWhy the missed targets are missed, and what it would take:\n"
+            );
+            for t in missed {
+                let _ = writeln!(
+                    md,
+                    "- **{}**: {}",
+                    t.name,
+                    t.why.as_deref().unwrap_or_default()
+                );
+            }
         }
         for s in sections {
             let _ = writeln!(md, "\n## {}\n\n{}", s.title, s.body.trim_end());

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use inferno::collapse::Collapse as _;
 use wasmhost_bench::chart::grouped_bars;
 use wasmhost_bench::procs::redis_server;
 use wasmhost_bench::report::Section;
@@ -276,7 +275,13 @@ impl Benchmark for KvVsRedis {
                 p16 / 1000.0
             );
         }
-        if let Some(profile) = profile(&host, ctx)? {
+        let requests = if ctx.quick { 100_000 } else { 1_000_000 };
+        let profile = wasmhost_bench::profile::record(
+            host.pid(),
+            "kv, redis-benchmark -t get -P 16",
+            || redis_benchmark(host.addr(), "get", requests, 16).map(drop),
+        )?;
+        if let Some(profile) = profile {
             let _ = writeln!(
                 s.body,
                 "\nWhere the time goes (`perf record -g` on the wasmhost process during `redis-benchmark -t get -P 16`; \
@@ -291,115 +296,4 @@ impl Benchmark for KvVsRedis {
         }
         Ok(s)
     }
-}
-
-/// Where a kv GET run at -P 16 spends its time.
-struct Profile {
-    /// Top symbols, self time.
-    top: String,
-    /// "kernel 49%, guest 25%, ...".
-    split: String,
-    /// The flame graph (SVG).
-    flame: Vec<u8>,
-}
-
-/// A profile of the host during a GET run at -P 16, if `perf` works here.
-fn profile(host: &Served, ctx: &Ctx) -> Result<Option<Profile>> {
-    let works = Command::new("perf")
-        .args(["stat", "-e", "task-clock", "true"])
-        .output();
-    if !works.is_ok_and(|o| o.status.success()) {
-        return Ok(None);
-    }
-    let data = tempfile::NamedTempFile::new()?;
-    let mut rec = Command::new("perf")
-        .args(["record", "-g", "-F", "2000", "-o"])
-        .arg(data.path())
-        .args(["-p", &host.pid().to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    redis_benchmark(
-        host.addr(),
-        "get",
-        if ctx.quick { 100_000 } else { 1_000_000 },
-        16,
-    )?;
-    nix_interrupt(rec.id());
-    rec.wait()?;
-    let report = Command::new("perf")
-        .args([
-            "report",
-            "--stdio",
-            "--no-children",
-            "--sort",
-            "dso,symbol",
-            "-i",
-        ])
-        .arg(data.path())
-        .output()?;
-    let text = String::from_utf8_lossy(&report.stdout);
-    // "  12.34%  wasmhost  [.] symbol   -  -": keep share, object, symbol.
-    let top: String = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .take(20)
-        .map(|l| {
-            let mut words: Vec<&str> = l.split_whitespace().collect();
-            while words.last() == Some(&"-") {
-                words.pop();
-            }
-            format!("{}\n", words.join(" "))
-        })
-        .collect();
-    let by_dso = Command::new("perf")
-        .args(["report", "--stdio", "--no-children", "--sort", "dso", "-i"])
-        .arg(data.path())
-        .output()?;
-    let mut shares: Vec<(String, f64)> = Vec::new();
-    for line in String::from_utf8_lossy(&by_dso.stdout).lines() {
-        let mut words = line.split_whitespace();
-        let (Some(pct), Some(dso)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let Some(pct) = pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()) else {
-            continue;
-        };
-        let place = match dso {
-            "[kernel.kallsyms]" => "kernel (sockets, wake-ups)",
-            "[JIT]" => "guest (wasm code)",
-            "wasmhost" => "host (wasmhost, tokio, wasmtime)",
-            _ => "libraries (libc, ...)",
-        };
-        match shares.iter_mut().find(|(p, _)| p == place) {
-            Some((_, share)) => *share += pct,
-            None => shares.push((place.to_string(), pct)),
-        }
-    }
-    let split = shares
-        .iter()
-        .map(|(place, pct)| format!("{place} {pct:.0}%"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let script = Command::new("perf")
-        .args(["script", "-i"])
-        .arg(data.path())
-        .output()?;
-    let mut folded = Vec::new();
-    inferno::collapse::perf::Folder::default()
-        .collapse(&script.stdout[..], &mut folded)
-        .context("folding perf's stacks")?;
-    let mut flame = Vec::new();
-    let mut opts = inferno::flamegraph::Options::default();
-    opts.title = "kv, redis-benchmark -t get -P 16".into();
-    inferno::flamegraph::from_reader(&mut opts, &folded[..], &mut flame)
-        .context("drawing the flame graph")?;
-    Ok(Some(Profile { top, split, flame }))
-}
-
-fn nix_interrupt(pid: u32) {
-    let _ = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status();
 }

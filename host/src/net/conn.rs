@@ -22,6 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
+use std::os::fd::AsRawFd;
+
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -440,17 +443,24 @@ async fn read_loop(
         // Allocate only when there is something to read, so an idle
         // connection holds no read buffer; size it by what recent reads
         // brought, so small requests do not cost a large allocation.
-        let mut buf = BytesMut::with_capacity(read_size);
-        match reader.try_read_buf(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
+        match read_now(reader, read_size) {
+            Ok(buf) if buf.is_empty() => break,
+            Ok(buf) => {
+                let n = buf.len();
                 read_size = next_read_size(read_size, n, shared.limits.read_chunk);
                 shared.unprocessed.fetch_add(n, Ordering::AcqRel);
                 if service.event(Event::Data(id, buf.freeze())).await.is_err() {
                     break;
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
             Err(e) => {
                 tracing::debug!(conn = id, "read failed: {e}");
                 break;
@@ -460,6 +470,44 @@ async fn read_loop(
     // Tell the service the connection ended (ignored if it closed it itself).
     let _ = service.event(Event::ReadClosed(id)).await;
     ReadEnd::Ended
+}
+
+/// One read of up to `len` bytes from a socket that said it is readable:
+/// what it read (empty at the end of the stream), or `WouldBlock` if
+/// there was nothing after all.
+///
+/// A read that does not fill the buffer drained the socket, so it also
+/// clears the socket's readiness, as tokio's own `poll_read` does (epoll
+/// is edge-triggered: new data raises readiness again). Without that, the
+/// next `readable()` returns at once and costs a `recv` that finds
+/// nothing: one system call in three on a request-reply connection.
+/// `try_io` clears readiness only when its closure says `WouldBlock`, so
+/// a short read reports that and hands its bytes back through `got`;
+/// readiness raised after the read began is kept (tokio compares ticks).
+fn read_now(reader: &TcpStream, len: usize) -> std::io::Result<BytesMut> {
+    let mut buf = BytesMut::with_capacity(len);
+    let mut got = None;
+    let fd = reader.as_raw_fd();
+    let done = reader.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let room = spare.len();
+        // SAFETY: `recv` writes at most `room` bytes into the buffer's
+        // spare capacity, which it owns for this call.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), room, 0) };
+        let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+        if 0 < n && n < room {
+            got = Some(n);
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    let n = match (done, got) {
+        (_, Some(n)) | (Ok(n), None) => n,
+        (Err(e), None) => return Err(e),
+    };
+    // SAFETY: `recv` initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(n) };
+    Ok(buf)
 }
 
 /// One write when the socket is writable.
