@@ -1,0 +1,71 @@
+//! Moving a live service, with its connections, to a `wasmhost` on another
+//! machine: `wasmhost serve --receive ADDR` waits for a service;
+//! `wasmhost migrate --to ADDR (--move-ip IP/PREFIX | --relay)` sends one.
+//!
+//! It is the host upgrade's move (`crate::upgrade`) across a network: the
+//! same freeze at an update point (`crate::service::Handoff`), the same
+//! manifest (`ServiceImage`: counters, history, timers, connection ids,
+//! unread and unsent bytes), the same state negotiation, import and
+//! validation, the same way back (`Actor::thaw`). What differs is the
+//! transport (a mutually authenticated TLS link, [`link`], instead of a
+//! Unix socket) and what stands in for passing descriptors: in `--move-ip`
+//! mode each connection's TCP state is frozen with `TCP_REPAIR` and
+//! recreated on the receiver ([`repair`]), and the service address moves
+//! with it; in `--relay` mode the sender keeps the client sockets and
+//! relays their bytes over the link.
+//!
+//! # The protocol
+//!
+//! The sender (S) is the running host; the receiver (R) is a host started
+//! with `serve --receive ADDR` and no service. Messages are length-framed
+//! JSON headers with a binary payload on one TLS connection ([`link`]);
+//! both sides present a certificate signed by the CA each side trusts, and
+//! S checks R's name. Every message carries or follows from [`VERSION`];
+//! each migration has an id (S's pid, a counter and the time) that R
+//! remembers after the move, so S can ask what became of it.
+//!
+//! | phase | S does | R does | failure (what happens) |
+//! |---|---|---|---|
+//! | 1 `connect` | opens the link (TLS, client certificate) | accepts one sender at a time; refuses a certificate its CA did not sign | wrong certificate, R unreachable or busy: S reports it, nothing changed |
+//! | 2 `offer` | sends `Offer` (version, id, service, mode, component hash and size, listener addresses) | answers `Need` (whether it must be sent the component: not if its compile cache has the hash) or `Failed` (already serving, another version, `--move-ip` without CAP_NET_ADMIN and CAP_NET_RAW) | `Failed` or no answer: S reports R's reason, nothing changed |
+//! | 3 `prepare` | sends the component's bytes if asked | checks the hash, compiles and instantiates, asks `importable()`; answers `Prepared` (the upgrade's) | `Failed`, link lost or no answer before the deadline: S reports it, nothing changed |
+//! | 4 `freeze` | at an update point: stops accepting and reading, collects sockets and unread and unsent bytes, exports the state (the upgrade's `Handoff`). `--move-ip`: every connection socket enters repair mode, the address is removed (netlink), then each socket's TCP state and kernel queues are read ([`repair::freeze`]) | waits | export refused or trapped, a socket that cannot be frozen (not ESTABLISHED, not IPv4 on the moving address): S resumes (below), sends `Abort`, reports the step |
+//! | 5 `send` | sends `Manifest`: the `ServiceImage`, each connection's `TcpImage` (move-ip) and a payload of the state, each connection's unread and unsent bytes (the kernel's unsent bytes joined to the host's) and its sent-but-unacknowledged bytes | receives and checks lengths and counts against each other | link lost: S resumes |
+//! | 6 `import` | waits for `Ready` | imports the state (the swap's import and validation), arms timers, builds the service without serving; move-ip: recreates every socket in repair mode ([`repair::restore`]), not yet reachable (the address is not up); answers `Ready` with its timings | `Failed`, link lost, or no `Ready` before the deadline: S sends `Abort` and resumes; R drops what it built (its repaired sockets close silently) and waits again |
+//! | 7 `commit` | sends `Commit` with the report, waits for `Serving` | on `Commit`, and only then: move-ip: adds the address (netlink), announces it (gratuitous ARP), takes every socket out of repair mode, binds the listeners; relay: binds the listeners, connections are served through the link; then serves (unsent bytes first, unread bytes to the guest first) and answers `Serving` with the restore's timings | see below |
+//! | 8 `release` | on `Serving`: move-ip: closes its sockets in repair mode (no FIN, no RST reaches a client); relay: keeps the client sockets and relays their bytes both ways until they close; its service ends | serves; answers `Outcome` queries for this id | |
+//!
+//! **Resuming** (S, before phase 7): take every socket out of repair mode,
+//! put the address back, thaw: every connection served again, the guest
+//! given the bytes read meanwhile. Nothing a client sent is lost: the
+//! kernel queues were only read, never consumed, and repair mode keeps the
+//! connection silent, not closed.
+//!
+//! **After `Commit` is sent**, R serves if and only if it received it, and
+//! S cannot see which when the link breaks. So S does not guess: it opens
+//! the link again and asks `Outcome` for the migration id. `Serving`: S
+//! releases (phase 8). `Aborted` or "no such migration": S resumes.
+//! Connection refused: R's process is gone, and the service lives only in
+//! that process, so nothing serves there: S resumes. No answer before the
+//! deadline (R unreachable): S stays frozen and says so. Resuming then
+//! could put the service on two machines at once; staying frozen keeps it
+//! on none until an operator knows more (`migrate --resume` makes S
+//! resume).
+//!
+//! # Testing the failure paths
+//!
+//! `WASMHOST_TEST_MIGRATE_FAIL=<step>` in R's environment makes R fail at
+//! that step on purpose: `offer` (answer `Failed`), `prepare` (answer
+//! `Failed`), `crash` (die after receiving the manifest), `import` (answer
+//! `Failed` as a state rejection), `ready` (never answer), `commit` (die on
+//! `Commit`, before serving). Each test checks that S serves every
+//! connection with its state afterwards.
+
+pub mod repair;
+
+/// The migration protocol's version. A receiver that speaks another one
+/// answers `Failed` at `offer` (the sender keeps serving).
+pub const VERSION: u32 = 1;
+
+/// Test-only: the step at which the receiver fails on purpose.
+pub const FAIL_ENV: &str = "WASMHOST_TEST_MIGRATE_FAIL";
