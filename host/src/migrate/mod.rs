@@ -61,6 +61,7 @@
 //! `Commit`, before serving). Each test checks that S serves every
 //! connection with its state afterwards.
 
+pub mod link;
 pub mod repair;
 
 /// The migration protocol's version. A receiver that speaks another one
