@@ -394,6 +394,30 @@ pub async fn upgrade(args: UpgradeArgs) -> Result<()> {
     print_swap(&report, args.json)
 }
 
+pub async fn migrate(args: crate::cli::MigrateArgs) -> Result<()> {
+    let tls = args.tls.files().map_err(anyhow::Error::msg)?;
+    let request = Request::Migrate {
+        to: args.to,
+        move_ip: args.move_ip,
+        peer_name: args.peer_name.clone(),
+        timeout_ms: args.timeout_ms,
+        tls: tls.map(|t| [t.cert, t.key, t.ca]),
+    };
+    if !args.json {
+        eprintln!(
+            "migrating `{}` to {} (moving {} with its connections)...",
+            args.control.name, args.to, args.move_ip
+        );
+    }
+    let response = client::request(&socket(&args.control)?, request).await?;
+    let report = match response {
+        Response::Swapped(report) => report,
+        Response::Error { message } => bail!("{message}"),
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    print_swap(&report, args.json)
+}
+
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     match client::request(&socket(&args.control)?, Request::Snapshot).await? {
         Response::Snapshot(r) => match args.json {
@@ -507,14 +531,14 @@ pub fn format_swap(r: &SwapReport) -> String {
         }
     }
     let p = &r.pause;
-    let pause = if r.upgrade.is_some() {
-        "blackout"
-    } else {
-        "pause"
+    let pause = match (&r.upgrade, &r.migrate) {
+        (Some(_), _) => "blackout",
+        (_, Some(_)) => "freeze",
+        _ => "pause",
     };
-    let transfer = match r.upgrade {
-        Some(_) => format!(", transfer {}", us(p.transfer_us)),
-        None => String::new(),
+    let transfer = match r.upgrade.is_some() || r.migrate.is_some() {
+        true => format!(", transfer {}", us(p.transfer_us)),
+        false => String::new(),
     };
     let _ = writeln!(
         s,
@@ -538,6 +562,38 @@ pub fn format_swap(r: &SwapReport) -> String {
             s,
             "  process {} -> {} ({}), {} listeners, {} timers, {} bytes unread and {} unsent moved",
             u.old_pid, u.new_pid, u.binary, u.listeners, u.timers, u.unread_bytes, u.unsent_bytes
+        );
+    }
+    if let Some(m) = &r.migrate {
+        let _ = writeln!(
+            s,
+            "  moved   to {} ({}{}), pid {} -> {}, component {}",
+            m.to,
+            m.mode,
+            m.address
+                .as_deref()
+                .map(|a| format!(" of {a}"))
+                .unwrap_or_default(),
+            m.sender_pid,
+            m.receiver_pid,
+            match m.component_sent {
+                true => "sent",
+                false => "already there",
+            }
+        );
+        let _ = writeln!(
+            s,
+            "  tcp     freeze {}, address off {}, restore {}, address on + ARP {}, repair off {}",
+            us(m.tcp_freeze_us),
+            us(m.address_remove_us),
+            us(m.tcp_restore_us),
+            us(m.address_add_us),
+            us(m.repair_off_us)
+        );
+        let _ = writeln!(
+            s,
+            "  carried {} listeners, {} timers, {} bytes unread, {} unsent, {} unacknowledged",
+            m.listeners, m.timers, m.unread_bytes, m.unsent_bytes, m.unacked_bytes
         );
     }
     s

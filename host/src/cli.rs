@@ -99,6 +99,22 @@ pub enum Command {
     /// `kill -USR2 <pid>` of `wasmhost serve` does the same with the
     /// defaults.
     Upgrade(UpgradeArgs),
+    /// Move the running service, with its state and every live connection,
+    /// to a host on another machine (`serve --receive` there).
+    ///
+    /// The same move as `upgrade`, across the network: this host offers the
+    /// service on a mutually authenticated TLS link; the receiver loads the
+    /// component (sent unless it has it) and says it is prepared. Then,
+    /// between two events, this host stops, freezes every connection with
+    /// TCP_REPAIR, removes the service address (--move-ip) and sends the
+    /// state, timers, counters, history, each connection's TCP state and
+    /// unread and unsent bytes. The receiver imports it all, recreates the
+    /// sockets and answers READY; on COMMIT it adds the address, announces
+    /// it and serves; clients see a pause (the freeze), never an error.
+    /// Until the receiver is ready, any failure (a refusal, a timeout, the
+    /// receiver dying) makes this host resume with every connection and its
+    /// state, and this command says which step failed.
+    Migrate(MigrateArgs),
     /// Check that a file is a valid guest and run a conformance check on it.
     ///
     /// Exits 1 with what is wrong and what to do when FILE is not a
@@ -264,6 +280,81 @@ pub struct UpgradeArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+/// The certificates of the link between hosts (`serve --receive`,
+/// `migrate`), PEM files.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// This host's certificate (with any intermediates). A receiver's must
+    /// name the address or name senders connect to (see `migrate
+    /// --peer-name`).
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// This host's private key (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+
+    /// The CA certificate(s) the other host's certificate must be signed
+    /// by: both sides check each other.
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The files, when all three are given; an error naming the missing
+    /// flags when only some are.
+    pub fn files(&self) -> Result<Option<crate::migrate::TlsFiles>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Ok(Some(crate::migrate::TlsFiles {
+                cert: std::path::absolute(cert).unwrap_or_else(|_| cert.clone()),
+                key: std::path::absolute(key).unwrap_or_else(|_| key.clone()),
+                ca: std::path::absolute(ca).unwrap_or_else(|_| ca.clone()),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err("--tls-cert, --tls-key and --tls-ca go together: give all three".into()),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The receiving host's `serve --receive` address, e.g. 10.0.0.2:7400.
+    #[arg(long, value_name = "ADDR")]
+    pub to: std::net::SocketAddr,
+
+    /// Move the service address with the connections: IP/PREFIX (IPv4),
+    /// e.g. 10.0.0.100/24. The service must listen on it, it must be an
+    /// address of this machine, and the receiver must have an address of
+    /// its own in the same subnet (one L2 segment). This host freezes
+    /// every connection (TCP_REPAIR), removes the address and sends each
+    /// connection's TCP state; the receiver recreates the sockets, adds the
+    /// address, announces it (gratuitous ARP) and serves. Needs
+    /// CAP_NET_ADMIN and CAP_NET_RAW on both hosts.
+    #[arg(long, value_name = "IP/PREFIX")]
+    pub move_ip: crate::migrate::ServiceAddr,
+
+    /// The name the receiver's certificate must carry [default: the IP
+    /// address of --to].
+    #[arg(long, value_name = "NAME")]
+    pub peer_name: Option<String>,
+
+    /// How long the receiver may take from the offer to READY (loading
+    /// the component, receiving, importing); past it this host resumes.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub timeout_ms: u64,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The link's certificates [default: the ones `serve` was given].
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     #[command(flatten)]
     pub control: ControlArgs,
@@ -454,8 +545,23 @@ pub struct RollbackArgs {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The service component, e.g. target/guests/kv.wasm.
-    pub guest: PathBuf,
+    /// The service component, e.g. target/guests/kv.wasm. Optional with
+    /// --receive: the host then starts empty and serves the first service
+    /// it receives.
+    #[arg(required_unless_present = "receive")]
+    pub guest: Option<PathBuf>,
+
+    /// Take services that `wasmhost migrate --to` sends from other hosts,
+    /// on this address (TCP, mutual TLS: needs --tls-cert, --tls-key and
+    /// --tls-ca). The host takes a service only while it has none: without
+    /// a component it waits for one; with one, it waits again after its
+    /// service moved away. It also answers a sender that lost the link
+    /// after committing, so the sender learns whether this host serves.
+    #[arg(long, value_name = "ADDR", requires_all = ["tls_cert", "tls_key", "tls_ca"])]
+    pub receive: Option<std::net::SocketAddr>,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
 
     /// Address to listen on, optionally named (`--listen admin=127.0.0.1:7001`);
     /// repeatable. The service sees the name in each connection's info. Port 0

@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wasmhost::cli::{self, CacheArgs, CheckArgs, Cli, Command, CompileArgs, ServeArgs};
+use wasmhost::migrate::Port;
 use wasmhost::shutdown::{HostSignal, Signals};
 use wasmhost::upgrade::{self, UpgradeOptions};
 use wasmhost::{Launch, ServeOptions, Server, engine, net, service, systemd};
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
             Command::Commit(args) => wasmhost::admin::commit(args).await,
             Command::Abort(args) => wasmhost::admin::abort(args).await,
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
+            Command::Migrate(args) => wasmhost::admin::migrate(args).await,
             Command::Compile(args) => compile(args),
             Command::New(args) => new_project(args),
             Command::Check(args) => check(args).await,
@@ -131,59 +133,116 @@ async fn serve(
     activated: Vec<(String, OwnedFd)>,
 ) -> Result<()> {
     net::raise_fd_limit();
+    let receive = args.receive;
     let opts = serve_options(args)?;
     let mut signals = Signals::install()?;
     let launch = Launch::current()?;
     let took_over = handoff.is_some();
-    let server = match handoff {
-        Some(Handoff::Spawned(fd)) => upgrade::receive(opts, launch, fd).await?,
-        Some(Handoff::Execed(fd)) => upgrade::receive_exec(opts, launch, fd).await?,
-        None => Server::start(opts, launch, activated).await?,
+    let mut port = match receive {
+        Some(addr) => {
+            let tls = opts
+                .tls
+                .as_ref()
+                .context("--receive needs --tls-cert, --tls-key and --tls-ca")?;
+            let port = Port::bind(addr, tls, opts.clone()).await?;
+            eprintln!("receiving services on {}", port.local_addr());
+            Some(port)
+        }
+        None => None,
     };
-    for (name, addr) in server.addrs() {
-        eprintln!("listening on {name} {addr}");
-    }
-    if let Some(path) = server.control_path() {
-        eprintln!("control socket {}", path.display());
-    }
-    eprintln!("serving as pid {}", std::process::id());
+    let mut server = match (handoff, &mut port) {
+        (Some(Handoff::Spawned(fd)), _) => upgrade::receive(opts, launch.clone(), fd).await?,
+        (Some(Handoff::Execed(fd)), _) => upgrade::receive_exec(opts, launch.clone(), fd).await?,
+        (None, Some(port)) if opts.guest.is_none() => {
+            systemd::ready(false);
+            match wait_for_service(port, &launch, &mut signals).await? {
+                Some(server) => server,
+                None => return Ok(()),
+            }
+        }
+        (None, _) => Server::start(opts, launch.clone(), activated).await?,
+    };
     systemd::ready(took_over);
-    let ops = server.operations();
-    server
-        .run(async move {
-            loop {
-                match signals.next().await {
-                    HostSignal::Shutdown(sig) => {
-                        tracing::info!("{sig} received");
-                        systemd::stopping();
-                        return;
-                    }
-                    HostSignal::Upgrade => {
-                        tracing::info!("SIGUSR2 received: upgrading the host");
-                        let upgrader = ops.upgrader.clone();
-                        tokio::spawn(async move {
-                            match upgrade::upgrade(&upgrader, UpgradeOptions::default()).await {
-                                Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
-                                Err(e) => tracing::error!("{e}"),
-                            }
-                        });
-                    }
-                    HostSignal::Reload => {
-                        tracing::info!("SIGHUP received: swapping to the component file on disk");
-                        let ops = ops.clone();
-                        tokio::spawn(async move {
-                            match wasmhost::control::server::reload(&ops).await {
-                                Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
-                                Err(e) => tracing::error!(
-                                    "reload failed, the running version keeps serving: {e}"
-                                ),
-                            }
-                        });
-                    }
+    loop {
+        for (name, addr) in server.addrs() {
+            eprintln!("listening on {name} {addr}");
+        }
+        if let Some(path) = server.control_path() {
+            eprintln!("control socket {}", path.display());
+        }
+        eprintln!("serving as pid {}", std::process::id());
+        let ops = server.operations();
+        let ended = server.run(handle_signals(&mut signals, ops)).await?;
+        // A service that moved to another machine leaves this host empty:
+        // with --receive it waits for one again.
+        match (ended, &mut port) {
+            (service::Ended::HandedOff, Some(port)) => {
+                match wait_for_service(port, &launch, &mut signals).await? {
+                    Some(next) => server = next,
+                    None => return Ok(()),
                 }
             }
-        })
-        .await
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Waits for a service on the migration port; `None` if the host is told
+/// to stop first.
+async fn wait_for_service(
+    port: &mut Port,
+    launch: &Launch,
+    signals: &mut Signals,
+) -> Result<Option<Server>> {
+    eprintln!("waiting for a service on {}", port.local_addr());
+    loop {
+        tokio::select! {
+            server = port.next(launch.clone()) => return server.map(Some),
+            signal = signals.next() => match signal {
+                HostSignal::Shutdown(sig) => {
+                    tracing::info!("{sig} received while waiting for a service");
+                    return Ok(None);
+                }
+                _ => tracing::info!("no service here yet: nothing to upgrade or reload"),
+            },
+        }
+    }
+}
+
+/// Answers signals while a service runs: SIGTERM/SIGINT stop it, SIGUSR2
+/// upgrades the host, SIGHUP swaps to the component file on disk.
+async fn handle_signals(signals: &mut Signals, ops: wasmhost::control::server::ControlCtx) {
+    loop {
+        match signals.next().await {
+            HostSignal::Shutdown(sig) => {
+                tracing::info!("{sig} received");
+                systemd::stopping();
+                return;
+            }
+            HostSignal::Upgrade => {
+                tracing::info!("SIGUSR2 received: upgrading the host");
+                let upgrader = ops.upgrader.clone();
+                tokio::spawn(async move {
+                    match upgrade::upgrade(&upgrader, UpgradeOptions::default()).await {
+                        Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
+                        Err(e) => tracing::error!("{e}"),
+                    }
+                });
+            }
+            HostSignal::Reload => {
+                tracing::info!("SIGHUP received: swapping to the component file on disk");
+                let ops = ops.clone();
+                tokio::spawn(async move {
+                    match wasmhost::control::server::reload(&ops).await {
+                        Ok(report) => eprint!("{}", wasmhost::admin::format_swap(&report)),
+                        Err(e) => {
+                            tracing::error!("reload failed, the running version keeps serving: {e}")
+                        }
+                    }
+                });
+            }
+        }
+    }
 }
 
 fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
@@ -220,6 +279,7 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
         cache,
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
         instances: args.instances,
+        tls: args.tls.files().map_err(anyhow::Error::msg)?,
     })
 }
 

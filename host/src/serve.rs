@@ -33,7 +33,9 @@ use crate::upgrade::Upgrader;
 /// Everything `serve` needs.
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    pub guest: PathBuf,
+    /// The component to start with; `None` for a host that waits for a
+    /// service (`--receive`).
+    pub guest: Option<PathBuf>,
     pub name: String,
     pub listen: Vec<ListenSpec>,
     pub config: Vec<(String, String)>,
@@ -51,6 +53,8 @@ pub struct ServeOptions {
     /// How many instances serve the service (`--instances`; more than one
     /// only for a guest without state: [`crate::service::Spread`]).
     pub instances: usize,
+    /// The link's certificates (`--tls-*`), for receiving and migrating.
+    pub tls: Option<crate::migrate::TlsFiles>,
 }
 
 /// How this process was started: what a host upgrade starts again.
@@ -124,7 +128,11 @@ impl Server {
             );
         }
         let runtime = Runtime::new(opts.cache.clone())?;
-        let path = std::path::absolute(&opts.guest).unwrap_or_else(|_| opts.guest.clone());
+        let guest = opts
+            .guest
+            .clone()
+            .context("no component to serve (give one, or --receive to wait for a service)")?;
+        let path = std::path::absolute(&guest).unwrap_or(guest);
         let program = load_program(&runtime, &path).await?;
         let spec = ServiceSpec {
             name: opts.name.as_str().into(),
@@ -267,6 +275,7 @@ impl Server {
             control: parts.control.as_ref().map(ControlSocket::handoff),
             exclusive: Exclusive::default(),
             instances: others.len() + 1,
+            tls: opts.tls.clone(),
         };
         let operations = ControlCtx {
             runtime: parts.runtime,
@@ -316,7 +325,7 @@ impl Server {
     /// closes every connection; or until the service was handed to a new
     /// host process, then lets the connections it was closing finish.
     /// Returns an error if the service failed.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Ended> {
         let ended = tokio::select! {
             _ = shutdown => None,
             result = &mut self.actor => Some(result),
@@ -335,11 +344,14 @@ impl Server {
             }
         };
         match ended {
-            Ok(Ok(Ended::Stopped)) => Ok(()),
+            Ok(Ok(Ended::Stopped)) => Ok(Ended::Stopped),
             Ok(Ok(Ended::HandedOff)) => {
                 self.flush().await;
-                tracing::info!("the new host process serves the service; this one exits");
-                Ok(())
+                tracing::info!(
+                    "the service was handed over (to a new host process or another machine); \
+                     it ended here"
+                );
+                Ok(Ended::HandedOff)
             }
             Ok(Err(e)) => Err(e),
             Err(e) => Err(anyhow::anyhow!("the service actor panicked: {e}")),

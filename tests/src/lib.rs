@@ -7,6 +7,7 @@
 
 pub mod irc;
 pub mod load;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -240,6 +241,20 @@ impl Served {
         {
             command.arg("--cache-dir").arg(test_cache_dir());
         }
+        Served::spawn(command, control, dir, |text| {
+            text.matches("listening on ").count() >= listeners
+        })
+    }
+
+    /// Runs `command` (a `wasmhost serve` with `--control control`, whose
+    /// temporary directory is `dir`) and waits until its stderr satisfies
+    /// `started`; then reads its listeners' addresses from what it printed.
+    pub fn spawn(
+        mut command: Command,
+        control: PathBuf,
+        dir: tempfile::TempDir,
+        started: impl Fn(&str) -> bool,
+    ) -> Served {
         let mut child = command
             .env("WASMHOST_LOG", "info")
             .stdin(Stdio::null())
@@ -267,10 +282,7 @@ impl Served {
             control,
             _dir: dir,
         };
-        served.wait_for_output(
-            |text| text.matches("listening on ").count() >= listeners,
-            START_TIMEOUT,
-        );
+        served.wait_for_output(started, START_TIMEOUT);
         served.addrs = served
             .stderr()
             .lines()

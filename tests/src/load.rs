@@ -23,11 +23,17 @@ pub struct Load {
 impl Load {
     /// Connects `clients` clients to `server` and starts them.
     pub fn start(server: &Served, clients: usize) -> Load {
+        Load::start_with(|| redis_connect(server), clients)
+    }
+
+    /// Starts `clients` clients on connections made by `connect` (for a
+    /// server reached another way, e.g. from another network namespace).
+    pub fn start_with(connect: impl Fn() -> Connection, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
         let clients = (0..clients)
             .map(|id| {
-                let (c, stop, progress) = (redis_connect(server), stop.clone(), progress.clone());
+                let (c, stop, progress) = (connect(), stop.clone(), progress.clone());
                 std::thread::spawn(move || client_loop(c, id, stop, progress))
             })
             .collect();
@@ -46,13 +52,17 @@ impl Load {
     /// Stops the clients, then checks that everything each one wrote reads
     /// back, exactly once. Returns each client's rounds.
     pub fn finish(self, server: &Served) -> Vec<u64> {
+        self.finish_with(redis_connect(server))
+    }
+
+    /// [`finish`](Self::finish), reading back on `check`.
+    pub fn finish_with(self, mut check: Connection) -> Vec<u64> {
         self.stop.store(true, Ordering::Relaxed);
         let rounds: Vec<u64> = self
             .clients
             .into_iter()
             .map(|t| t.join().expect("client thread"))
             .collect();
-        let mut check = redis_connect(server);
         for (id, &n) in rounds.iter().enumerate() {
             assert!(n > 0, "client {id} made no progress");
             let mut pipe = redis::pipe();

@@ -91,6 +91,18 @@ pub enum Request {
         #[serde(default)]
         exec: bool,
     },
+    /// Move the service to another machine (`wasmhost migrate`).
+    Migrate {
+        to: std::net::SocketAddr,
+        move_ip: crate::migrate::ServiceAddr,
+        #[serde(default)]
+        peer_name: Option<String>,
+        #[serde(default = "default_upgrade_timeout_ms")]
+        timeout_ms: u64,
+        /// The link's certificates: cert, key, CA [default: `serve`'s].
+        #[serde(default)]
+        tls: Option<[PathBuf; 3]>,
+    },
 }
 
 fn default_upgrade_timeout_ms() -> u64 {

@@ -394,6 +394,24 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
                 .await
                 .map(|report| Response::Swapped(Box::new(report)))
         }
+        Request::Migrate {
+            to,
+            move_ip,
+            peer_name,
+            timeout_ms,
+            tls,
+        } => {
+            let opts = crate::migrate::MigrateOptions {
+                to,
+                peer_name,
+                move_ip,
+                timeout: Duration::from_millis(timeout_ms),
+                tls: tls.map(|[cert, key, ca]| crate::migrate::TlsFiles { cert, key, ca }),
+            };
+            crate::migrate::migrate(&ctx.upgrader, opts)
+                .await
+                .map(|report| Response::Swapped(Box::new(report)))
+        }
     };
     match result {
         Ok(response) => response,

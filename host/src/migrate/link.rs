@@ -194,9 +194,10 @@ impl Link {
     }
 }
 
-/// Certificates for tests: a CA and hosts it signs, written as PEM files.
-#[cfg(test)]
-pub(crate) mod testing {
+/// Certificates for tests: a CA and hosts it signs, written as PEM files
+/// (the integration tests enable the `test-certs` feature for it).
+#[cfg(any(test, feature = "test-certs"))]
+pub mod testing {
     use super::*;
 
     pub struct Ca {

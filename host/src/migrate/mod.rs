@@ -61,8 +61,20 @@
 //! `Commit`, before serving). Each test checks that S serves every
 //! connection with its state afterwards.
 
+pub mod address;
 pub mod link;
+mod receive;
 pub mod repair;
+mod send;
+
+use serde::{Deserialize, Serialize};
+
+pub use address::ServiceAddr;
+pub use link::TlsFiles;
+pub use receive::Port;
+pub use send::{MigrateOptions, migrate};
+
+use crate::service::SwapReport;
 
 /// The migration protocol's version. A receiver that speaks another one
 /// answers `Failed` at `offer` (the sender keeps serving).
@@ -70,3 +82,119 @@ pub const VERSION: u32 = 1;
 
 /// Test-only: the step at which the receiver fails on purpose.
 pub const FAIL_ENV: &str = "WASMHOST_TEST_MIGRATE_FAIL";
+
+/// Whether this process was asked (by a test) to fail at `step`.
+fn fail_at(step: &str) -> bool {
+    std::env::var(FAIL_ENV).is_ok_and(|s| s == step)
+}
+
+/// A message on the link.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Message {
+    /// S → R: what is coming.
+    Offer(Offer),
+    /// R → S: whether R needs the component's bytes.
+    Need { component: bool },
+    /// S → R: the component; payload: its bytes.
+    Component,
+    /// R → S: loaded and instantiated (the upgrade's message).
+    Prepared(crate::upgrade::Prepared),
+    /// S → R: the frozen service; payload: the state, every connection's
+    /// unread and unsent bytes, then every connection's unacknowledged
+    /// bytes.
+    Manifest(Box<Manifest>),
+    /// R → S: imported and restored; waiting for `Commit`.
+    Ready {
+        import_us: u64,
+        validate_us: u64,
+        tcp_restore_us: u64,
+        /// From the manifest's arrival to this message.
+        after_receive_us: u64,
+    },
+    /// S → R: serve.
+    Commit { report: Box<SwapReport> },
+    /// R → S: R serves.
+    Serving {
+        address_add_us: u64,
+        repair_off_us: u64,
+    },
+    /// S → R: do not serve; S serves on.
+    Abort { reason: String },
+    /// Either way: this step failed.
+    Failed { step: String, message: String },
+    /// S → R, on a new link after losing the old one past `Commit`: what
+    /// became of migration `id`?
+    Query { id: String },
+    /// R → S: the answer.
+    Outcome { id: String, outcome: Outcome },
+}
+
+/// What became of a migration, as its receiver knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// R received `Commit` and serves (or served) the service.
+    Serving,
+    /// R dropped it (an abort, a failure, or the link lost before
+    /// `Commit`).
+    Aborted,
+    /// R has no record of it.
+    Unknown,
+}
+
+/// How the connections move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// TCP_REPAIR and the service address moving along.
+    MoveIp,
+}
+
+/// S → R: what a migration brings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offer {
+    pub version: u32,
+    /// Unique per migration: the sender's pid, a counter and the time.
+    pub id: String,
+    pub service: String,
+    pub mode: Mode,
+    /// The service address that moves (`move-ip`).
+    pub address: Option<ServiceAddr>,
+    /// Hex SHA-256 of the component's bytes, and their length.
+    pub component_hash: String,
+    pub component_size: u64,
+}
+
+/// S → R: the frozen service: the host upgrade's manifest (the service
+/// image, payload lengths) plus each connection's TCP state.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub upgrade: crate::upgrade::Manifest,
+    /// One per connection of `upgrade.image.conns`, in order.
+    pub tcp: Vec<repair::TcpImage>,
+}
+
+impl Manifest {
+    /// The unacknowledged bytes' share of the payload.
+    fn unacked_len(&self) -> u64 {
+        self.tcp.iter().map(|t| u64::from(t.unacked_len)).sum()
+    }
+
+    /// Checks the manifest against the payload's length before anything
+    /// is trusted.
+    fn check(&self, payload_len: usize) -> Result<(), String> {
+        if self.tcp.len() != self.upgrade.image.conns.len() {
+            return Err(format!(
+                "the manifest lists {} connections and {} TCP states",
+                self.upgrade.image.conns.len(),
+                self.tcp.len()
+            ));
+        }
+        let unacked = self.unacked_len();
+        let rest = (payload_len as u64)
+            .checked_sub(unacked)
+            .ok_or("the payload is shorter than its unacknowledged bytes")?;
+        self.upgrade.check(rest as usize)
+    }
+}

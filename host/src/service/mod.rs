@@ -42,8 +42,8 @@ pub use group::{GroupGate, LoadGuard, Spread, require_stateless};
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
 pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, restore};
 pub use report::{
-    ComponentInfo, HISTORY_LEN, InstanceSummary, StatusReport, SwapRecord, SwapReport, UpgradeInfo,
-    micros, unix_ms,
+    ComponentInfo, HISTORY_LEN, InstanceSummary, MigrateInfo, StatusReport, SwapRecord, SwapReport,
+    UpgradeInfo, micros, unix_ms,
 };
 pub use shadow::{Divergence, ShadowOptions, ShadowStatus, default_max_lag_ms};
 pub use state::Effect;

@@ -94,6 +94,51 @@ pub struct SwapReport {
     /// For a shadow swap's commit: what the shadow did before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<super::ShadowStatus>,
+    /// For a move to another machine (`wasmhost migrate`): where, how, and
+    /// the freeze's split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate: Option<MigrateInfo>,
+}
+
+/// What a move to another machine did, beyond a swap's state. The pause
+/// (`pause_us`) is the freeze: from the sender's last event to the
+/// receiver's confirmation that it serves. Its split: `export_us`,
+/// `transfer_us`, `import_us`, `validate_us` as for an upgrade, and
+/// these.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct MigrateInfo {
+    /// `move-ip` (connections recreated on the receiver, the address
+    /// moved) or `relay`.
+    pub mode: String,
+    /// The receiver's `serve --receive` address.
+    pub to: String,
+    /// The moved service address (`move-ip`).
+    #[serde(default)]
+    pub address: Option<String>,
+    pub sender_pid: u32,
+    pub receiver_pid: u32,
+    /// Whether the component's bytes were sent (not when the receiver had
+    /// them).
+    pub component_sent: bool,
+    pub listeners: usize,
+    pub timers: usize,
+    /// Bytes read from clients and not yet given to the guest (the
+    /// host's and the kernel's receive queues).
+    pub unread_bytes: usize,
+    /// Bytes the guest sent that clients had not been sent (the host's
+    /// and the kernel's), and sent bytes not yet acknowledged.
+    pub unsent_bytes: usize,
+    pub unacked_bytes: usize,
+    /// Sender: repair mode on and every connection's TCP state read.
+    pub tcp_freeze_us: u64,
+    /// Sender: the address removed.
+    pub address_remove_us: u64,
+    /// Receiver: every connection's socket recreated (in repair mode).
+    pub tcp_restore_us: u64,
+    /// Receiver: the address added and announced (gratuitous ARP).
+    pub address_add_us: u64,
+    /// Receiver: every socket out of repair mode.
+    pub repair_off_us: u64,
 }
 
 /// What a host upgrade moved, beyond a swap's state.

@@ -792,6 +792,7 @@ impl Actor {
             upgrade: None,
             validation: None,
             shadow: Some(status),
+            migrate: None,
         }))
     }
 }

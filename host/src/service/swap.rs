@@ -273,6 +273,7 @@ impl Actor {
                 false => opts.validation,
             }),
             shadow: None,
+            migrate: None,
         }))
     }
 

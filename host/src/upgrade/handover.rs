@@ -35,6 +35,8 @@ pub struct Upgrader {
     /// `serve --instances`: an upgrade hands over one instance only, so it
     /// is refused for more.
     pub instances: usize,
+    /// The certificates `serve` was given, for `migrate`'s link.
+    pub tls: Option<crate::migrate::TlsFiles>,
 }
 
 /// `wasmhost upgrade`'s options.
@@ -66,21 +68,35 @@ impl Default for UpgradeOptions {
 }
 
 /// Why an upgrade failed: the phase and the cause.
-pub(super) struct Failure {
-    step: &'static str,
+pub(crate) struct Failure {
+    /// `upgrade` or `migrate`.
+    what: &'static str,
+    pub(crate) step: &'static str,
     message: String,
 }
 
 impl Failure {
-    pub(super) fn new(step: &'static str, message: impl Into<String>) -> Failure {
+    pub(crate) fn new(step: &'static str, message: impl Into<String>) -> Failure {
         Failure {
+            what: "upgrade",
             step,
             message: message.into(),
         }
     }
 
-    fn text(&self) -> String {
-        format!("upgrade failed at step `{}`: {}", self.step, self.message)
+    /// A failure of `migrate` at `step`.
+    pub(crate) fn migrate(step: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            what: "migrate",
+            ..Failure::new(step, message)
+        }
+    }
+
+    pub(crate) fn text(&self) -> String {
+        format!(
+            "{} failed at step `{}`: {}",
+            self.what, self.step, self.message
+        )
     }
 }
 
@@ -429,7 +445,7 @@ impl Handover {
 
 /// Phase 4: freeze the service at its next update point and export its
 /// state in the first of `importable` it offers.
-async fn freeze(
+pub(crate) async fn freeze(
     u: &Upgrader,
     importable: &[String],
     deadline: tokio::time::Instant,
@@ -466,10 +482,14 @@ fn unexpected(step: &'static str, message: Message) -> Failure {
 }
 
 /// The history entry for an upgrade undone after the freeze.
-fn aborted_record(handoff: &Handoff, prepared: &Prepared, failure: &Failure) -> SwapRecord {
+pub(crate) fn aborted_record(
+    handoff: &Handoff,
+    prepared: &Prepared,
+    failure: &Failure,
+) -> SwapRecord {
     SwapRecord {
         at_unix_ms: crate::service::unix_ms(SystemTime::now()),
-        kind: "upgrade".into(),
+        kind: failure.what.into(),
         from: handoff.image.component.clone(),
         to: prepared.component.clone(),
         format: Some(handoff.image.format.clone()).filter(|f| !f.is_empty()),

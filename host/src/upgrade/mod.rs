@@ -43,8 +43,8 @@
 
 pub mod channel;
 mod exec;
-mod handover;
-mod takeover;
+pub(crate) mod handover;
+pub(crate) mod takeover;
 
 use std::path::{Path, PathBuf};
 
@@ -184,6 +184,7 @@ pub(crate) fn report(
         }),
         validation: Some(crate::service::Validation::Export),
         shadow: None,
+        migrate: None,
     }
 }
 

@@ -70,7 +70,7 @@ struct Takeover<'a> {
 }
 
 /// What the new process loaded before it received anything.
-pub(super) struct Loaded {
+pub(crate) struct Loaded {
     runtime: Runtime,
     pub prepared: service::Prepared,
     previous: Option<Arc<Program>>,
@@ -194,7 +194,7 @@ impl Takeover<'_> {
 }
 
 /// Phase 6: check the sockets, import the state, build the service.
-pub(super) async fn import(
+pub(crate) async fn import(
     opts: &ServeOptions,
     loaded: Loaded,
     manifest: &Manifest,
@@ -311,7 +311,7 @@ pub(super) async fn import(
 
 /// Loads the component (and the previous one, for rollback), instantiates
 /// it and asks what it imports.
-pub(super) async fn load(
+pub(crate) async fn load(
     opts: &ServeOptions,
     name: &str,
     component: &Path,
@@ -341,14 +341,14 @@ pub(super) async fn load(
 
 /// The most payload this host accepts: a state as large as an instance's
 /// memory, and every connection's buffers full.
-pub(super) fn max_payload(opts: &ServeOptions) -> u64 {
+pub(crate) fn max_payload(opts: &ServeOptions) -> u64 {
     let per_conn = opts.conn_limits.max_output_buffer + 2 * opts.conn_limits.read_chunk;
     opts.instance_limits.max_memory as u64 + (opts.max_connections as u64 + 1) * per_conn as u64
 }
 
 /// This process serves now: it owns the control socket's file, and the
 /// upgrade goes into the history.
-pub(super) fn commit_parts(parts: &mut Parts, report: &SwapReport) {
+pub(crate) fn commit_parts(parts: &mut Parts, report: &SwapReport) {
     if let Some(control) = &parts.control {
         control.claim();
     }
@@ -362,7 +362,10 @@ pub(super) fn commit_parts(parts: &mut Parts, report: &SwapReport) {
 fn committed_record(report: &SwapReport) -> SwapRecord {
     SwapRecord {
         at_unix_ms: service::unix_ms(SystemTime::now()),
-        kind: "upgrade".into(),
+        kind: match report.kind.is_empty() {
+            true => "upgrade".into(),
+            false => report.kind.clone(),
+        },
         from: report.from.clone(),
         to: report.to.clone(),
         format: report.format.clone(),

@@ -1,0 +1,410 @@
+//! The receiver's side of a migration (the right-hand column of the
+//! protocol in `super`): `serve --receive ADDR` keeps a [`Port`] open for
+//! the process's whole life. While the host has no service, the port
+//! takes one offer at a time and, once the sender commits, hands the
+//! service to the process's main loop, which serves it; while the host
+//! serves, offers are refused. At any time the port answers `Query`
+//! (what became of a migration), which is how a sender that lost the link
+//! after `Commit` learns whether this host serves.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow, bail};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::address;
+use super::link::{Link, TlsFiles};
+use super::{FAIL_ENV, Manifest, Message, Mode, Offer, Outcome, VERSION, fail_at, repair};
+use crate::control::server::ControlSocket;
+use crate::serve::{Launch, Parts, ServeOptions, Server};
+use crate::service::{self, ComponentInfo, SwapReport};
+use crate::upgrade::takeover;
+
+/// How many migrations' outcomes the port remembers.
+const OUTCOMES: usize = 64;
+
+/// Where services arrive from other hosts.
+pub struct Port {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    arrived: mpsc::Receiver<Arrived>,
+}
+
+struct Shared {
+    opts: ServeOptions,
+    /// Whether the host has no service and takes an offer.
+    waiting: Mutex<bool>,
+    /// One migration in progress at a time.
+    busy: tokio::sync::Mutex<()>,
+    outcomes: Mutex<VecDeque<(String, Outcome)>>,
+    arrived: mpsc::Sender<Arrived>,
+}
+
+/// A service received and committed: the parts to serve it from.
+struct Arrived {
+    parts: Parts,
+    report: SwapReport,
+}
+
+impl Port {
+    /// Binds `addr` and starts answering on it.
+    pub async fn bind(addr: SocketAddr, tls: &TlsFiles, opts: ServeOptions) -> Result<Port> {
+        let acceptor = tls.acceptor()?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for migrations on {addr} (--receive)"))?;
+        let addr = listener.local_addr()?;
+        let (tx, arrived) = mpsc::channel(1);
+        let shared = Arc::new(Shared {
+            opts,
+            waiting: Mutex::new(false),
+            busy: tokio::sync::Mutex::new(()),
+            outcomes: Mutex::new(VecDeque::new()),
+            arrived: tx,
+        });
+        tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
+        Ok(Port {
+            addr,
+            shared,
+            arrived,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Waits for a service (the host has none now), and serves it.
+    pub async fn next(&mut self, launch: Launch) -> Result<Server> {
+        *self.shared.waiting.lock().expect("port lock") = true;
+        tracing::info!(addr = %self.addr, "waiting for a service (wasmhost migrate --to)");
+        let arrived = self
+            .arrived
+            .recv()
+            .await
+            .ok_or_else(|| anyhow!("the migration port stopped"))?;
+        tracing::info!(
+            pid = std::process::id(),
+            freeze_us = arrived.report.pause.pause_us,
+            "migration committed: this host serves `{}` now",
+            arrived.report.service
+        );
+        Ok(Server::assemble(arrived.parts, &self.shared.opts, launch))
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("migration port: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        tokio::spawn(async move {
+            let link = match Link::accept(tcp, &acceptor).await {
+                Ok(link) => link,
+                Err(e) => {
+                    tracing::warn!("migration port: refused {peer}: {e:#}");
+                    return;
+                }
+            };
+            if let Err(e) = serve_link(link, &shared).await {
+                tracing::warn!("migration from {peer}: {e:#}");
+            }
+        });
+    }
+}
+
+impl Shared {
+    fn remember(&self, id: &str, outcome: Outcome) {
+        let mut outcomes = self.outcomes.lock().expect("outcomes lock");
+        outcomes.retain(|(known, _)| known != id);
+        outcomes.push_back((id.to_string(), outcome));
+        if outcomes.len() > OUTCOMES {
+            outcomes.pop_front();
+        }
+    }
+
+    fn outcome(&self, id: &str) -> Outcome {
+        let outcomes = self.outcomes.lock().expect("outcomes lock");
+        outcomes
+            .iter()
+            .find(|(known, _)| known == id)
+            .map_or(Outcome::Unknown, |(_, o)| *o)
+    }
+}
+
+/// One link: a query, or an offer.
+async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
+    let (first, _) = link.recv::<Message>(0).await?;
+    let offer = match first {
+        Message::Query { id } => {
+            let outcome = shared.outcome(&id);
+            link.send(&Message::Outcome { id, outcome }, &[]).await?;
+            return Ok(());
+        }
+        Message::Offer(offer) => offer,
+        other => bail!("expected an offer or a query, got {other:?}"),
+    };
+    let refuse = |message: String| Message::Failed {
+        step: "offer".into(),
+        message,
+    };
+    let Ok(_busy) = shared.busy.try_lock() else {
+        link.send(
+            &refuse("another migration to this host is in progress".into()),
+            &[],
+        )
+        .await?;
+        bail!("refused an offer: another migration is in progress");
+    };
+    if !*shared.waiting.lock().expect("port lock") {
+        let why = format!(
+            "this host serves `{}` already: a host takes a service only while it has none",
+            shared.opts.name
+        );
+        link.send(&refuse(why.clone()), &[]).await?;
+        bail!("refused an offer: {why}");
+    }
+    let id = offer.id.clone();
+    let mut r = Receiving {
+        link: &mut link,
+        shared,
+        step: "offer",
+    };
+    match r.run(offer).await {
+        Ok(arrived) => {
+            *shared.waiting.lock().expect("port lock") = false;
+            // The main loop is waiting in `Port::next`.
+            let _ = shared.arrived.send(arrived).await;
+            Ok(())
+        }
+        Err(e) => {
+            shared.remember(&id, Outcome::Aborted);
+            let step = r.step;
+            let failed = Message::Failed {
+                step: step.into(),
+                message: format!("{e:#}"),
+            };
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(1), link.send(&failed, &[]))
+                    .await;
+            Err(e.context(format!("receiving failed at step `{step}`")))
+        }
+    }
+}
+
+struct Receiving<'a> {
+    link: &'a mut Link,
+    shared: &'a Shared,
+    /// The step in progress, for the error.
+    step: &'static str,
+}
+
+impl Receiving<'_> {
+    async fn run(&mut self, offer: Offer) -> Result<Arrived> {
+        let opts = &self.shared.opts;
+        if offer.version != VERSION {
+            bail!(
+                "the sender speaks migration version {}, this host {VERSION}",
+                offer.version
+            );
+        }
+        if offer.service != opts.name {
+            bail!(
+                "the sender moves `{}` but this host was started as `{}`: start it with --name {}",
+                offer.service,
+                opts.name,
+                offer.service
+            );
+        }
+        let Mode::MoveIp = offer.mode;
+        let addr = offer
+            .address
+            .ok_or_else(|| anyhow!("a move-ip offer without an address"))?;
+        address::check_capabilities().map_err(anyhow::Error::msg)?;
+        let iface = address::on_segment(&addr)?;
+        if fail_at("offer") {
+            bail!("test: {FAIL_ENV}=offer");
+        }
+        let path = received_dir(opts)?.join(format!("{}.wasm", offer.component_hash));
+        let need = !path.exists();
+        self.link
+            .send(&Message::Need { component: need }, &[])
+            .await?;
+        self.step = "prepare";
+        if need {
+            let (message, bytes) = self.link.recv::<Message>(offer.component_size).await?;
+            let Message::Component = message else {
+                bail!("expected the component, got {message:?}");
+            };
+            let hash = hex::encode(Sha256::digest(&bytes));
+            if hash != offer.component_hash {
+                bail!(
+                    "the component's bytes hash to {hash}, the offer said {}",
+                    offer.component_hash
+                );
+            }
+            let partial = path.with_extension("partial");
+            std::fs::write(&partial, &bytes)
+                .and_then(|()| std::fs::rename(&partial, &path))
+                .with_context(|| format!("cannot store the component as {}", path.display()))?;
+        }
+        let loaded = takeover::load(opts, &offer.service, &path, None).await?;
+        if fail_at("prepare") {
+            bail!("test: {FAIL_ENV}=prepare");
+        }
+        let program = &loaded.prepared.instance.program;
+        let prepared = crate::upgrade::Prepared {
+            version: crate::upgrade::VERSION,
+            pid: std::process::id(),
+            importable: loaded.prepared.importable.clone(),
+            component: ComponentInfo::of(program),
+            compile_us: service::micros(program.compile_time),
+            from_cache: program.from_cache,
+            instantiate_us: service::micros(loaded.prepared.instantiate_time),
+        };
+        self.link.send(&Message::Prepared(prepared), &[]).await?;
+        self.step = "send";
+        let budget = takeover::max_payload(opts).saturating_mul(2);
+        let (message, mut payload) = self.link.recv::<Message>(budget).await?;
+        let manifest = match message {
+            Message::Manifest(m) => m,
+            Message::Abort { reason } => bail!("the sender aborted: {reason}"),
+            other => bail!("expected the manifest, got {other:?}"),
+        };
+        if fail_at("crash") {
+            eprintln!("test: {FAIL_ENV}=crash: dying mid-transfer");
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+        }
+        let received = Instant::now();
+        manifest.check(payload.len()).map_err(anyhow::Error::msg)?;
+        self.step = "import";
+        let unacked = payload.split_off(payload.len() - manifest.unacked_len() as usize);
+        let restoring = Instant::now();
+        let (fds, conn_fds) = restore_sockets(&manifest, &unacked)?;
+        let tcp_restore = restoring.elapsed();
+        if fail_at("import") {
+            bail!("test: {FAIL_ENV}=import: rejecting the state");
+        }
+        let control = match &opts.control {
+            Some(path) => Some(ControlSocket::bind(path).await?),
+            None => None,
+        };
+        let (mut parts, timings) =
+            takeover::import(opts, loaded, &manifest.upgrade, payload, fds).await?;
+        parts.control = control;
+        if fail_at("ready") {
+            eprintln!("test: {FAIL_ENV}=ready: never answering");
+            std::future::pending::<()>().await;
+        }
+        let ready = Message::Ready {
+            import_us: service::micros(timings.import),
+            validate_us: service::micros(timings.validate),
+            tcp_restore_us: service::micros(tcp_restore),
+            after_receive_us: service::micros(received.elapsed()),
+        };
+        self.link.send(&ready, &[]).await?;
+        self.step = "commit";
+        let report = match self.link.recv::<Message>(0).await {
+            Ok((Message::Commit { report }, _)) => *report,
+            Ok((Message::Abort { reason }, _)) => bail!("the sender aborted: {reason}"),
+            Ok((other, _)) => bail!("expected commit or abort, got {other:?}"),
+            Err(e) => bail!("the link closed before the sender committed ({e:#}); dropping it"),
+        };
+        if fail_at("commit") {
+            eprintln!("test: {FAIL_ENV}=commit: exiting before serving");
+            std::process::exit(3);
+        }
+        // From here on this host serves, whatever happens to the link.
+        self.shared.remember(&offer.id, Outcome::Serving);
+        let adding = Instant::now();
+        address::add(&addr, &iface).await?;
+        if let Err(e) = address::announce(addr.ip, &iface) {
+            tracing::warn!("migrate: could not announce {}: {e}", addr.ip);
+        }
+        let address_add = adding.elapsed();
+        let leaving = Instant::now();
+        for fd in &conn_fds {
+            // SAFETY: the parts own these sockets and keep them open.
+            repair::leave(unsafe { BorrowedFd::borrow_raw(*fd) })
+                .context("a connection did not leave repair mode")?;
+        }
+        let repair_off = leaving.elapsed();
+        let serving = Message::Serving {
+            address_add_us: service::micros(address_add),
+            repair_off_us: service::micros(repair_off),
+        };
+        let _ = self.link.send(&serving, &[]).await;
+        let mut report = report;
+        if let Some(info) = report.migrate.as_mut() {
+            info.address_add_us = service::micros(address_add);
+            info.repair_off_us = service::micros(repair_off);
+        }
+        takeover::commit_parts(&mut parts, &report);
+        Ok(Arrived { parts, report })
+    }
+}
+
+/// The listeners (bound ahead of their address) and every connection's
+/// socket, recreated in repair mode: the descriptors in the manifest's
+/// order, and the connections' raw descriptors for leaving repair mode
+/// at the commit.
+fn restore_sockets(manifest: &Manifest, unacked: &[u8]) -> Result<(Vec<OwnedFd>, Vec<RawFd>)> {
+    let image = &manifest.upgrade.image;
+    // The connections first: a port with a listening socket on it takes no
+    // other socket, but a listener may join connections that share the
+    // port (SO_REUSEADDR on both).
+    let mut conns = Vec::with_capacity(image.conns.len());
+    let mut offset = 0;
+    for (conn, tcp) in image.conns.iter().zip(&manifest.tcp) {
+        let mine = &unacked[offset..offset + tcp.unacked_len as usize];
+        offset += mine.len();
+        conns.push(repair::restore(tcp, mine).with_context(|| {
+            format!(
+                "connection {} ({}): restoring its socket",
+                conn.id, conn.peer
+            )
+        })?);
+    }
+    let conn_fds = conns.iter().map(|fd| fd.as_fd().as_raw_fd()).collect();
+    let mut fds = Vec::with_capacity(image.listeners.len() + image.conns.len());
+    for l in &image.listeners {
+        fds.push(
+            address::listen_ahead(l.addr)
+                .with_context(|| format!("listener `{}` on {}", l.name, l.addr))?,
+        );
+    }
+    fds.extend(conns);
+    Ok((fds, conn_fds))
+}
+
+/// Where received components are kept, by hash: beside the compile cache,
+/// or in the temporary directory.
+fn received_dir(opts: &ServeOptions) -> Result<PathBuf> {
+    let dir = match &opts.cache {
+        Some(cache) => cache.dir.join("received"),
+        None => std::env::temp_dir().join(format!(
+            "wasmhost-received-{}",
+            nix::unistd::getuid().as_raw()
+        )),
+    };
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create {} for received components", dir.display()))?;
+    Ok(dir)
+}

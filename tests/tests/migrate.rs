@@ -1,0 +1,323 @@
+//! `wasmhost migrate --move-ip`: a live kv service moved between two
+//! "machines" (network namespaces on one bridge, made by each test and
+//! removed after it) with its state and every connection, while clients
+//! in a third namespace keep using it; and every failure before the
+//! commit leaves the sender serving.
+//!
+//! These tests need root (namespaces, TCP_REPAIR, addresses); where the
+//! machine cannot make namespaces they print `SKIPPED` with the reason.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::time::Duration;
+
+use wasmhost::migrate::TlsFiles;
+use wasmhost::migrate::link::testing::Ca;
+use wasmhost_tests::load::Load;
+use wasmhost_tests::netns::{Machine, Segment};
+use wasmhost_tests::{Finished, Served, guest, test_cache_dir, wasmhost_bin};
+
+const RECEIVE_PORT: u16 = 7400;
+const SERVICE_PORT: u16 = 6379;
+
+/// The segment, its machines (client, A, B), the service address (on A),
+/// and certificates for A and B from one CA.
+struct World {
+    _dir: tempfile::TempDir,
+    client: Machine,
+    a: Machine,
+    b: Machine,
+    service: Ipv4Addr,
+    tls_a: TlsFiles,
+    tls_b: TlsFiles,
+    dir: std::path::PathBuf,
+    // Last: removed after the hosts are gone.
+    _segment: Segment,
+}
+
+fn world(test: &str) -> Option<World> {
+    let (segment, machines) = match Segment::create(3) {
+        Ok(made) => made,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: cannot make network namespaces here: {why}");
+            return None;
+        }
+    };
+    let [client, a, b]: [Machine; 3] = machines.try_into().expect("three machines");
+    let service = segment.spare(100);
+    a.add_address(service)
+        .expect("adding the service address to A");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca = Ca::new("wasmhost test CA");
+    let tls_a = ca.host(dir.path(), "a", &[&a.ip.to_string()]);
+    let tls_b = ca.host(dir.path(), "b", &[&b.ip.to_string()]);
+    Some(World {
+        dir: dir.path().to_path_buf(),
+        _dir: dir,
+        client,
+        a,
+        b,
+        service,
+        tls_a,
+        tls_b,
+        _segment: segment,
+    })
+}
+
+impl World {
+    /// `wasmhost serve [kv] --receive IP:7400` on machine `m`: with a
+    /// component it serves it on the service address; without, it waits.
+    fn host(&self, m: &Machine, serve_kv: bool, envs: &[(&str, &str)]) -> Served {
+        let tls = if m.ip == self.a.ip {
+            &self.tls_a
+        } else {
+            &self.tls_b
+        };
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let control = dir.path().join("control.sock");
+        let mut c = m.command(&wasmhost_bin());
+        c.arg("serve");
+        if serve_kv {
+            c.arg(guest("kv"))
+                .arg("--listen")
+                .arg(format!("{}:{SERVICE_PORT}", self.service));
+        }
+        c.args(["--name", "kv", "--receive"])
+            .arg(format!("{}:{RECEIVE_PORT}", m.ip))
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .arg("--control")
+            .arg(&control)
+            .arg("--cache-dir")
+            .arg(test_cache_dir())
+            .envs(envs.iter().copied());
+        Served::spawn(c, control, dir, move |text| {
+            text.contains("receiving services on")
+                && match serve_kv {
+                    true => text.contains("listening on "),
+                    false => text.contains("waiting for a service"),
+                }
+        })
+    }
+
+    fn service_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.service, SERVICE_PORT))
+    }
+
+    /// `wasmhost migrate` from `from` to machine `to`.
+    fn migrate(&self, from: &Served, to: &Machine, extra: &[&str]) -> Finished {
+        let to = format!("{}:{RECEIVE_PORT}", to.ip);
+        let ip = format!("{}/24", self.service);
+        let mut args = vec!["--to", &to, "--move-ip", &ip, "--name", "kv", "--json"];
+        args.extend_from_slice(extra);
+        from.command("migrate", &args)
+    }
+
+    /// A raw connection from the client machine.
+    fn connect(&self) -> TcpStream {
+        let addr = self.service_addr();
+        let s = self
+            .client
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .expect("connecting from the client machine");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// A redis client from the client machine.
+    fn redis(&self) -> redis::Connection {
+        let url = format!("redis://{}/", self.service_addr());
+        self.client.run(move || {
+            redis::Client::open(url)
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_secs(10))
+                .expect("redis connection from the client machine")
+        })
+    }
+}
+
+fn ok(out: &Finished, what: &str, hosts: &[&Served]) {
+    let logs: Vec<String> = hosts.iter().map(|h| h.stderr()).collect();
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}\nhost logs:\n{}",
+        out.stderr,
+        out.stdout,
+        logs.join("\n----\n")
+    );
+}
+
+fn roundtrip(c: &mut TcpStream, send: &[u8], expect: &[u8]) {
+    c.write_all(send).unwrap();
+    let mut got = vec![0u8; expect.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        String::from_utf8_lossy(expect)
+    );
+}
+
+/// The scenario: 20 clients under load while kv moves A -> B -> A
+/// five times; no connection breaks, every reply is right, every key is
+/// kept, and a command half-sent before a move completes after it.
+#[test]
+fn kv_moves_between_machines_and_back_with_every_connection() {
+    let Some(w) = world("kv_moves_between_machines_and_back_with_every_connection") else {
+        return;
+    };
+    let a = w.host(&w.a, true, &[]);
+    let mut b = w.host(&w.b, false, &[]);
+    let mut seed = w.connect();
+    roundtrip(
+        &mut seed,
+        b"*3\r\n$3\r\nSET\r\n$4\r\nseed\r\n$5\r\nfirst\r\n",
+        b"+OK\r\n",
+    );
+    let load = Load::start_with(|| w.redis(), 20);
+    load.wait(200);
+    let mut half = w.connect();
+    for round in 0..5 {
+        // Half a command before the move, the rest after it.
+        half.write_all(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf").unwrap();
+        let out = w.migrate(&a, &w.b, &[]);
+        ok(&out, &format!("migrate A -> B (round {round})"), &[&a, &b]);
+        assert!(
+            out.stdout.contains("\"kind\": \"migrate\""),
+            "{}",
+            out.stdout
+        );
+        roundtrip(&mut half, b"\r\n$2\r\nB!\r\n", b"+OK\r\n");
+        load.wait(200);
+        b.wait_for_output(
+            |t| t.matches("serving as pid").count() >= 1,
+            Duration::from_secs(10),
+        );
+        let out = w.migrate(&b, &w.a, &[]);
+        ok(&out, &format!("migrate B -> A (round {round})"), &[&a, &b]);
+        roundtrip(
+            &mut half,
+            b"*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n",
+            b"$2\r\nB!\r\n",
+        );
+        load.wait(200);
+    }
+    let rounds = load.finish_with(w.redis());
+    assert!(rounds.iter().all(|&n| n > 0));
+    roundtrip(
+        &mut seed,
+        b"*2\r\n$3\r\nGET\r\n$4\r\nseed\r\n",
+        b"$5\r\nfirst\r\n",
+    );
+    // Both hosts report the moves in their history.
+    let status = a.command("status", &["--json"]);
+    assert!(status.status.success(), "{}", status.stderr);
+    assert!(
+        status.stdout.matches("\"kind\": \"migrate\"").count() >= 2,
+        "{}",
+        status.stdout
+    );
+    drop(half);
+    drop(a);
+    drop(b);
+}
+
+/// Each step at which the receiver fails on purpose: the migration fails
+/// naming the step, and the sender serves every connection with its
+/// state (and a later migration works).
+#[test]
+fn a_receiver_failing_at_any_step_leaves_the_sender_serving() {
+    let Some(w) = world("a_receiver_failing_at_any_step_leaves_the_sender_serving") else {
+        return;
+    };
+    let a = w.host(&w.a, true, &[]);
+    let mut c = w.connect();
+    roundtrip(
+        &mut c,
+        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\n0\r\n",
+        b"+OK\r\n",
+    );
+    // Clients busy throughout: every resume happens under load.
+    let load = Load::start_with(|| w.redis(), 10);
+    for (n, step) in ["offer", "prepare", "crash", "import", "ready", "commit"]
+        .into_iter()
+        .enumerate()
+    {
+        let b = w.host(&w.b, false, &[("WASMHOST_TEST_MIGRATE_FAIL", step)]);
+        let out = w.migrate(&a, &w.b, &["--timeout-ms", "3000"]);
+        assert!(
+            !out.status.success(),
+            "migrate succeeded with the receiver failing at {step}"
+        );
+        assert!(
+            out.stderr.contains("migrate failed at step"),
+            "{step}: {}",
+            out.stderr
+        );
+        // The sender serves the old connection, with its state.
+        let value = (n + 1).to_string();
+        roundtrip(
+            &mut c,
+            b"*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n",
+            format!(":{value}\r\n").as_bytes(),
+        );
+        // And new ones.
+        let mut fresh = w.connect();
+        roundtrip(
+            &mut fresh,
+            b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+            format!("${}\r\n{value}\r\n", value.len()).as_bytes(),
+        );
+        load.wait(100);
+        drop(b);
+    }
+    // After all that, a real migration still works.
+    let b = w.host(&w.b, false, &[]);
+    let out = w.migrate(&a, &w.b, &[]);
+    ok(&out, "migrate after the failures", &[&a, &b]);
+    roundtrip(&mut c, b"*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n", b":7\r\n");
+    load.finish_with(w.redis());
+}
+
+/// A sender whose certificate another CA signed is refused, and serves on.
+#[test]
+fn a_sender_with_a_foreign_certificate_is_refused() {
+    let Some(w) = world("a_sender_with_a_foreign_certificate_is_refused") else {
+        return;
+    };
+    let a = w.host(&w.a, true, &[]);
+    let _b = w.host(&w.b, false, &[]);
+    let mut c = w.connect();
+    roundtrip(
+        &mut c,
+        b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
+        b"+OK\r\n",
+    );
+    let foreign = Ca::new("someone else").host(&w.dir, "x", &[&w.a.ip.to_string()]);
+    let (cert, key) = (
+        foreign.cert.to_str().unwrap(),
+        foreign.key.to_str().unwrap(),
+    );
+    let out = w.migrate(
+        &a,
+        &w.b,
+        &[
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+            "--tls-ca",
+            w.tls_a.ca.to_str().unwrap(),
+        ],
+    );
+    assert!(!out.status.success(), "a foreign certificate was accepted");
+    assert!(
+        out.stderr.contains("step `connect`") || out.stderr.contains("step `offer`"),
+        "{}",
+        out.stderr
+    );
+    roundtrip(&mut c, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"$1\r\nv\r\n");
+}
