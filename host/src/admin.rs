@@ -565,36 +565,7 @@ pub fn format_swap(r: &SwapReport) -> String {
         );
     }
     if let Some(m) = &r.migrate {
-        let _ = writeln!(
-            s,
-            "  moved   to {} ({}{}), pid {} -> {}, component {}",
-            m.to,
-            m.mode,
-            m.address
-                .as_deref()
-                .map(|a| format!(" of {a}"))
-                .unwrap_or_default(),
-            m.sender_pid,
-            m.receiver_pid,
-            match m.component_sent {
-                true => "sent",
-                false => "already there",
-            }
-        );
-        let _ = writeln!(
-            s,
-            "  tcp     freeze {}, address off {}, restore {}, address on + ARP {}, repair off {}",
-            us(m.tcp_freeze_us),
-            us(m.address_remove_us),
-            us(m.tcp_restore_us),
-            us(m.address_add_us),
-            us(m.repair_off_us)
-        );
-        let _ = writeln!(
-            s,
-            "  carried {} listeners, {} timers, {} bytes unread, {} unsent, {} unacknowledged",
-            m.listeners, m.timers, m.unread_bytes, m.unsent_bytes, m.unacked_bytes
-        );
+        s.push_str(&format_migrate(m, "  "));
     }
     s
 }
@@ -721,6 +692,45 @@ pub fn format_status(r: &StatusReport) -> String {
             us(w.pause_us),
             w.outcome
         );
+        if let Some(m) = &w.migrate {
+            s.push_str(&format_migrate(m, "      "));
+        }
     }
+    s
+}
+
+/// A migration's lines: where, how, and the freeze's split.
+fn format_migrate(m: &crate::service::MigrateInfo, indent: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{indent}moved   to {} ({}{}), pid {} -> {}, component {}",
+        m.to,
+        m.mode,
+        m.address
+            .as_deref()
+            .map(|a| format!(" of {a}"))
+            .unwrap_or_default(),
+        m.sender_pid,
+        m.receiver_pid,
+        match m.component_sent {
+            true => "sent",
+            false => "already there",
+        }
+    );
+    let _ = writeln!(
+        s,
+        "{indent}tcp     freeze {}, address off {}, restore {}, address on + ARP {}, repair off {}",
+        us(m.tcp_freeze_us),
+        us(m.address_remove_us),
+        us(m.tcp_restore_us),
+        us(m.address_add_us),
+        us(m.repair_off_us)
+    );
+    let _ = writeln!(
+        s,
+        "{indent}carried {} listeners, {} timers, {} bytes unread, {} unsent, {} unacknowledged",
+        m.listeners, m.timers, m.unread_bytes, m.unsent_bytes, m.unacked_bytes
+    );
     s
 }

@@ -190,6 +190,17 @@ fn kv_moves_between_machines_and_back_with_every_connection() {
             "{}",
             out.stdout
         );
+        if round == 0 {
+            eprintln!("first move's report: {}", out.stdout);
+            // The receiver's status shows the move and its split.
+            let status = b.command("status", &[]);
+            assert!(status.status.success(), "{}", status.stderr);
+            assert!(
+                status.stdout.contains("address on + ARP"),
+                "{}",
+                status.stdout
+            );
+        }
         roundtrip(&mut half, b"\r\n$2\r\nB!\r\n", b"+OK\r\n");
         load.wait(200);
         b.wait_for_output(

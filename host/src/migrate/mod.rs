@@ -47,10 +47,11 @@
 //! releases (phase 8). `Aborted` or "no such migration": S resumes.
 //! Connection refused: R's process is gone, and the service lives only in
 //! that process, so nothing serves there: S resumes. No answer before the
-//! deadline (R unreachable): S stays frozen and says so. Resuming then
-//! could put the service on two machines at once; staying frozen keeps it
-//! on none until an operator knows more (`migrate --resume` makes S
-//! resume).
+//! deadline (R unreachable): S stays frozen, says so, and keeps asking in
+//! the background (every five seconds) until R answers, then releases or
+//! resumes. Resuming without an answer could put the service, and its
+//! address, on two machines at once; staying frozen keeps it on none
+//! until R can say which.
 //!
 //! # Testing the failure paths
 //!

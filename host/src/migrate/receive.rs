@@ -27,6 +27,10 @@ use crate::serve::{Launch, Parts, ServeOptions, Server};
 use crate::service::{self, ComponentInfo, SwapReport};
 use crate::upgrade::takeover;
 
+/// The longest a migration may take on the receiving side, from the offer
+/// to the commit (the sender's own deadline is usually far shorter).
+const RECEIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// How many migrations' outcomes the port remembers.
 const OUTCOMES: usize = 64;
 
@@ -187,7 +191,16 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         shared,
         step: "offer",
     };
-    match r.run(offer).await {
+    // A sender that vanishes without closing the link (its machine lost)
+    // must not hold this port forever.
+    let ran = tokio::time::timeout(RECEIVE_TIMEOUT, r.run(offer)).await;
+    let ran = ran.unwrap_or_else(|_| {
+        Err(anyhow!(
+            "the migration took more than {} s; dropping it",
+            RECEIVE_TIMEOUT.as_secs()
+        ))
+    });
+    match ran {
         Ok(arrived) => {
             *shared.waiting.lock().expect("port lock") = false;
             // The main loop is waiting in `Port::next`.

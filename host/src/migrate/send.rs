@@ -167,23 +167,68 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
         Err(Sent::AfterCommit(failure, report)) => {
             // R serves if and only if it received `Commit`: ask it.
             drop(link);
-            match outcome(&opts, &name, &tls, &id).await {
+            let ask = Asker {
+                opts,
+                name,
+                tls,
+                id,
+            };
+            match ask.outcome().await {
                 Ok(Outcome::Serving) => {
                     tracing::info!("migrate: the link broke after commit, and the receiver serves");
                     release(frozen, &report);
                     Ok(*report)
                 }
                 Ok(_) => Err(resume(frozen, &prepared, failure, None).await),
-                Err(unreachable) => Err(Failure::migrate(
-                    "commit",
-                    format!(
-                        "{}; the receiver cannot be asked whether it serves ({unreachable}), so \
-                         this host stays frozen rather than risk serving the service twice: \
-                         check the receiver, and if it does not serve, restart this host",
+                Err(unreachable) => {
+                    let message = format!(
+                        "{}; the receiver cannot be asked whether it serves ({unreachable:#}), so \
+                         this host stays frozen rather than risk serving the service twice, and \
+                         keeps asking: it ends its service if the receiver serves, and resumes \
+                         if the receiver does not",
                         failure.text()
-                    ),
-                )),
+                    );
+                    tokio::spawn(settle_later(frozen, report, prepared, failure, ask));
+                    Err(Failure::migrate("commit", message))
+                }
             }
+        }
+    }
+}
+
+/// In doubt after `Commit`: asks the receiver again (every second, then
+/// every five) until it answers, then releases or resumes. The service
+/// stays frozen meanwhile: serving it here while the receiver may serve it
+/// too would put one address on two machines.
+async fn settle_later(
+    frozen: Frozen2,
+    report: Box<SwapReport>,
+    prepared: Prepared,
+    failure: Failure,
+    ask: Asker,
+) {
+    let id = &ask.id;
+    let mut wait = Duration::from_secs(1);
+    for attempt in 1u64.. {
+        tokio::time::sleep(wait).await;
+        wait = Duration::from_secs(5);
+        match ask.outcome().await {
+            Ok(Outcome::Serving) => {
+                tracing::info!("migrate {id}: the receiver serves; this host's service ends");
+                release(frozen, &report);
+                return;
+            }
+            Ok(_) => {
+                tracing::warn!("migrate {id}: the receiver does not serve; this host resumes");
+                resume(frozen, &prepared, failure, None).await;
+                return;
+            }
+            Err(e) if attempt % 12 == 1 => {
+                tracing::warn!(
+                    "migrate {id}: still frozen, the receiver cannot be asked yet: {e:#}"
+                );
+            }
+            Err(_) => {}
         }
     }
 }
@@ -498,35 +543,43 @@ async fn resume(
     failure
 }
 
-/// After a link lost past `Commit`: asks the receiver, on a new link,
-/// whether it serves. Connection refused means its process is gone (the
-/// service lives only there): `Aborted`.
-async fn outcome(
-    opts: &MigrateOptions,
-    name: &str,
-    tls: &TlsFiles,
-    id: &str,
-) -> anyhow::Result<Outcome> {
-    let ask = async {
-        let mut link = match Link::connect(opts.to, name, tls).await {
-            Ok(link) => link,
-            Err(e)
-                if e.chain().any(|c| {
-                    c.downcast_ref::<std::io::Error>()
-                        .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
-                }) =>
-            {
-                return Ok(Outcome::Aborted);
+/// How to reach the receiver of a migration to ask what became of it.
+struct Asker {
+    opts: MigrateOptions,
+    name: String,
+    tls: TlsFiles,
+    id: String,
+}
+
+impl Asker {
+    /// Asks the receiver, on a new link, whether it serves migration `id`.
+    /// Connection refused means its process is gone (the service lives
+    /// only there): `Aborted`.
+    async fn outcome(&self) -> anyhow::Result<Outcome> {
+        let ask = async {
+            let mut link = match Link::connect(self.opts.to, &self.name, &self.tls).await {
+                Ok(link) => link,
+                Err(e)
+                    if e.chain().any(|c| {
+                        c.downcast_ref::<std::io::Error>()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+                    }) =>
+                {
+                    return Ok(Outcome::Aborted);
+                }
+                Err(e) => return Err(e),
+            };
+            let query = Message::Query {
+                id: self.id.clone(),
+            };
+            link.send(&query, &[]).await?;
+            match link.recv::<Message>(0).await? {
+                (Message::Outcome { outcome, .. }, _) => Ok(outcome),
+                (other, _) => anyhow::bail!("unexpected answer to a query: {other:?}"),
             }
-            Err(e) => return Err(e),
         };
-        link.send(&Message::Query { id: id.into() }, &[]).await?;
-        match link.recv::<Message>(0).await? {
-            (Message::Outcome { outcome, .. }, _) => Ok(outcome),
-            (other, _) => anyhow::bail!("unexpected answer to a query: {other:?}"),
-        }
-    };
-    tokio::time::timeout(opts.timeout.max(Duration::from_secs(2)), ask)
-        .await
-        .context("no answer")?
+        tokio::time::timeout(self.opts.timeout.max(Duration::from_secs(2)), ask)
+            .await
+            .context("no answer")?
+    }
 }

@@ -380,6 +380,7 @@ impl Actor {
             state_bytes: 0,
             pause_us: 0,
             outcome: format!("aborted: {why}"),
+            migrate: None,
         });
         reap(Box::new(side));
         for id in moved {
@@ -519,6 +520,7 @@ impl Actor {
             state_bytes: 0,
             pause_us: 0,
             outcome: "committed".into(),
+            migrate: None,
         });
         self.last_gradual = Some(status);
         Ok(())

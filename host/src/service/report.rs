@@ -172,6 +172,9 @@ pub struct SwapRecord {
     pub pause_us: u64,
     /// `committed`, or `aborted: <why>`.
     pub outcome: String,
+    /// For a move to or from another machine: the freeze's split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migrate: Option<Box<MigrateInfo>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

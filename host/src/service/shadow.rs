@@ -610,6 +610,7 @@ impl Actor {
             state_bytes: status.state_bytes,
             pause_us: status.sync_pause_us,
             outcome: format!("{state}: {why}"),
+            migrate: None,
         });
         self.last_shadow = Some(status);
         // Dropping the queue ends the thread, which drops the instance.
@@ -745,6 +746,7 @@ impl Actor {
             state_bytes: status.state_bytes,
             pause_us: pause.pause_us,
             outcome: "committed".into(),
+            migrate: None,
         });
         tracing::info!(
             service = &*self.spec.name,

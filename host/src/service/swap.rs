@@ -113,6 +113,7 @@ impl Actor {
             state_bytes,
             pause_us,
             outcome,
+            migrate: None,
         };
         match result {
             Ok(mut report) => {

@@ -496,5 +496,6 @@ pub(crate) fn aborted_record(
         state_bytes: handoff.state.len(),
         pause_us: micros(handoff.frozen_at.elapsed()),
         outcome: format!("aborted: {}", failure.text()),
+        migrate: None,
     }
 }

@@ -372,6 +372,7 @@ fn committed_record(report: &SwapReport) -> SwapRecord {
         state_bytes: report.state_bytes,
         pause_us: report.pause.pause_us,
         outcome: "committed".into(),
+        migrate: report.migrate.clone().map(Box::new),
     }
 }
 
