@@ -131,8 +131,7 @@ impl Room {
     /// message arrives, NAMES lists all three.
     pub fn check_joined(&mut self) {
         self.bob.send("PRIVMSG alice :still there?");
-        self.alice
-            .expect(":bob!bob@127.0.0.1 PRIVMSG alice :still there?");
+        self.alice.expect(" PRIVMSG alice :still there?");
         self.carol.send("NAMES #rust");
         self.carol.expect(" 353 carol = #rust :alice bob carol");
     }
@@ -183,17 +182,17 @@ impl Room {
         let (alice, messages) = talker.join().unwrap();
         for listener in [&mut bob, &mut carol] {
             listener.expect(&format!("PRIVMSG #rust :message {}", messages - 1));
-            let got: Vec<&String> = listener
+            // From alice, at whatever address she connects from.
+            let got: Vec<&str> = listener
                 .seen
                 .iter()
-                .filter(|l| l.contains("PRIVMSG #rust :message "))
+                .filter(|l| l.starts_with(":alice!alice@"))
+                .filter_map(|l| l.split_once(" PRIVMSG #rust :message ").map(|(_, n)| n))
                 .collect();
-            let expected: Vec<String> = (0..messages)
-                .map(|i| format!(":alice!alice@127.0.0.1 PRIVMSG #rust :message {i}"))
-                .collect();
+            let expected: Vec<String> = (0..messages).map(|i| i.to_string()).collect();
             assert_eq!(
                 got,
-                expected.iter().collect::<Vec<_>>(),
+                expected.iter().map(String::as_str).collect::<Vec<_>>(),
                 "{} saw each message exactly once, in order",
                 listener.nick
             );

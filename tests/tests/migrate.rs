@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use wasmhost::migrate::TlsFiles;
 use wasmhost::migrate::link::testing::Ca;
+use wasmhost_tests::irc::Room;
 use wasmhost_tests::load::Load;
 use wasmhost_tests::netns::{Machine, Segment};
 use wasmhost_tests::{Finished, Served, guest, test_cache_dir, wasmhost_bin};
@@ -68,6 +69,18 @@ impl World {
     /// `wasmhost serve [kv] --receive IP:7400` on machine `m`: with a
     /// component it serves it on the service address; without, it waits.
     fn host(&self, m: &Machine, serve_kv: bool, envs: &[(&str, &str)]) -> Served {
+        self.host_of(m, serve_kv.then_some(("kv", &[][..])), envs)
+    }
+
+    /// Like [`host`](Self::host), serving guest `serve.0` with arguments
+    /// `serve.1` (or waiting, without).
+    fn host_of(
+        &self,
+        m: &Machine,
+        serve: Option<(&str, &[&str])>,
+        envs: &[(&str, &str)],
+    ) -> Served {
+        let serve_kv = serve.is_some();
         let tls = if m.ip == self.a.ip {
             &self.tls_a
         } else {
@@ -77,12 +90,13 @@ impl World {
         let control = dir.path().join("control.sock");
         let mut c = m.command(&wasmhost_bin());
         c.arg("serve");
-        if serve_kv {
-            c.arg(guest("kv"))
+        if let Some((name, args)) = serve {
+            c.arg(guest(name))
                 .arg("--listen")
-                .arg(format!("{}:{SERVICE_PORT}", self.service));
+                .arg(format!("{}:{SERVICE_PORT}", self.service))
+                .args(args);
         }
-        c.args(["--name", "kv", "--receive"])
+        c.args(["--name", "svc", "--receive"])
             .arg(format!("{}:{RECEIVE_PORT}", m.ip))
             .arg("--tls-cert")
             .arg(&tls.cert)
@@ -112,7 +126,7 @@ impl World {
     fn migrate(&self, from: &Served, to: &Machine, extra: &[&str]) -> Finished {
         let to = format!("{}:{RECEIVE_PORT}", to.ip);
         let ip = format!("{}/24", self.service);
-        let mut args = vec!["--to", &to, "--move-ip", &ip, "--name", "kv", "--json"];
+        let mut args = vec!["--to", &to, "--move-ip", &ip, "--name", "svc", "--json"];
         args.extend_from_slice(extra);
         from.command("migrate", &args)
     }
@@ -291,6 +305,40 @@ fn a_receiver_failing_at_any_step_leaves_the_sender_serving() {
     ok(&out, "migrate after the failures", &[&a, &b]);
     roundtrip(&mut c, b"*2\r\n$4\r\nINCR\r\n$1\r\nk\r\n", b":7\r\n");
     load.finish_with(w.redis());
+}
+
+/// Chat users stay joined through a move there and back, and every
+/// message arrives exactly once.
+#[test]
+fn chat_users_stay_joined_across_machines() {
+    let Some(w) = world("chat_users_stay_joined_across_machines") else {
+        return;
+    };
+    let chat: &[&str] = &["--config", "history=100000"];
+    let a = w.host_of(&w.a, Some(("chat", chat)), &[]);
+    let b = w.host(&w.b, false, &[]);
+    let addr = w.service_addr();
+    let room = w.client.run(move || Room::join(addr, "before the move"));
+    let (room, outs, messages) = room.talk_through(|| {
+        let there = w.migrate(&a, &w.b, &[]);
+        std::thread::sleep(Duration::from_millis(200));
+        let back = w.migrate(&b, &w.a, &[]);
+        [there, back]
+    });
+    for out in &outs {
+        ok(out, "migrate of chat", &[&a, &b]);
+        assert!(
+            out.stdout.contains("\"format\": \"chat/1\""),
+            "{}",
+            out.stdout
+        );
+    }
+    let mut room = room;
+    room.check_joined();
+    let history = w
+        .client
+        .run(move || Room::newcomer_history(addr, "before the move").len());
+    assert_eq!(history, messages, "the history came back with the service");
 }
 
 /// A sender whose certificate another CA signed is refused, and serves on.
