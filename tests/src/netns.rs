@@ -8,10 +8,24 @@
 //! sent anywhere but these interfaces. Needs root (CAP_SYS_ADMIN and
 //! CAP_NET_ADMIN) and `ip` from iproute2: [`Segment::create`] says why not
 //! when the machine cannot, and the test then skips with that message.
+//!
+//! [`World`] is the migration fixture the tests and the benchmark share:
+//! a client, hosts A and B, the service address on A, and certificates.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::process::Command;
+use std::time::Duration;
+
+use wasmhost::migrate::TlsFiles;
+use wasmhost::migrate::link::testing::Ca;
+
+use crate::{Finished, Served, guest, test_cache_dir, wasmhost_bin};
+
+/// The port `serve --receive` listens on, on each machine's address.
+pub const RECEIVE_PORT: u16 = 7400;
+/// The port the service listens on, on the service address.
+pub const SERVICE_PORT: u16 = 6379;
 
 /// A bridge and the machines on it; removed when dropped.
 pub struct Segment {
@@ -143,5 +157,136 @@ impl Machine {
         })
         .join()
         .expect("the thread in the namespace panicked")
+    }
+}
+
+/// The segment, its machines (client, A, B), the service address (on A),
+/// and certificates for A and B from one CA.
+pub struct World {
+    _dir: tempfile::TempDir,
+    pub client: Machine,
+    pub a: Machine,
+    pub b: Machine,
+    /// The service address, on A at first.
+    pub service: Ipv4Addr,
+    pub tls_a: TlsFiles,
+    pub tls_b: TlsFiles,
+    /// A directory for more certificates.
+    pub dir: std::path::PathBuf,
+    // Last: removed after the hosts are gone.
+    _segment: Segment,
+}
+
+impl World {
+    /// A segment with a client, A and B, the service address on A, and
+    /// certificates for A and B; `Err` says why this machine cannot.
+    pub fn create() -> Result<World, String> {
+        let (segment, machines) = Segment::create(3)?;
+        let [client, a, b]: [Machine; 3] = machines.try_into().expect("three machines");
+        let service = segment.spare(100);
+        a.add_address(service)
+            .expect("adding the service address to A");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let ca = Ca::new("wasmhost test CA");
+        let tls_a = ca.host(dir.path(), "a", &[&a.ip.to_string()]);
+        let tls_b = ca.host(dir.path(), "b", &[&b.ip.to_string()]);
+        Ok(World {
+            dir: dir.path().to_path_buf(),
+            _dir: dir,
+            client,
+            a,
+            b,
+            service,
+            tls_a,
+            tls_b,
+            _segment: segment,
+        })
+    }
+
+    /// `wasmhost serve [kv] --receive IP:7400` on machine `m`: with a
+    /// component it serves it on the service address; without, it waits.
+    pub fn host(&self, m: &Machine, serve_kv: bool, envs: &[(&str, &str)]) -> Served {
+        self.host_of(m, serve_kv.then_some(("kv", &[][..])), envs)
+    }
+
+    /// Like [`host`](Self::host), serving guest `serve.0` with arguments
+    /// `serve.1` (or waiting, without).
+    pub fn host_of(
+        &self,
+        m: &Machine,
+        serve: Option<(&str, &[&str])>,
+        envs: &[(&str, &str)],
+    ) -> Served {
+        let serve_kv = serve.is_some();
+        let tls = if m.ip == self.a.ip {
+            &self.tls_a
+        } else {
+            &self.tls_b
+        };
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let control = dir.path().join("control.sock");
+        let mut c = m.command(&wasmhost_bin());
+        c.arg("serve");
+        if let Some((name, args)) = serve {
+            c.arg(guest(name))
+                .arg("--listen")
+                .arg(format!("{}:{SERVICE_PORT}", self.service))
+                .args(args);
+        }
+        c.args(["--name", "svc", "--receive"])
+            .arg(format!("{}:{RECEIVE_PORT}", m.ip))
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .arg("--control")
+            .arg(&control)
+            .arg("--cache-dir")
+            .arg(test_cache_dir())
+            .envs(envs.iter().copied());
+        Served::spawn(c, control, dir, move |text| {
+            text.contains("receiving services on")
+                && match serve_kv {
+                    true => text.contains("listening on "),
+                    false => text.contains("waiting for a service"),
+                }
+        })
+    }
+
+    pub fn service_addr(&self) -> SocketAddr {
+        SocketAddr::from((self.service, SERVICE_PORT))
+    }
+
+    /// `wasmhost migrate` from `from` to machine `to`.
+    pub fn migrate(&self, from: &Served, to: &Machine, extra: &[&str]) -> Finished {
+        let to = format!("{}:{RECEIVE_PORT}", to.ip);
+        let ip = format!("{}/24", self.service);
+        let mut args = vec!["--to", &to, "--move-ip", &ip, "--name", "svc", "--json"];
+        args.extend_from_slice(extra);
+        from.command("migrate", &args)
+    }
+
+    /// A raw connection from the client machine.
+    pub fn connect(&self) -> TcpStream {
+        let addr = self.service_addr();
+        let s = self
+            .client
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .expect("connecting from the client machine");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// A redis client from the client machine.
+    pub fn redis(&self) -> redis::Connection {
+        let url = format!("redis://{}/", self.service_addr());
+        self.client.run(move || {
+            redis::Client::open(url)
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_secs(10))
+                .expect("redis connection from the client machine")
+        })
     }
 }

@@ -8,149 +8,24 @@
 //! machine cannot make namespaces they print `SKIPPED` with the reason.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::time::Duration;
 
-use wasmhost::migrate::TlsFiles;
 use wasmhost::migrate::link::testing::Ca;
 use wasmhost_tests::irc::Room;
 use wasmhost_tests::load::Load;
-use wasmhost_tests::netns::{Machine, Segment};
-use wasmhost_tests::{Finished, Served, guest, test_cache_dir, wasmhost_bin};
+use wasmhost_tests::netns::World;
+use wasmhost_tests::{Finished, Served};
 
-const RECEIVE_PORT: u16 = 7400;
-const SERVICE_PORT: u16 = 6379;
-
-/// The segment, its machines (client, A, B), the service address (on A),
-/// and certificates for A and B from one CA.
-struct World {
-    _dir: tempfile::TempDir,
-    client: Machine,
-    a: Machine,
-    b: Machine,
-    service: Ipv4Addr,
-    tls_a: TlsFiles,
-    tls_b: TlsFiles,
-    dir: std::path::PathBuf,
-    // Last: removed after the hosts are gone.
-    _segment: Segment,
-}
-
+/// The segment for one test, or `None` (with a SKIPPED line saying why)
+/// where this machine cannot make one.
 fn world(test: &str) -> Option<World> {
-    let (segment, machines) = match Segment::create(3) {
-        Ok(made) => made,
+    match World::create() {
+        Ok(w) => Some(w),
         Err(why) => {
             eprintln!("SKIPPED {test}: cannot make network namespaces here: {why}");
-            return None;
+            None
         }
-    };
-    let [client, a, b]: [Machine; 3] = machines.try_into().expect("three machines");
-    let service = segment.spare(100);
-    a.add_address(service)
-        .expect("adding the service address to A");
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let ca = Ca::new("wasmhost test CA");
-    let tls_a = ca.host(dir.path(), "a", &[&a.ip.to_string()]);
-    let tls_b = ca.host(dir.path(), "b", &[&b.ip.to_string()]);
-    Some(World {
-        dir: dir.path().to_path_buf(),
-        _dir: dir,
-        client,
-        a,
-        b,
-        service,
-        tls_a,
-        tls_b,
-        _segment: segment,
-    })
-}
-
-impl World {
-    /// `wasmhost serve [kv] --receive IP:7400` on machine `m`: with a
-    /// component it serves it on the service address; without, it waits.
-    fn host(&self, m: &Machine, serve_kv: bool, envs: &[(&str, &str)]) -> Served {
-        self.host_of(m, serve_kv.then_some(("kv", &[][..])), envs)
-    }
-
-    /// Like [`host`](Self::host), serving guest `serve.0` with arguments
-    /// `serve.1` (or waiting, without).
-    fn host_of(
-        &self,
-        m: &Machine,
-        serve: Option<(&str, &[&str])>,
-        envs: &[(&str, &str)],
-    ) -> Served {
-        let serve_kv = serve.is_some();
-        let tls = if m.ip == self.a.ip {
-            &self.tls_a
-        } else {
-            &self.tls_b
-        };
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let control = dir.path().join("control.sock");
-        let mut c = m.command(&wasmhost_bin());
-        c.arg("serve");
-        if let Some((name, args)) = serve {
-            c.arg(guest(name))
-                .arg("--listen")
-                .arg(format!("{}:{SERVICE_PORT}", self.service))
-                .args(args);
-        }
-        c.args(["--name", "svc", "--receive"])
-            .arg(format!("{}:{RECEIVE_PORT}", m.ip))
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
-            .arg("--tls-ca")
-            .arg(&tls.ca)
-            .arg("--control")
-            .arg(&control)
-            .arg("--cache-dir")
-            .arg(test_cache_dir())
-            .envs(envs.iter().copied());
-        Served::spawn(c, control, dir, move |text| {
-            text.contains("receiving services on")
-                && match serve_kv {
-                    true => text.contains("listening on "),
-                    false => text.contains("waiting for a service"),
-                }
-        })
-    }
-
-    fn service_addr(&self) -> SocketAddr {
-        SocketAddr::from((self.service, SERVICE_PORT))
-    }
-
-    /// `wasmhost migrate` from `from` to machine `to`.
-    fn migrate(&self, from: &Served, to: &Machine, extra: &[&str]) -> Finished {
-        let to = format!("{}:{RECEIVE_PORT}", to.ip);
-        let ip = format!("{}/24", self.service);
-        let mut args = vec!["--to", &to, "--move-ip", &ip, "--name", "svc", "--json"];
-        args.extend_from_slice(extra);
-        from.command("migrate", &args)
-    }
-
-    /// A raw connection from the client machine.
-    fn connect(&self) -> TcpStream {
-        let addr = self.service_addr();
-        let s = self
-            .client
-            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-            .expect("connecting from the client machine");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s
-    }
-
-    /// A redis client from the client machine.
-    fn redis(&self) -> redis::Connection {
-        let url = format!("redis://{}/", self.service_addr());
-        self.client.run(move || {
-            redis::Client::open(url)
-                .unwrap()
-                .get_connection_with_timeout(Duration::from_secs(10))
-                .expect("redis connection from the client machine")
-        })
     }
 }
 
