@@ -22,8 +22,8 @@ struct Args {
     /// Shorter runs and smaller sizes (a smoke test of the harness).
     #[arg(long)]
     quick: bool,
-    /// Run only these benchmarks (comma-separated): kv, echo, swap, chat, durable, upgrade, memory,
-    /// startup.
+    /// Run only these benchmarks (comma-separated): kv, echo, swap, chat, durable, upgrade,
+    /// migrate, memory, startup.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where reports and charts go.

@@ -5,6 +5,7 @@ mod durable;
 mod echo;
 mod kv;
 mod memory;
+mod migrate;
 mod shadow;
 mod startup;
 mod swap;
@@ -37,6 +38,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(chat::ChatGuests),
         Box::new(durable::DurableCost),
         Box::new(upgrade::UpgradeBlackout),
+        Box::new(migrate::MigrateFreeze),
         Box::new(memory::Memory),
         Box::new(startup::Startup),
     ]

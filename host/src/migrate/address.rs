@@ -147,9 +147,14 @@ pub async fn add(addr: &ServiceAddr, on: &Interface) -> Result<()> {
     }
 }
 
-/// Broadcasts a gratuitous ARP request for `ip` from the interface ("who
-/// has IP? tell IP", sender and target both `ip`): every host on the
-/// segment updates its cache entry for `ip` to this interface's address.
+/// Broadcasts a gratuitous ARP for `ip` from the interface, as a request
+/// ("who has IP? tell IP", sender and target both `ip`) and as a reply:
+/// every host on the segment updates its cache entry for `ip` to this
+/// interface's address (some hosts heed only one of the two forms).
+///
+/// Closing a packet socket waits for the kernel's RCU grace period (about
+/// 10 ms measured here), so the socket is closed on another thread: the
+/// announcement is out when this returns, the cleanup is not in the way.
 pub fn announce(ip: Ipv4Addr, on: &Interface) -> std::io::Result<()> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     const ETH_P_ARP: u16 = 0x0806;
@@ -165,15 +170,6 @@ pub fn announce(ip: Ipv4Addr, on: &Interface) -> std::io::Result<()> {
         }
         OwnedFd::from_raw_fd(fd)
     };
-    let mut arp = Vec::with_capacity(28);
-    arp.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
-    arp.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
-    arp.extend_from_slice(&[6, 4]);
-    arp.extend_from_slice(&1u16.to_be_bytes()); // request
-    arp.extend_from_slice(&on.mac);
-    arp.extend_from_slice(&ip.octets());
-    arp.extend_from_slice(&[0; 6]);
-    arp.extend_from_slice(&ip.octets());
     // SAFETY: sockaddr_ll is plain data; zero is a valid start.
     let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     to.sll_family = libc::AF_PACKET as u16;
@@ -181,21 +177,34 @@ pub fn announce(ip: Ipv4Addr, on: &Interface) -> std::io::Result<()> {
     to.sll_ifindex = on.index as i32;
     to.sll_halen = 6;
     to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-    // SAFETY: `arp` and `to` are live for the call, with the sizes given.
-    let sent = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            arp.as_ptr().cast(),
-            arp.len(),
-            0,
-            (&to as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    if sent < 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut result = Ok(());
+    for (op, target_mac) in [(1u16, [0u8; 6]), (2u16, on.mac)] {
+        let mut arp = Vec::with_capacity(28);
+        arp.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+        arp.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+        arp.extend_from_slice(&[6, 4]);
+        arp.extend_from_slice(&op.to_be_bytes());
+        arp.extend_from_slice(&on.mac);
+        arp.extend_from_slice(&ip.octets());
+        arp.extend_from_slice(&target_mac);
+        arp.extend_from_slice(&ip.octets());
+        // SAFETY: `arp` and `to` are live for the call, with the sizes given.
+        let sent = unsafe {
+            libc::sendto(
+                fd.as_raw_fd(),
+                arp.as_ptr().cast(),
+                arp.len(),
+                0,
+                (&to as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if sent < 0 {
+            result = Err(std::io::Error::last_os_error());
+        }
     }
-    Ok(())
+    std::thread::spawn(move || drop(fd));
+    result
 }
 
 /// A listening socket on `addr`, which need not be an address of this
