@@ -399,14 +399,19 @@ pub async fn migrate(args: crate::cli::MigrateArgs) -> Result<()> {
     let request = Request::Migrate {
         to: args.to,
         move_ip: args.move_ip,
+        relay: args.relay,
         peer_name: args.peer_name.clone(),
         timeout_ms: args.timeout_ms,
         tls: tls.map(|t| [t.cert, t.key, t.ca]),
     };
     if !args.json {
+        let how = match args.move_ip {
+            Some(addr) => format!("moving {addr} with its connections"),
+            None => "relaying its connections".into(),
+        };
         eprintln!(
-            "migrating `{}` to {} (moving {} with its connections)...",
-            args.control.name, args.to, args.move_ip
+            "migrating `{}` to {} ({how})...",
+            args.control.name, args.to
         );
     }
     let response = client::request(&socket(&args.control)?, request).await?;
@@ -732,5 +737,19 @@ fn format_migrate(m: &crate::service::MigrateInfo, indent: &str) -> String {
         "{indent}carried {} listeners, {} timers, {} bytes unread, {} unsent, {} unacknowledged",
         m.listeners, m.timers, m.unread_bytes, m.unsent_bytes, m.unacked_bytes
     );
+    if m.relayed > 0 {
+        let _ = writeln!(
+            s,
+            "{indent}relaying {} connections through the sender until they close",
+            m.relayed
+        );
+    }
+    if !m.receiver_listens.is_empty() {
+        let _ = writeln!(
+            s,
+            "{indent}listens {} (on the receiver)",
+            m.receiver_listens.join(", ")
+        );
+    }
     s
 }

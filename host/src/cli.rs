@@ -335,8 +335,24 @@ pub struct MigrateArgs {
     /// connection's TCP state; the receiver recreates the sockets, adds the
     /// address, announces it (gratuitous ARP) and serves. Needs
     /// CAP_NET_ADMIN and CAP_NET_RAW on both hosts.
-    #[arg(long, value_name = "IP/PREFIX")]
-    pub move_ip: crate::migrate::ServiceAddr,
+    #[arg(
+        long,
+        value_name = "IP/PREFIX",
+        required_unless_present = "relay",
+        conflicts_with = "relay"
+    )]
+    pub move_ip: Option<crate::migrate::ServiceAddr>,
+
+    /// Move the service where its address cannot move (another segment,
+    /// no CAP_NET_ADMIN): the receiver listens on its own address (the IP
+    /// of its --receive, the same ports), so new clients go there (point
+    /// the balancer or DNS at it), while this host keeps the existing
+    /// client sockets and relays their bytes both ways over the link until
+    /// they close. The guest on the receiver sees the same connections.
+    /// Needs no privileges. This host keeps running until the last relayed
+    /// connection closes.
+    #[arg(long)]
+    pub relay: bool,
 
     /// The name the receiver's certificate must carry [default: the IP
     /// address of --to].

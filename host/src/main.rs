@@ -182,7 +182,30 @@ async fn serve(
                     None => return Ok(()),
                 }
             }
+            (service::Ended::HandedOff, None) => {
+                // --relay: connections this host relays for the receiver
+                // live until they close.
+                let relaying = wasmhost::migrate::relay::relaying();
+                if relaying > 0 {
+                    eprintln!("relaying {relaying} connections for the new host until they close");
+                    tokio::select! {
+                        _ = wasmhost::migrate::relay::wait_idle() => {}
+                        _ = wait_for_shutdown(&mut signals) => {}
+                    }
+                }
+                return Ok(());
+            }
             _ => return Ok(()),
+        }
+    }
+}
+
+/// Waits for SIGTERM or SIGINT (other signals have nothing to act on).
+async fn wait_for_shutdown(signals: &mut Signals) {
+    loop {
+        if let HostSignal::Shutdown(sig) = signals.next().await {
+            tracing::info!("{sig} received: the relayed connections close");
+            return;
         }
     }
 }

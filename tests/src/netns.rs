@@ -261,11 +261,34 @@ impl World {
 
     /// `wasmhost migrate` from `from` to machine `to`.
     pub fn migrate(&self, from: &Served, to: &Machine, extra: &[&str]) -> Finished {
-        let to = format!("{}:{RECEIVE_PORT}", to.ip);
         let ip = format!("{}/24", self.service);
-        let mut args = vec!["--to", &to, "--move-ip", &ip, "--name", "svc", "--json"];
+        let mut args = vec!["--move-ip", ip.as_str()];
         args.extend_from_slice(extra);
+        self.migrate_with(from, to, &args)
+    }
+
+    /// `wasmhost migrate --relay` from `from` to machine `to`.
+    pub fn relay(&self, from: &Served, to: &Machine, extra: &[&str]) -> Finished {
+        let mut args = vec!["--relay"];
+        args.extend_from_slice(extra);
+        self.migrate_with(from, to, &args)
+    }
+
+    fn migrate_with(&self, from: &Served, to: &Machine, how: &[&str]) -> Finished {
+        let to = format!("{}:{RECEIVE_PORT}", to.ip);
+        let mut args = vec!["--to", &to, "--name", "svc", "--json"];
+        args.extend_from_slice(how);
         from.command("migrate", &args)
+    }
+
+    /// A raw connection from the client machine to `addr`.
+    pub fn connect_to(&self, addr: SocketAddr) -> TcpStream {
+        let s = self
+            .client
+            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
+            .expect("connecting from the client machine");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
     }
 
     /// A raw connection from the client machine.
@@ -281,7 +304,12 @@ impl World {
 
     /// A redis client from the client machine.
     pub fn redis(&self) -> redis::Connection {
-        let url = format!("redis://{}/", self.service_addr());
+        self.redis_to(self.service_addr())
+    }
+
+    /// A redis client from the client machine to `addr`.
+    pub fn redis_to(&self, addr: SocketAddr) -> redis::Connection {
+        let url = format!("redis://{addr}/");
         self.client.run(move || {
             redis::Client::open(url)
                 .unwrap()

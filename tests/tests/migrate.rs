@@ -8,13 +8,13 @@
 //! machine cannot make namespaces they print `SKIPPED` with the reason.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use wasmhost::migrate::link::testing::Ca;
 use wasmhost_tests::irc::Room;
 use wasmhost_tests::load::Load;
-use wasmhost_tests::netns::World;
+use wasmhost_tests::netns::{SERVICE_PORT, World};
 use wasmhost_tests::{Finished, Served};
 
 /// The segment for one test, or `None` (with a SKIPPED line saying why)
@@ -123,6 +123,48 @@ fn kv_moves_between_machines_and_back_with_every_connection() {
     drop(half);
     drop(a);
     drop(b);
+}
+
+/// `--relay`: the same load through five moves there and back; the
+/// clients' connections stay on the first host and are relayed (through
+/// every host they passed), new clients reach the receiver directly, and
+/// nothing is lost.
+#[test]
+fn kv_relayed_between_machines_keeps_every_connection() {
+    let Some(w) = world("kv_relayed_between_machines_keeps_every_connection") else {
+        return;
+    };
+    let a = w.host(&w.a, true, &[]);
+    let b = w.host(&w.b, false, &[]);
+    let load = Load::start_with(|| w.redis(), 20);
+    load.wait(200);
+    let mut half = w.connect();
+    for round in 0..5 {
+        half.write_all(b"*3\r\n$3\r\nSET\r\n$4\r\nhalf").unwrap();
+        let out = w.relay(&a, &w.b, &[]);
+        ok(&out, &format!("relay A -> B (round {round})"), &[&a, &b]);
+        assert!(out.stdout.contains("\"mode\": \"relay\""), "{}", out.stdout);
+        roundtrip(&mut half, b"\r\n$2\r\nB!\r\n", b"+OK\r\n");
+        // A new client reaches B on B's own address.
+        let mut direct = w.connect_to(SocketAddr::from((w.b.ip, SERVICE_PORT)));
+        roundtrip(
+            &mut direct,
+            b"*2\r\n$3\r\nGET\r\n$4\r\nhalf\r\n",
+            b"$2\r\nB!\r\n",
+        );
+        load.wait(200);
+        let out = w.relay(&b, &w.a, &[]);
+        ok(&out, &format!("relay B -> A (round {round})"), &[&a, &b]);
+        roundtrip(
+            &mut direct,
+            b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n",
+            format!(":{}\r\n", round + 1).as_bytes(),
+        );
+        load.wait(200);
+    }
+    // The service listens on A's own address now; everything every client
+    // wrote reads back there.
+    load.finish_with(w.redis_to(SocketAddr::from((w.a.ip, SERVICE_PORT))));
 }
 
 /// Each step at which the receiver fails on purpose: the migration fails

@@ -94,7 +94,12 @@ pub enum Request {
     /// Move the service to another machine (`wasmhost migrate`).
     Migrate {
         to: std::net::SocketAddr,
-        move_ip: crate::migrate::ServiceAddr,
+        /// `--move-ip`; `None` with `relay`.
+        #[serde(default)]
+        move_ip: Option<crate::migrate::ServiceAddr>,
+        /// `--relay`.
+        #[serde(default)]
+        relay: bool,
         #[serde(default)]
         peer_name: Option<String>,
         #[serde(default = "default_upgrade_timeout_ms")]

@@ -397,20 +397,29 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
         Request::Migrate {
             to,
             move_ip,
+            relay,
             peer_name,
             timeout_ms,
             tls,
         } => {
-            let opts = crate::migrate::MigrateOptions {
+            let how = match (move_ip, relay) {
+                (Some(addr), false) => Ok(crate::migrate::How::MoveIp(addr)),
+                (None, true) => Ok(crate::migrate::How::Relay),
+                _ => Err("a migration either moves the address (--move-ip) or relays (--relay)"),
+            };
+            let opts = how.map(|how| crate::migrate::MigrateOptions {
                 to,
                 peer_name,
-                move_ip,
+                how,
                 timeout: Duration::from_millis(timeout_ms),
                 tls: tls.map(|[cert, key, ca]| crate::migrate::TlsFiles { cert, key, ca }),
-            };
-            crate::migrate::migrate(&ctx.upgrader, opts)
-                .await
-                .map(|report| Response::Swapped(Box::new(report)))
+            });
+            match opts {
+                Ok(opts) => crate::migrate::migrate(&ctx.upgrader, opts)
+                    .await
+                    .map(|report| Response::Swapped(Box::new(report))),
+                Err(why) => Err(why.to_string()),
+            }
         }
     };
     match result {

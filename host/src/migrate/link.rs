@@ -109,7 +109,10 @@ pub struct Link {
     pub peer: SocketAddr,
 }
 
-trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
 impl Link {
@@ -150,48 +153,105 @@ impl Link {
 
     /// Sends `message` with `payload` (the pieces, concatenated).
     pub async fn send<T: Serialize>(&mut self, message: &T, payload: &[&[u8]]) -> Result<()> {
-        let header = serde_json::to_vec(message)?;
-        let len: usize = payload.iter().map(|p| p.len()).sum();
-        let mut head = Vec::with_capacity(12 + header.len());
-        head.extend_from_slice(&(header.len() as u32).to_be_bytes());
-        head.extend_from_slice(&(len as u64).to_be_bytes());
-        head.extend_from_slice(&header);
-        self.stream.write_all(&head).await?;
-        for piece in payload {
-            self.stream.write_all(piece).await?;
-        }
-        self.stream.flush().await?;
-        Ok(())
+        write_frame(&mut self.stream, message, payload).await
     }
 
     /// Receives a message and its payload, refusing a payload larger than
     /// `max_payload` bytes.
     pub async fn recv<T: DeserializeOwned>(&mut self, max_payload: u64) -> Result<(T, Vec<u8>)> {
-        let mut head = [0u8; 12];
-        self.stream
-            .read_exact(&mut head)
-            .await
-            .with_context(|| format!("the link to {} closed", self.peer))?;
-        let header_len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
-        let payload_len = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
-        if header_len > MAX_HEADER {
-            bail!("a message header of {header_len} bytes (at most {MAX_HEADER})");
-        }
-        if payload_len > max_payload {
-            bail!("a payload of {payload_len} bytes where at most {max_payload} are expected");
-        }
-        let mut header = vec![0u8; header_len as usize];
-        self.stream.read_exact(&mut header).await?;
-        let message = serde_json::from_slice(&header).context("a message this host cannot read")?;
-        let mut payload = vec![0u8; payload_len as usize];
-        self.stream.read_exact(&mut payload).await?;
-        Ok((message, payload))
+        read_frame(&mut self.stream, self.peer, max_payload).await
+    }
+
+    /// Splits the link into a receiving and a sending half, for relaying
+    /// both ways at once.
+    pub fn into_split(self) -> (LinkRx, LinkTx) {
+        let (rx, tx) = tokio::io::split(self.stream);
+        (
+            LinkRx {
+                stream: rx,
+                peer: self.peer,
+            },
+            LinkTx { stream: tx },
+        )
     }
 
     /// Ends the link cleanly (TLS close_notify).
     pub async fn close(mut self) {
         let _ = self.stream.shutdown().await;
     }
+}
+
+/// The receiving half of a split link.
+pub struct LinkRx {
+    stream: tokio::io::ReadHalf<Box<dyn Stream>>,
+    peer: SocketAddr,
+}
+
+impl LinkRx {
+    pub async fn recv<T: DeserializeOwned>(&mut self, max_payload: u64) -> Result<(T, Vec<u8>)> {
+        read_frame(&mut self.stream, self.peer, max_payload).await
+    }
+}
+
+/// The sending half of a split link.
+pub struct LinkTx {
+    stream: tokio::io::WriteHalf<Box<dyn Stream>>,
+}
+
+impl LinkTx {
+    pub async fn send<T: Serialize>(&mut self, message: &T, payload: &[&[u8]]) -> Result<()> {
+        write_frame(&mut self.stream, message, payload).await
+    }
+
+    /// Ends the link cleanly (TLS close_notify).
+    pub async fn close(mut self) {
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+async fn write_frame<T: Serialize>(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    message: &T,
+    payload: &[&[u8]],
+) -> Result<()> {
+    let header = serde_json::to_vec(message)?;
+    let len: usize = payload.iter().map(|p| p.len()).sum();
+    let mut head = Vec::with_capacity(12 + header.len());
+    head.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    head.extend_from_slice(&(len as u64).to_be_bytes());
+    head.extend_from_slice(&header);
+    stream.write_all(&head).await?;
+    for piece in payload {
+        stream.write_all(piece).await?;
+    }
+    stream.flush().await?;
+    Ok(())
+}
+
+async fn read_frame<T: DeserializeOwned>(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    peer: SocketAddr,
+    max_payload: u64,
+) -> Result<(T, Vec<u8>)> {
+    let mut head = [0u8; 12];
+    stream
+        .read_exact(&mut head)
+        .await
+        .with_context(|| format!("the link to {peer} closed"))?;
+    let header_len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes"));
+    let payload_len = u64::from_be_bytes(head[4..].try_into().expect("8 bytes"));
+    if header_len > MAX_HEADER {
+        bail!("a message header of {header_len} bytes (at most {MAX_HEADER})");
+    }
+    if payload_len > max_payload {
+        bail!("a payload of {payload_len} bytes where at most {max_payload} are expected");
+    }
+    let mut header = vec![0u8; header_len as usize];
+    stream.read_exact(&mut header).await?;
+    let message = serde_json::from_slice(&header).context("a message this host cannot read")?;
+    let mut payload = vec![0u8; payload_len as usize];
+    stream.read_exact(&mut payload).await?;
+    Ok((message, payload))
 }
 
 /// Certificates for tests: a CA and hosts it signs, written as PEM files

@@ -65,6 +65,7 @@
 pub mod address;
 pub mod link;
 mod receive;
+pub mod relay;
 pub mod repair;
 mod send;
 
@@ -73,7 +74,7 @@ use serde::{Deserialize, Serialize};
 pub use address::ServiceAddr;
 pub use link::TlsFiles;
 pub use receive::Port;
-pub use send::{MigrateOptions, migrate};
+pub use send::{How, MigrateOptions, migrate};
 
 use crate::service::SwapReport;
 
@@ -119,6 +120,9 @@ pub enum Message {
     Serving {
         address_add_us: u64,
         repair_off_us: u64,
+        /// Where R's listeners are (with `--relay`, R's own addresses).
+        #[serde(default)]
+        listening: Vec<String>,
     },
     /// S → R: do not serve; S serves on.
     Abort { reason: String },
@@ -129,6 +133,10 @@ pub enum Message {
     Query { id: String },
     /// R → S: the answer.
     Outcome { id: String, outcome: Outcome },
+    /// Relay, either way: bytes of connection `id` (the payload).
+    Data { id: u64 },
+    /// Relay, either way: connection `id` has no more bytes this way.
+    Eof { id: u64 },
 }
 
 /// What became of a migration, as its receiver knows it.
@@ -150,6 +158,8 @@ pub enum Outcome {
 pub enum Mode {
     /// TCP_REPAIR and the service address moving along.
     MoveIp,
+    /// The sender keeps the client sockets and relays their bytes.
+    Relay,
 }
 
 /// S → R: what a migration brings.
@@ -184,8 +194,12 @@ impl Manifest {
 
     /// Checks the manifest against the payload's length before anything
     /// is trusted.
-    fn check(&self, payload_len: usize) -> Result<(), String> {
-        if self.tcp.len() != self.upgrade.image.conns.len() {
+    fn check(&self, mode: Mode, payload_len: usize) -> Result<(), String> {
+        let tcp_states = match mode {
+            Mode::MoveIp => self.upgrade.image.conns.len(),
+            Mode::Relay => 0,
+        };
+        if self.tcp.len() != tcp_states {
             return Err(format!(
                 "the manifest lists {} connections and {} TCP states",
                 self.upgrade.image.conns.len(),

@@ -43,6 +43,9 @@ pub struct Port {
 
 struct Shared {
     opts: ServeOptions,
+    /// Where the port listens (with `--relay`, the service's listeners
+    /// move to this address's IP).
+    addr: SocketAddr,
     /// Whether the host has no service and takes an offer.
     waiting: Mutex<bool>,
     /// One migration in progress at a time.
@@ -55,6 +58,8 @@ struct Shared {
 struct Arrived {
     parts: Parts,
     report: SwapReport,
+    /// `--relay`: the relay ends of the connections' socket pairs.
+    relay_ends: Vec<(u64, OwnedFd)>,
 }
 
 impl Port {
@@ -68,6 +73,7 @@ impl Port {
         let (tx, arrived) = mpsc::channel(1);
         let shared = Arc::new(Shared {
             opts,
+            addr,
             waiting: Mutex::new(false),
             busy: tokio::sync::Mutex::new(()),
             outcomes: Mutex::new(VecDeque::new()),
@@ -169,7 +175,7 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         step: "offer".into(),
         message,
     };
-    let Ok(_busy) = shared.busy.try_lock() else {
+    let Ok(busy) = shared.busy.try_lock() else {
         link.send(
             &refuse("another migration to this host is in progress".into()),
             &[],
@@ -201,10 +207,17 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         ))
     });
     match ran {
-        Ok(arrived) => {
+        Ok(mut arrived) => {
             *shared.waiting.lock().expect("port lock") = false;
+            let relay_ends = std::mem::take(&mut arrived.relay_ends);
             // The main loop is waiting in `Port::next`.
             let _ = shared.arrived.send(arrived).await;
+            // The migration is over; its relay may outlive many others.
+            drop(busy);
+            if !relay_ends.is_empty() {
+                let locals = relay_locals(relay_ends)?;
+                super::relay::run(link, locals).await;
+            }
             Ok(())
         }
         Err(e) => {
@@ -246,12 +259,16 @@ impl Receiving<'_> {
                 offer.service
             );
         }
-        let Mode::MoveIp = offer.mode;
-        let addr = offer
-            .address
-            .ok_or_else(|| anyhow!("a move-ip offer without an address"))?;
-        address::check_capabilities().map_err(anyhow::Error::msg)?;
-        let iface = address::on_segment(&addr)?;
+        let moving = match offer.mode {
+            Mode::MoveIp => {
+                let addr = offer
+                    .address
+                    .ok_or_else(|| anyhow!("a move-ip offer without an address"))?;
+                address::check_capabilities().map_err(anyhow::Error::msg)?;
+                Some((addr, address::on_segment(&addr)?))
+            }
+            Mode::Relay => None,
+        };
         if fail_at("offer") {
             bail!("test: {FAIL_ENV}=offer");
         }
@@ -306,11 +323,21 @@ impl Receiving<'_> {
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
         }
         let received = Instant::now();
-        manifest.check(payload.len()).map_err(anyhow::Error::msg)?;
+        manifest
+            .check(offer.mode, payload.len())
+            .map_err(anyhow::Error::msg)?;
         self.step = "import";
+        let mut manifest = manifest;
         let unacked = payload.split_off(payload.len() - manifest.unacked_len() as usize);
         let restoring = Instant::now();
-        let (fds, conn_fds) = restore_sockets(&manifest, &unacked)?;
+        let Sockets {
+            fds,
+            repaired,
+            relay_ends,
+        } = match offer.mode {
+            Mode::MoveIp => restore_sockets(&manifest, &unacked)?,
+            Mode::Relay => relay_sockets(&mut manifest, self.shared.addr.ip())?,
+        };
         let tcp_restore = restoring.elapsed();
         if fail_at("import") {
             bail!("test: {FAIL_ENV}=import: rejecting the state");
@@ -347,30 +374,44 @@ impl Receiving<'_> {
         // From here on this host serves, whatever happens to the link.
         self.shared.remember(&offer.id, Outcome::Serving);
         let adding = Instant::now();
-        address::add(&addr, &iface).await?;
-        if let Err(e) = address::announce(addr.ip, &iface) {
-            tracing::warn!("migrate: could not announce {}: {e}", addr.ip);
+        if let Some((addr, iface)) = &moving {
+            address::add(addr, iface).await?;
+            if let Err(e) = address::announce(addr.ip, iface) {
+                tracing::warn!("migrate: could not announce {}: {e}", addr.ip);
+            }
         }
         let address_add = adding.elapsed();
         let leaving = Instant::now();
-        for fd in &conn_fds {
+        for fd in &repaired {
             // SAFETY: the parts own these sockets and keep them open.
             repair::leave(unsafe { BorrowedFd::borrow_raw(*fd) })
                 .context("a connection did not leave repair mode")?;
         }
         let repair_off = leaving.elapsed();
+        let listening: Vec<String> = parts
+            .spec
+            .listeners
+            .iter()
+            .map(|(name, addr)| format!("{name} {addr}"))
+            .collect();
         let serving = Message::Serving {
             address_add_us: service::micros(address_add),
             repair_off_us: service::micros(repair_off),
+            listening: listening.clone(),
         };
         let _ = self.link.send(&serving, &[]).await;
         let mut report = report;
         if let Some(info) = report.migrate.as_mut() {
             info.address_add_us = service::micros(address_add);
             info.repair_off_us = service::micros(repair_off);
+            info.receiver_listens = listening;
         }
         takeover::commit_parts(&mut parts, &report);
-        Ok(Arrived { parts, report })
+        Ok(Arrived {
+            parts,
+            report,
+            relay_ends,
+        })
     }
 }
 
@@ -378,7 +419,7 @@ impl Receiving<'_> {
 /// socket, recreated in repair mode: the descriptors in the manifest's
 /// order, and the connections' raw descriptors for leaving repair mode
 /// at the commit.
-fn restore_sockets(manifest: &Manifest, unacked: &[u8]) -> Result<(Vec<OwnedFd>, Vec<RawFd>)> {
+fn restore_sockets(manifest: &Manifest, unacked: &[u8]) -> Result<Sockets> {
     let image = &manifest.upgrade.image;
     // The connections first: a port with a listening socket on it takes no
     // other socket, but a listener may join connections that share the
@@ -404,7 +445,62 @@ fn restore_sockets(manifest: &Manifest, unacked: &[u8]) -> Result<(Vec<OwnedFd>,
         );
     }
     fds.extend(conns);
-    Ok((fds, conn_fds))
+    Ok(Sockets {
+        fds,
+        repaired: conn_fds,
+        relay_ends: Vec::new(),
+    })
+}
+
+/// The sockets a migration's service starts from.
+struct Sockets {
+    /// In the manifest's order: listeners, then connections.
+    fds: Vec<OwnedFd>,
+    /// `--move-ip`: the connections, in repair mode until the commit.
+    repaired: Vec<RawFd>,
+    /// `--relay`: the relay end of each connection's socket pair.
+    relay_ends: Vec<(u64, OwnedFd)>,
+}
+
+/// `--relay`: each connection becomes a socket pair (the service serves
+/// one end as if it were the client, the relay carries the other's bytes
+/// over the link), and the listeners move to this host's own address
+/// (the one it receives on), same ports. The manifest's listener
+/// addresses are rewritten to match, so the service reports them.
+fn relay_sockets(manifest: &mut Manifest, here: std::net::IpAddr) -> Result<Sockets> {
+    let image = &mut manifest.upgrade.image;
+    let mut fds = Vec::with_capacity(image.listeners.len() + image.conns.len());
+    for l in &mut image.listeners {
+        let addr = std::net::SocketAddr::new(here, l.addr.port());
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("listener `{}`: cannot listen on {addr}", l.name))?;
+        l.addr = listener.local_addr()?;
+        fds.push(OwnedFd::from(listener));
+    }
+    let mut relay_ends = Vec::with_capacity(image.conns.len());
+    for conn in &image.conns {
+        let (service_end, relay_end) = std::os::unix::net::UnixStream::pair()
+            .with_context(|| format!("connection {}: a socket pair", conn.id))?;
+        fds.push(OwnedFd::from(service_end));
+        relay_ends.push((conn.id, OwnedFd::from(relay_end)));
+    }
+    Ok(Sockets {
+        fds,
+        repaired: Vec::new(),
+        relay_ends,
+    })
+}
+
+/// The relay ends as the relay's local streams.
+fn relay_locals(ends: Vec<(u64, OwnedFd)>) -> Result<Vec<(u64, super::relay::Local)>> {
+    ends.into_iter()
+        .map(|(id, fd)| {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            stream.set_nonblocking(true)?;
+            let local: super::relay::Local = Box::new(tokio::net::UnixStream::from_std(stream)?);
+            Ok((id, local))
+        })
+        .collect()
 }
 
 /// Where received components are kept, by hash: beside the compile cache,

@@ -19,6 +19,17 @@ use crate::service::{Decision, Handoff, MigrateInfo, Pause, SwapReport, Timings,
 use crate::upgrade::handover::{Failure, aborted_record, freeze};
 use crate::upgrade::{Prepared, Upgrader};
 
+/// How a migration moves the connections.
+#[derive(Debug, Clone, Copy)]
+pub enum How {
+    /// `--move-ip`: the connections are recreated on the receiver and the
+    /// service address moves with them.
+    MoveIp(ServiceAddr),
+    /// `--relay`: this host keeps the client sockets and relays their
+    /// bytes; the receiver listens on its own addresses.
+    Relay,
+}
+
 /// `wasmhost migrate`'s options.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
@@ -27,8 +38,8 @@ pub struct MigrateOptions {
     /// The name the receiver's certificate must carry [default: the IP
     /// of `to`].
     pub peer_name: Option<String>,
-    /// The service address that moves with the connections.
-    pub move_ip: ServiceAddr,
+    /// How the connections move.
+    pub how: How,
     /// How long the receiver may take from the offer to `Ready`.
     pub timeout: Duration,
     /// The link's certificates [default: the ones `serve` was given].
@@ -71,19 +82,25 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
             "the link needs certificates: give `migrate` (or `serve`) --tls-cert, --tls-key and --tls-ca",
         )
     })?;
-    address::check_capabilities().map_err(|e| Failure::migrate("offer", e))?;
-    let iface = address::holding(opts.move_ip.ip)
-        .map_err(|e| Failure::migrate("offer", format!("{e:#}")))?
-        .ok_or_else(|| {
-            Failure::migrate(
-                "offer",
-                format!(
-                    "{} is not an address of this machine: --move-ip names the address the service \
-                     listens on, which moves with it",
-                    opts.move_ip.ip
-                ),
-            )
-        })?;
+    let moving = match opts.how {
+        How::MoveIp(addr) => {
+            address::check_capabilities().map_err(|e| Failure::migrate("offer", e))?;
+            let iface = address::holding(addr.ip)
+                .map_err(|e| Failure::migrate("offer", format!("{e:#}")))?
+                .ok_or_else(|| {
+                    Failure::migrate(
+                        "offer",
+                        format!(
+                            "{} is not an address of this machine: --move-ip names the address \
+                             the service listens on, which moves with it",
+                            addr.ip
+                        ),
+                    )
+                })?;
+            Some((addr, iface))
+        }
+        How::Relay => None,
+    };
     let status = u
         .service
         .status()
@@ -108,7 +125,7 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
         .peer_name
         .clone()
         .unwrap_or_else(|| opts.to.ip().to_string());
-    tracing::info!(to = %opts.to, address = %opts.move_ip, "migrate: connecting to the receiver");
+    tracing::info!(to = %opts.to, how = ?opts.how, "migrate: connecting to the receiver");
     let mut link = within("connect")
         .run(Link::connect(opts.to, &name, &tls))
         .await?;
@@ -117,8 +134,11 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
         version: VERSION,
         id: id.clone(),
         service: u.name.to_string(),
-        mode: Mode::MoveIp,
-        address: Some(opts.move_ip),
+        mode: match opts.how {
+            How::MoveIp(_) => Mode::MoveIp,
+            How::Relay => Mode::Relay,
+        },
+        address: moving.as_ref().map(|(addr, _)| *addr),
         component_hash: hex::encode(Sha256::digest(&component)),
         component_size: component.len() as u64,
     };
@@ -150,17 +170,44 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
         tcp_freeze: Duration::ZERO,
         address_remove: Duration::ZERO,
     };
-    let tcp = match freeze_connections(&mut frozen, &opts.move_ip, &iface).await {
-        Ok(tcp) => tcp,
-        Err(failure) => return Err(resume(frozen, &prepared, failure, Some(link)).await),
+    let tcp = match &moving {
+        Some((addr, iface)) => match freeze_connections(&mut frozen, addr, iface).await {
+            Ok(tcp) => tcp,
+            Err(failure) => return Err(resume(frozen, &prepared, failure, Some(link)).await),
+        },
+        None => Vec::new(),
     };
     match send_and_commit(&mut link, &frozen, tcp, &prepared, &opts).await {
         Ok(mut report) => {
             if let Some(info) = report.migrate.as_mut() {
                 info.component_sent = component_sent;
             }
-            release(frozen, &report);
-            link.close().await;
+            match opts.how {
+                How::MoveIp(_) => {
+                    release(frozen, &report);
+                    link.close().await;
+                }
+                How::Relay => {
+                    // Copies of the client sockets outlive the service's.
+                    let locals = match relay_sockets(&frozen.handoff) {
+                        Ok(locals) => locals,
+                        Err(e) => {
+                            tracing::error!(
+                                "migrate: cannot keep the client sockets to relay them ({e}); \
+                                 their connections end"
+                            );
+                            Vec::new()
+                        }
+                    };
+                    release(frozen, &report);
+                    tracing::info!(
+                        "migrate: relaying {} connections to {} until they close",
+                        locals.len(),
+                        opts.to
+                    );
+                    tokio::spawn(super::relay::run(link, locals));
+                }
+            }
             Ok(report)
         }
         Err(Sent::Before(failure)) => Err(resume(frozen, &prepared, failure, Some(link)).await),
@@ -363,17 +410,21 @@ async fn send_and_commit(
     let mut conn_bytes = Vec::with_capacity(handoff.conn_bytes.len());
     let mut unacked = Vec::new();
     let mut offset = 0;
-    for (conn, state) in image.conns.iter_mut().zip(&tcp) {
+    for (i, conn) in image.conns.iter_mut().enumerate() {
         let host = &handoff.conn_bytes[offset..offset + conn.unread_len + conn.unsent_len];
         offset += host.len();
         let (host_unread, host_unsent) = host.split_at(conn.unread_len);
         conn_bytes.extend_from_slice(host_unread);
-        conn_bytes.extend_from_slice(&state.unread);
-        conn_bytes.extend_from_slice(&state.unsent);
+        // With --relay the kernel queues stay in this host's sockets and
+        // cross the link later, in order.
+        if let Some(state) = tcp.get(i) {
+            conn_bytes.extend_from_slice(&state.unread);
+            conn_bytes.extend_from_slice(&state.unsent);
+            conn.unread_len += state.unread.len();
+            conn.unsent_len += state.unsent.len();
+            unacked.extend_from_slice(&state.unacked);
+        }
         conn_bytes.extend_from_slice(host_unsent);
-        conn.unread_len += state.unread.len();
-        conn.unsent_len += state.unsent.len();
-        unacked.extend_from_slice(&state.unacked);
     }
     let unread_bytes = image.conns.iter().map(|c| c.unread_len).sum();
     let unsent_bytes = image.conns.iter().map(|c| c.unsent_len).sum();
@@ -447,9 +498,15 @@ async fn send_and_commit(
         validation: Some(crate::service::Validation::Export),
         shadow: None,
         migrate: Some(MigrateInfo {
-            mode: "move-ip".into(),
+            mode: match opts.how {
+                How::MoveIp(_) => "move-ip".into(),
+                How::Relay => "relay".into(),
+            },
             to: opts.to.to_string(),
-            address: Some(opts.move_ip.to_string()),
+            address: match opts.how {
+                How::MoveIp(addr) => Some(addr.to_string()),
+                How::Relay => None,
+            },
             sender_pid: std::process::id(),
             receiver_pid: prepared.pid,
             component_sent: false,
@@ -463,6 +520,8 @@ async fn send_and_commit(
             tcp_restore_us,
             address_add_us: 0,
             repair_off_us: 0,
+            relayed: 0,
+            receiver_listens: Vec::new(),
         }),
     };
     let commit = Message::Commit {
@@ -475,11 +534,16 @@ async fn send_and_commit(
         Ok(Message::Serving {
             address_add_us,
             repair_off_us,
+            listening,
         }) => {
             report.pause = Pause::new(handoff.frozen_at.elapsed(), &timings);
             if let Some(info) = report.migrate.as_mut() {
                 info.address_add_us = address_add_us;
                 info.repair_off_us = repair_off_us;
+                info.receiver_listens = listening;
+                if matches!(opts.how, How::Relay) {
+                    info.relayed = image.conns.len();
+                }
             }
             Ok(report)
         }
@@ -489,6 +553,27 @@ async fn send_and_commit(
         )),
         Err(failure) => Err(Sent::AfterCommit(failure, Box::new(report))),
     }
+}
+
+/// `--relay`: copies of the frozen client sockets (the service closes its
+/// own at the commit), as relay streams by connection id.
+fn relay_sockets(handoff: &Handoff) -> std::io::Result<Vec<(u64, super::relay::Local)>> {
+    let conn_fds = &handoff.fds[handoff.image.listeners.len()..];
+    handoff
+        .image
+        .conns
+        .iter()
+        .zip(conn_fds)
+        .map(|(conn, &fd)| {
+            // SAFETY: the actor keeps the socket open until the decision,
+            // which is sent after this.
+            let copy = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
+            let stream = std::net::TcpStream::from(copy);
+            stream.set_nonblocking(true)?;
+            let local: super::relay::Local = Box::new(tokio::net::TcpStream::from_std(stream)?);
+            Ok((conn.id, local))
+        })
+        .collect()
 }
 
 /// The receiver serves: this host's service ends. Its sockets close in

@@ -139,6 +139,13 @@ pub struct MigrateInfo {
     pub address_add_us: u64,
     /// Receiver: every socket out of repair mode.
     pub repair_off_us: u64,
+    /// `relay`: connections the sender relays until they close.
+    #[serde(default)]
+    pub relayed: usize,
+    /// Where the receiver's listeners are (with `relay`, its own
+    /// addresses: point new clients there).
+    #[serde(default)]
+    pub receiver_listens: Vec<String>,
 }
 
 /// What a host upgrade moved, beyond a swap's state.
