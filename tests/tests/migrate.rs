@@ -167,6 +167,45 @@ fn kv_relayed_between_machines_keeps_every_connection() {
     load.finish_with(w.redis_to(SocketAddr::from((w.a.ip, SERVICE_PORT))));
 }
 
+/// A relayed connection ends as a direct one would, from either side: the
+/// guest closing it (QUIT) reaches the client, the client closing it
+/// reaches the guest, and once none is left the sender's relay ends.
+#[test]
+fn relayed_connections_close_from_either_side() {
+    let Some(w) = world("relayed_connections_close_from_either_side") else {
+        return;
+    };
+    let a = w.host(&w.a, true, &[]);
+    let mut b = w.host(&w.b, false, &[]);
+    let (mut quits, mut leaves) = (w.connect(), w.connect());
+    roundtrip(&mut quits, b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n");
+    roundtrip(&mut leaves, b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n");
+    let out = w.relay(&a, &w.b, &[]);
+    ok(&out, "relay A -> B", &[&a, &b]);
+    assert!(out.stdout.contains("\"relayed\": 2"), "{}", out.stdout);
+    // The guest closes: the client reads the reply, then the end.
+    roundtrip(&mut quits, b"*1\r\n$4\r\nQUIT\r\n", b"+OK\r\n");
+    let mut rest = Vec::new();
+    quits
+        .read_to_end(&mut rest)
+        .expect("the end of the connection, not an error");
+    assert!(rest.is_empty(), "{rest:?}");
+    // The client closes: the guest sees it, and the relay ends.
+    drop(leaves);
+    b.wait_for_output(|t| t.contains("relay to "), Duration::from_secs(10));
+    let mut a = a;
+    a.wait_for_output(
+        |t| t.contains("relay to ") && t.contains("ended (2 connections)"),
+        Duration::from_secs(10),
+    );
+    let status = b.command("status", &["--json"]);
+    assert!(
+        status.stdout.contains("\"connections\": 0,"),
+        "{}",
+        status.stdout
+    );
+}
+
 /// Each step at which the receiver fails on purpose: the migration fails
 /// naming the step, and the sender serves every connection with its
 /// state (and a later migration works).

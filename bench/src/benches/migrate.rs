@@ -18,6 +18,21 @@ use super::{Benchmark, Ctx, median};
 
 pub struct MigrateFreeze;
 
+#[derive(Clone, Copy)]
+enum Mode {
+    MoveIp,
+    Relay,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::MoveIp => "move-ip",
+            Mode::Relay => "relay",
+        }
+    }
+}
+
 impl Benchmark for MigrateFreeze {
     fn name(&self) -> &'static str {
         "migrate"
@@ -35,11 +50,18 @@ impl Benchmark for MigrateFreeze {
                 return Ok(s);
             }
         };
-        let (cases, moves): (&[(usize, u64)], usize) = if ctx.quick {
-            (&[(10, 1_000)], 2)
+        let (cases, moves): (&[(Mode, usize, u64)], usize) = if ctx.quick {
+            (&[(Mode::MoveIp, 10, 1_000), (Mode::Relay, 10, 1_000)], 2)
         } else {
             (
-                &[(10, 1_000), (1_000, 1_000), (10, 100_000), (1_000, 100_000)],
+                &[
+                    (Mode::MoveIp, 10, 1_000),
+                    (Mode::MoveIp, 1_000, 1_000),
+                    (Mode::MoveIp, 10, 100_000),
+                    (Mode::MoveIp, 1_000, 100_000),
+                    (Mode::Relay, 10, 1_000),
+                    (Mode::Relay, 1_000, 1_000),
+                ],
                 6,
             )
         };
@@ -54,16 +76,19 @@ impl Benchmark for MigrateFreeze {
              to READY minus the receiver's own work), import and validation, TCP freeze (repair mode on and \
              every socket read, sender), address off (sender), TCP restore (receiver), address on and \
              gratuitous ARP, and repair off (receiver). *Worst client* is the slowest PING seen by a client \
-             pinging throughout: a PING sent during the freeze is lost with the address, and the client's TCP \
+             pinging throughout. With `--relay` nothing moves but the service: the receiver listens on its own \
+             address and the sender relays the existing connections (through every host they passed, as the \
+             moves alternate), so there is no TCP or address work in the freeze. With `--move-ip`, a PING sent \
+             during the freeze is lost with the address, and the client's TCP \
              resends it only when its retransmission timer fires (Linux: at least 200 ms, doubling while it \
              keeps failing), so a request-reply client's gap is about that timer, not the freeze; a client \
              that keeps sending recovers by fast retransmission. Medians of the moves.\n"
         );
         let _ = writeln!(
             s.body,
-            "| connections | keys | state bytes | freeze p50 / max ms | export | transfer | import + validate | TCP freeze | address off | TCP restore | address on + ARP | repair off | worst client ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+            "| mode | connections | keys | state bytes | freeze p50 / max ms | export | transfer | import + validate | TCP freeze | address off | TCP restore | address on + ARP | repair off | worst client ms |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
         );
-        for &(conns, keys) in cases {
+        for &(mode, conns, keys) in cases {
             let a = w.host(&w.a, true, &[]);
             let b = w.host(&w.b, false, &[]);
             let addr = w.service_addr();
@@ -84,7 +109,10 @@ impl Benchmark for MigrateFreeze {
                     _ => (&b, &w.a),
                 };
                 let t = Instant::now();
-                let out = w.migrate(from, to, &["--timeout-ms", "60000"]);
+                let out = match mode {
+                    Mode::MoveIp => w.migrate(from, to, &["--timeout-ms", "60000"]),
+                    Mode::Relay => w.relay(from, to, &["--timeout-ms", "60000"]),
+                };
                 if !out.status.success() {
                     bail!(
                         "migrate {} of {conns} connections, {keys} keys failed: {}",
@@ -107,7 +135,8 @@ impl Benchmark for MigrateFreeze {
             let max = freezes.iter().cloned().fold(0.0, f64::max);
             let _ = writeln!(
                 s.body,
-                "| {conns} | {keys} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                "| {} | {conns} | {keys} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} |",
+                mode.name(),
                 reports[0].state_bytes,
                 ms(median(freezes.clone())),
                 ms(max),
@@ -123,7 +152,7 @@ impl Benchmark for MigrateFreeze {
             );
             if keys == 1_000 {
                 s.headline.push((
-                    format!("migrate --move-ip freeze p50, {conns} connections"),
+                    format!("migrate --{} freeze p50, {conns} connections", mode.name()),
                     format!("{} ms", ms(median(freezes))),
                 ));
             }
