@@ -456,6 +456,10 @@ pub async fn status(args: StatusArgs) -> Result<()> {
                 false => print!("{}", format_status(&report)),
             }
         }
+        Response::Idle(idle) => match args.json {
+            true => println!("{}", serde_json::to_string_pretty(&idle)?),
+            false => print!("{}", format_idle(&idle)),
+        },
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected reply: {other:?}"),
     }
@@ -699,6 +703,30 @@ pub fn format_status(r: &StatusReport) -> String {
         );
         if let Some(m) = &w.migrate {
             s.push_str(&format_migrate(m, "      "));
+        }
+    }
+    s
+}
+
+/// The status of a host with no service.
+pub fn format_idle(idle: &crate::control::protocol::IdleStatus) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "service      none (pid {}): waiting for one on {} (wasmhost migrate --to)",
+        idle.pid, idle.waiting_on
+    );
+    if idle.relaying > 0 {
+        let _ = writeln!(
+            s,
+            "relaying     {} connections for the host the last service moved to",
+            idle.relaying
+        );
+    }
+    if let Some(report) = &idle.last_move {
+        let _ = writeln!(s, "last service moved away:");
+        for line in format_swap(report).lines() {
+            let _ = writeln!(s, "  {line}");
         }
     }
     s

@@ -89,6 +89,14 @@ fn kv_moves_between_machines_and_back_with_every_connection() {
                 "{}",
                 status.stdout
             );
+            // And the sender's says it has none, and where it went.
+            let idle = a.command("status", &[]);
+            assert!(idle.status.success(), "{}", idle.stderr);
+            assert!(
+                idle.stdout.contains("service      none") && idle.stdout.contains("moved   to"),
+                "{}",
+                idle.stdout
+            );
         }
         roundtrip(&mut half, b"\r\n$2\r\nB!\r\n", b"+OK\r\n");
         load.wait(200);

@@ -138,6 +138,21 @@ pub enum Response {
     /// The service was handed to a new host process while this request
     /// waited; nothing was done. Connect again to reach the new process.
     Moved,
+    /// This host has no service (`serve --receive`, waiting for one):
+    /// what it waits on, and where its last service went.
+    Idle(Box<IdleStatus>),
+}
+
+/// The status of a host with no service.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IdleStatus {
+    pub pid: u32,
+    /// The address it takes services on.
+    pub waiting_on: String,
+    /// Connections it relays for another host (`migrate --relay`).
+    pub relaying: usize,
+    /// The move that took its last service away, if one did.
+    pub last_move: Option<crate::service::SwapReport>,
 }
 
 /// Why a frame could not be read.

@@ -221,7 +221,66 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn handle_client(mut stream: UnixStream, ctx: &ControlCtx) -> Result<()> {
+impl ControlSocket {
+    /// For a host with no service: answers `status` with `idle()` and
+    /// every other request with an error saying there is no service, until
+    /// `stop` is cancelled (then the socket is closed and its file removed).
+    pub async fn serve_idle(
+        self,
+        idle: impl Fn() -> protocol::IdleStatus + Send + Sync + 'static,
+        stop: CancellationToken,
+    ) {
+        let idle = Arc::new(idle);
+        let tracker = TaskTracker::new();
+        loop {
+            let stream = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!("control socket accept failed: {e}");
+                        continue;
+                    }
+                },
+            };
+            let idle = idle.clone();
+            tracker.spawn(async move {
+                let answer = |request: Request| {
+                    let idle = idle.clone();
+                    async move {
+                        match request {
+                            Request::Status => Response::Idle(Box::new(idle())),
+                            _ => Response::Error {
+                                message: format!(
+                                    "no service here: this host waits for one on {} (migrate \
+                                     sends it one); `status` says where its last one went",
+                                    idle().waiting_on
+                                ),
+                            },
+                        }
+                    }
+                };
+                if let Err(e) = serve_client(stream, answer).await {
+                    tracing::debug!("control client: {e}");
+                }
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}
+
+async fn handle_client(stream: UnixStream, ctx: &ControlCtx) -> Result<()> {
+    let fd = stream.as_raw_fd();
+    serve_client(stream, |request| handle(request, ctx, fd)).await
+}
+
+/// Reads requests from a control client (after checking it is this
+/// user) and answers each with `answer`.
+async fn serve_client<F: Future<Output = Response>>(
+    mut stream: UnixStream,
+    answer: impl Fn(Request) -> F,
+) -> Result<()> {
     let peer = stream.peer_cred()?.uid();
     let me = nix::unistd::geteuid().as_raw();
     if peer != me {
@@ -260,7 +319,7 @@ async fn handle_client(mut stream: UnixStream, ctx: &ControlCtx) -> Result<()> {
                 ),
             }
         } else {
-            handle(frame.request, ctx, stream.as_raw_fd()).await
+            answer(frame.request).await
         };
         reply(&mut stream, response).await?;
     }

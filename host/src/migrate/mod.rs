@@ -85,6 +85,18 @@ pub const VERSION: u32 = 1;
 /// Test-only: the step at which the receiver fails on purpose.
 pub const FAIL_ENV: &str = "WASMHOST_TEST_MIGRATE_FAIL";
 
+/// The move that took this host's last service away (its report).
+static LAST_MOVE: std::sync::Mutex<Option<SwapReport>> = std::sync::Mutex::new(None);
+
+fn remember_move(report: &SwapReport) {
+    *LAST_MOVE.lock().expect("last move lock") = Some(report.clone());
+}
+
+/// The report of the move that took this host's last service away.
+pub fn last_move() -> Option<SwapReport> {
+    LAST_MOVE.lock().expect("last move lock").clone()
+}
+
 /// Whether this process was asked (by a test) to fail at `step`.
 fn fail_at(step: &str) -> bool {
     std::env::var(FAIL_ENV).is_ok_and(|s| s == step)

@@ -18,6 +18,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::address;
 use super::link::{Link, TlsFiles};
@@ -52,6 +53,8 @@ struct Shared {
     busy: tokio::sync::Mutex<()>,
     outcomes: Mutex<VecDeque<(String, Outcome)>>,
     arrived: mpsc::Sender<Arrived>,
+    /// While the host waits: the control socket answering `status`.
+    idle: tokio::sync::Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
 }
 
 /// A service received and committed: the parts to serve it from.
@@ -78,6 +81,7 @@ impl Port {
             busy: tokio::sync::Mutex::new(()),
             outcomes: Mutex::new(VecDeque::new()),
             arrived: tx,
+            idle: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(accept_loop(listener, acceptor, shared.clone()));
         Ok(Port {
@@ -94,6 +98,7 @@ impl Port {
     /// Waits for a service (the host has none now), and serves it.
     pub async fn next(&mut self, launch: Launch) -> Result<Server> {
         *self.shared.waiting.lock().expect("port lock") = true;
+        self.shared.start_idle().await?;
         tracing::info!(addr = %self.addr, "waiting for a service (wasmhost migrate --to)");
         let arrived = self
             .arrived
@@ -141,6 +146,38 @@ async fn accept_loop(
 }
 
 impl Shared {
+    /// Opens the control socket of a host with no service (`status` says
+    /// what it waits on and where its last service went).
+    async fn start_idle(&self) -> Result<()> {
+        let Some(path) = &self.opts.control else {
+            return Ok(());
+        };
+        let mut idle = self.idle.lock().await;
+        if idle.is_some() {
+            return Ok(());
+        }
+        let socket = ControlSocket::bind(path).await?;
+        let stop = CancellationToken::new();
+        let waiting_on = self.addr.to_string();
+        let status = move || crate::control::protocol::IdleStatus {
+            pid: std::process::id(),
+            waiting_on: waiting_on.clone(),
+            relaying: super::relay::relaying(),
+            last_move: super::last_move(),
+        };
+        let task = tokio::spawn(socket.serve_idle(status, stop.clone()));
+        *idle = Some((stop, task));
+        Ok(())
+    }
+
+    /// Closes that socket (the service's own takes its place).
+    async fn stop_idle(&self) {
+        if let Some((stop, task)) = self.idle.lock().await.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
     fn remember(&self, id: &str, outcome: Outcome) {
         let mut outcomes = self.outcomes.lock().expect("outcomes lock");
         outcomes.retain(|(known, _)| known != id);
@@ -222,6 +259,10 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         }
         Err(e) => {
             shared.remember(&id, Outcome::Aborted);
+            // Still waiting: `status` answers again.
+            if let Err(e) = shared.start_idle().await {
+                tracing::warn!("the control socket did not reopen: {e:#}");
+            }
             let step = r.step;
             let failed = Message::Failed {
                 step: step.into(),
@@ -342,6 +383,7 @@ impl Receiving<'_> {
         if fail_at("import") {
             bail!("test: {FAIL_ENV}=import: rejecting the state");
         }
+        self.shared.stop_idle().await;
         let control = match &opts.control {
             Some(path) => Some(ControlSocket::bind(path).await?),
             None => None,

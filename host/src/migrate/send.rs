@@ -579,6 +579,7 @@ fn relay_sockets(handoff: &Handoff) -> std::io::Result<Vec<(u64, super::relay::L
 /// The receiver serves: this host's service ends. Its sockets close in
 /// repair mode, so no client sees a FIN or a reset.
 fn release(frozen: Frozen2, report: &SwapReport) {
+    super::remember_move(report);
     let _ = frozen
         .handoff
         .decision
