@@ -31,9 +31,18 @@
 //! | 3 `prepare` | sends the component's bytes if asked | checks the hash, compiles and instantiates, asks `importable()`; answers `Prepared` (the upgrade's) | `Failed`, link lost or no answer before the deadline: S reports it, nothing changed |
 //! | 4 `freeze` | at an update point: stops accepting and reading, collects sockets and unread and unsent bytes, exports the state (the upgrade's `Handoff`). `--move-ip`: every connection socket enters repair mode, the address is removed (netlink), then each socket's TCP state and kernel queues are read ([`repair::freeze`]) | waits | export refused or trapped, a socket that cannot be frozen (not ESTABLISHED, not IPv4 on the moving address): S resumes (below), sends `Abort`, reports the step |
 //! | 5 `send` | sends `Manifest`: the `ServiceImage`, each connection's `TcpImage` (move-ip) and a payload of the state, each connection's unread and unsent bytes (the kernel's unsent bytes joined to the host's) and its sent-but-unacknowledged bytes | receives and checks lengths and counts against each other | link lost: S resumes |
-//! | 6 `import` | waits for `Ready` | imports the state (the swap's import and validation), arms timers, builds the service without serving; move-ip: recreates every socket in repair mode ([`repair::restore`]), not yet reachable (the address is not up); answers `Ready` with its timings | `Failed`, link lost, or no `Ready` before the deadline: S sends `Abort` and resumes; R drops what it built (its repaired sockets close silently) and waits again |
+//! | 6 `import` | waits for `Ready` | imports the state (the swap's import and validation), arms timers, builds the service without serving; move-ip: recreates every socket in repair mode ([`repair::restore`]), not yet reachable (the address is not up); relay: binds the listeners on its own address (same ports) and gives the service one end of a socket pair per connection; answers `Ready` with its timings | `Failed`, link lost, or no `Ready` before the deadline: S sends `Abort` and resumes; R drops what it built (its repaired sockets close silently) and waits again |
 //! | 7 `commit` | sends `Commit` with the report, waits for `Serving` | on `Commit`, and only then: move-ip: adds the address (netlink), announces it (gratuitous ARP), takes every socket out of repair mode, binds the listeners; relay: binds the listeners, connections are served through the link; then serves (unsent bytes first, unread bytes to the guest first) and answers `Serving` with the restore's timings | see below |
-//! | 8 `release` | on `Serving`: move-ip: closes its sockets in repair mode (no FIN, no RST reaches a client); relay: keeps the client sockets and relays their bytes both ways until they close; its service ends | serves; answers `Outcome` queries for this id | |
+//! | 8 `release` | on `Serving`: move-ip: closes its sockets in repair mode (no FIN, no RST reaches a client); relay: keeps the client sockets and relays their bytes both ways until they close; its service ends (a host with `--receive` waits for a service again, its control socket answering `status` with where the service went) | serves; answers `Outcome` queries for this id | |
+//!
+//! With `--relay`, phases 4 and 5 leave the sockets alone (no repair mode,
+//! no address): their kernel queues stay where they are and cross the
+//! link after the commit, in order, like any later byte. From phase 8 the
+//! link carries `Data { id }` (bytes, as payload) and `Eof { id }` (no more
+//! this way) frames for every connection ([`relay`]); S keeps copies of
+//! the client sockets taken before its service closes its own, and its
+//! process lives until the last relayed connection has ended both ways.
+//! A link that breaks then closes the relayed connections on both sides.
 //!
 //! **Resuming** (S, before phase 7): take every socket out of repair mode,
 //! put the address back, thaw: every connection served again, the guest
