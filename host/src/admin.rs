@@ -385,13 +385,18 @@ pub async fn upgrade(args: UpgradeArgs) -> Result<()> {
         };
         eprintln!("upgrading `{}`: {how}...", args.control.name);
     }
-    let response = client::request(&socket(&args.control)?, request).await?;
+    request_move(&args.control, request, args.json).await
+}
+
+/// Sends an upgrade or a migration and prints its report.
+async fn request_move(control: &ControlArgs, request: Request, json: bool) -> Result<()> {
+    let response = client::request(&socket(control)?, request).await?;
     let report = match response {
         Response::Swapped(report) => report,
         Response::Error { message } => bail!("{message}"),
         other => bail!("unexpected reply: {other:?}"),
     };
-    print_swap(&report, args.json)
+    print_swap(&report, json)
 }
 
 pub async fn migrate(args: crate::cli::MigrateArgs) -> Result<()> {
@@ -414,13 +419,7 @@ pub async fn migrate(args: crate::cli::MigrateArgs) -> Result<()> {
             args.control.name, args.to
         );
     }
-    let response = client::request(&socket(&args.control)?, request).await?;
-    let report = match response {
-        Response::Swapped(report) => report,
-        Response::Error { message } => bail!("{message}"),
-        other => bail!("unexpected reply: {other:?}"),
-    };
-    print_swap(&report, args.json)
+    request_move(&args.control, request, args.json).await
 }
 
 pub async fn snapshot(args: SnapshotArgs) -> Result<()> {

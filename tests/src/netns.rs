@@ -291,15 +291,9 @@ impl World {
         s
     }
 
-    /// A raw connection from the client machine.
+    /// A raw connection from the client machine to the service address.
     pub fn connect(&self) -> TcpStream {
-        let addr = self.service_addr();
-        let s = self
-            .client
-            .run(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))
-            .expect("connecting from the client machine");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s
+        self.connect_to(self.service_addr())
     }
 
     /// A redis client from the client machine.

@@ -119,15 +119,16 @@ impl Benchmark for EchoVsTokio {
                 "\nWhere the time goes at 50 connections (`perf record -g` on the wasmhost process; guest \
                  functions named through wasmtime's perf map). By where the code runs: {}. Top symbols, \
                  self time:\n\n```\n{}```\n\n\
-                 Each message crosses three threads: the connection's reader task (a tokio worker) reads \
-                 it and wakes the service's actor thread, which runs the guest's `on-data` and writes the \
-                 reply straight to the socket; a native tokio echo reads and writes in one task on one \
-                 worker. The wake-up between the reader and the actor (futex, scheduler) is the host's \
-                 main cost above native, and one actor runs every guest call of the service on one core, \
-                 while native tokio spreads its work over both. What would close the gap: reading a \
-                 service's connections on its actor's own thread (Redis's event loop: read, run, write \
-                 with no hand-off), and `--instances N` for a stateless service on a machine where the \
-                 load generator does not share the cores.",
+                 Per message wasmhost now makes the system calls native tokio makes (one `recv`, one \
+                 `send`: a read that does not fill its buffer clears the socket's readiness, so no `recv` \
+                 comes back empty), and the guest is a few percent of the time. What it adds is the host's \
+                 own share above: the connection's reader task (a tokio worker) hands each message to the \
+                 service's actor, which runs `on-data`, journals the event (the CRC above) and writes the \
+                 reply straight to the socket, so every message crosses from one thread to another, where \
+                 native tokio reads and writes in one task; and one actor runs every guest call of the \
+                 service on one core. What would close the gap: reading a service's connections on its \
+                 actor's own thread (Redis's event loop: read, run, write with no hand-off), and \
+                 `--instances N` for a stateless service on a machine where the load generator does not share the cores.",
                 profile.split, profile.top
             );
             let (path, file) = ctx.out.chart_path("echo-flame");

@@ -405,6 +405,22 @@ mod tests {
 
     use super::*;
 
+    /// A loopback connection (client, server), or `None` with a SKIPPED
+    /// line for `test` where this process may not use repair mode.
+    fn connected(test: &str) -> Option<(TcpStream, TcpStream)> {
+        if !can_repair() {
+            eprintln!("SKIPPED {test}: TCP_REPAIR needs CAP_NET_ADMIN (run as root)");
+            return None;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (server, _) = listener.accept().unwrap();
+        Some((client, server))
+    }
+
     /// Whether this process may use repair mode (CAP_NET_ADMIN).
     fn can_repair() -> bool {
         let s = TcpStream::connect(
@@ -423,19 +439,11 @@ mod tests {
     /// had sent come back as unread.
     #[test]
     fn a_connection_survives_freeze_close_and_restore() {
-        if !can_repair() {
-            eprintln!(
-                "SKIPPED a_connection_survives_freeze_close_and_restore: TCP_REPAIR needs CAP_NET_ADMIN (run as root)"
-            );
+        let Some((mut client, mut server)) =
+            connected("a_connection_survives_freeze_close_and_restore")
+        else {
             return;
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (mut server, _) = listener.accept().unwrap();
-        drop(listener);
+        };
         // Both ways work before.
         client.write_all(b"ping").unwrap();
         let mut four = [0u8; 4];
@@ -503,18 +511,11 @@ mod tests {
     /// sender's way back.
     #[test]
     fn leaving_repair_mode_resumes_the_connection() {
-        if !can_repair() {
-            eprintln!(
-                "SKIPPED leaving_repair_mode_resumes_the_connection: TCP_REPAIR needs CAP_NET_ADMIN (run as root)"
-            );
+        let Some((mut client, mut server)) =
+            connected("leaving_repair_mode_resumes_the_connection")
+        else {
             return;
-        }
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let (mut server, _) = listener.accept().unwrap();
+        };
         enter(server.as_fd()).unwrap();
         client.write_all(b"while frozen").unwrap();
         let frozen = freeze(server.as_fd()).unwrap();
