@@ -27,6 +27,8 @@ use super::link::{Link, Stream};
 
 /// The most bytes one `Data` frame carries.
 const CHUNK: usize = 64 * 1024;
+/// A relayed connection's read buffer to begin with.
+const FIRST_READ: usize = 4 * 1024;
 /// Frames queued for one connection's local stream before the link's
 /// reader waits for it (backpressure on the whole link).
 const QUEUED: usize = 16;
@@ -86,12 +88,20 @@ pub(crate) async fn run(link: Link, conns: Vec<(u64, Local)>) {
         // Local -> link.
         let (frames, open_here, done) = (frames.clone(), open.clone(), all_done.clone());
         let reading = tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
+            // Small while the connection is quiet (thousands may be
+            // relayed), doubled up to CHUNK while reads fill it.
+            let mut buf = vec![0u8; FIRST_READ];
             loop {
                 match reader.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         let data = Bytes::copy_from_slice(&buf[..n]);
+                        if n == buf.len() && buf.len() < CHUNK {
+                            buf.resize(buf.len() * 2, 0);
+                        } else if n < buf.len() / 4 && buf.len() > FIRST_READ {
+                            buf.truncate(buf.len() / 2);
+                            buf.shrink_to_fit();
+                        }
                         if frames.send((Message::Data { id }, data)).await.is_err() {
                             break;
                         }
