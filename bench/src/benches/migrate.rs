@@ -39,7 +39,8 @@ impl Benchmark for MigrateFreeze {
     }
 
     fn run(&self, ctx: &Ctx) -> Result<Section> {
-        let mut s = Section::new("Moving a service to another machine (`migrate --move-ip`)");
+        let mut s =
+            Section::new("Moving a service to another machine (`migrate --move-ip` and `--relay`)");
         let w = match World::create() {
             Ok(w) => w,
             Err(why) => {

@@ -115,6 +115,21 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
             ),
         )
     })?;
+    let component_hash = hex::encode(Sha256::digest(&component));
+    // The file may have been rebuilt since it was loaded: sending it would
+    // move the service to another version than the one running.
+    if component_hash != status.component.hash {
+        return Err(Failure::migrate(
+            "offer",
+            format!(
+                "{} changed on disk since the service loaded it (hash {} now, {} running): swap \
+                 to the new file first (`wasmhost swap`, or SIGHUP), then migrate",
+                status.component.path,
+                &component_hash[..12],
+                &status.component.hash[..12.min(status.component.hash.len())]
+            ),
+        ));
+    }
     let deadline = tokio::time::Instant::now() + opts.timeout;
     let within = |step: &'static str| Within {
         step,
@@ -139,7 +154,7 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
             How::Relay => Mode::Relay,
         },
         address: moving.as_ref().map(|(addr, _)| *addr),
-        component_hash: hex::encode(Sha256::digest(&component)),
+        component_hash,
         component_size: component.len() as u64,
     };
     within("offer")
