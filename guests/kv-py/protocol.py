@@ -735,12 +735,18 @@ def cmd_config(call: Call) -> None:
 
 
 def cmd_info(call: Call) -> None:
-    text = (
-        "# Server\r\nredis_version:7.2.0\r\nredis_mode:standalone\r\nos:wasmhost\r\n"
-        "arch_bits:32\r\nserver_name:wasmhost-kv\r\n\r\n# Replication\r\nrole:master\r\n"
-        "connected_slaves:0\r\n\r\n# Keyspace\r\n"
-        f"db0:keys={len(call.keyspace)},expires=0,avg_ttl=0\r\n"
+    """INFO [section ...]: the sections asked for (all with none, `all`,
+    `default` or `everything`; an unknown one adds nothing), as Redis does.
+    role:master always: a host serves only where it is the primary."""
+    sections = (
+        (b"server", "# Server\r\nredis_version:7.2.0\r\nredis_mode:standalone\r\n"
+         "os:wasmhost\r\narch_bits:32\r\nserver_name:wasmhost-kv\r\n"),
+        (b"replication", "# Replication\r\nrole:master\r\nconnected_slaves:0\r\n"),
+        (b"keyspace", f"# Keyspace\r\ndb0:keys={len(call.keyspace)},expires=0,avg_ttl=0\r\n"),
     )
+    asked = [a.lower() for a in call.args[1:]]
+    every = not asked or any(a in (b"all", b"default", b"everything") for a in asked)
+    text = "\r\n".join(body for name, body in sections if every or name in asked)
     call.reply.bulk(text.encode())
 
 

@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
@@ -443,6 +444,80 @@ pub async fn snapshot(args: SnapshotArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wasmhost drain`.
+pub async fn drain(args: crate::cli::DrainArgs) -> Result<()> {
+    let path = socket(&args.control)?;
+    let status = match client::request(
+        &path,
+        Request::Drain {
+            cancel: args.cancel,
+        },
+    )
+    .await?
+    {
+        Response::Drain(status) => status,
+        Response::Error { message } => bail!("{message}"),
+        Response::Idle(_) => bail!("this host has no service to drain"),
+        other => bail!("unexpected reply: {other:?}"),
+    };
+    if args.cancel {
+        println!(
+            "{}: accepting new connections; {} open",
+            match status.was_draining {
+                true => "drain cancelled",
+                false => "was not draining",
+            },
+            status.connections
+        );
+        return Ok(());
+    }
+    println!(
+        "draining: accepting no new connections; {} open",
+        status.connections
+    );
+    if !args.wait {
+        return Ok(());
+    }
+    let began = std::time::Instant::now();
+    let limit = Duration::from_secs(args.timeout);
+    let (mut open, mut shown, mut shown_at) = (status.connections, status.connections, began);
+    while open > 0 {
+        if began.elapsed() >= limit {
+            bail!(
+                "{open} connections still open after {} s; the host is still draining \
+                 (`wasmhost drain --cancel` accepts again, `wasmhost migrate` moves them)",
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        open = match client::request(&path, Request::Status).await? {
+            Response::Status(s) if !s.draining => {
+                bail!(
+                    "the drain was cancelled; {} connections open",
+                    s.connections
+                )
+            }
+            Response::Status(s) => s.connections,
+            Response::Idle(_) => {
+                println!("the service moved to another host; nothing left here");
+                return Ok(());
+            }
+            Response::Moved => bail!(
+                "the service moved to a new host process (upgrade), which accepts again; \
+                 drain it again if that was not meant"
+            ),
+            Response::Error { message } => bail!("{message}"),
+            other => bail!("unexpected reply: {other:?}"),
+        };
+        if open > 0 && open != shown && shown_at.elapsed() >= Duration::from_secs(1) {
+            eprintln!("draining: {open} connections open");
+            (shown, shown_at) = (open, std::time::Instant::now());
+        }
+    }
+    println!("drained in {:.1?}: no connection left", began.elapsed());
+    Ok(())
+}
+
 pub async fn status(args: StatusArgs) -> Result<()> {
     match client::request(&socket(&args.control)?, Request::Status).await? {
         Response::Status(mut report) => {
@@ -596,6 +671,12 @@ pub fn format_status(r: &StatusReport) -> String {
     );
     for l in &r.listeners {
         let _ = writeln!(s, "listening    {} {}", l.name, l.addr);
+    }
+    if r.draining {
+        let _ = writeln!(
+            s,
+            "draining     accepting no new connections (`wasmhost drain --cancel` accepts again)"
+        );
     }
     let _ = writeln!(
         s,

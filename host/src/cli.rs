@@ -23,7 +23,7 @@ pub struct Cli {
 pub enum Command {
     /// Serve a component (a WebAssembly component of the world
     /// wasmhost:service/service) on one or more TCP listeners.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Replace a running service's component live, carrying its state over.
     ///
     /// The new component is compiled, type-checked and instantiated while the
@@ -115,6 +115,22 @@ pub enum Command {
     /// receiver dying) makes this host resume with every connection and its
     /// state, and this command says which step failed.
     Migrate(MigrateArgs),
+    /// Take a host out of rotation: stop accepting new connections and
+    /// let the open ones finish.
+    ///
+    /// The listeners stop listening (a new connection is refused at once,
+    /// so a load balancer retries it on another host), HAProxy's agent
+    /// check (`serve --agent-check`) answers `drain` and `/readyz` (`serve
+    /// --admin`) answers 503. Open connections are served as before until
+    /// their clients close them, or move them elsewhere with `migrate`.
+    /// With --wait this waits until no connection is left (printing how
+    /// many are), at most --timeout seconds. `drain --cancel` listens again
+    /// on the same addresses. A host upgrade or migration ends a drain.
+    ///
+    /// `serve --on-sigterm drain` (the default under systemd) makes SIGTERM
+    /// drain, then stop when the connections are gone or after
+    /// --drain-timeout-s.
+    Drain(DrainArgs),
     /// Check that a file is a valid guest and run a conformance check on it.
     ///
     /// Exits 1 with what is wrong and what to do when FILE is not a
@@ -518,6 +534,25 @@ pub enum ValidateMode {
 }
 
 #[derive(Args, Debug)]
+pub struct DrainArgs {
+    /// Wait until every connection is closed.
+    #[arg(long, conflicts_with = "cancel")]
+    pub wait: bool,
+
+    /// With --wait: give up after this many seconds (exit 1, the host
+    /// still draining).
+    #[arg(long, value_name = "S", default_value_t = 300, requires = "wait")]
+    pub timeout: u64,
+
+    /// End the drain: listen and accept again.
+    #[arg(long)]
+    pub cancel: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Print the report as JSON.
     #[arg(long)]
@@ -714,6 +749,39 @@ pub struct ServeArgs {
     /// instance.
     #[arg(long, value_name = "N|auto", default_value = "1", value_parser = parse_instances)]
     pub instances: usize,
+
+    /// Serve /livez, /readyz and Prometheus /metrics over HTTP on this
+    /// address (e.g. 127.0.0.1:9100). See "Running a fleet" in the README.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
+
+    /// Answer HAProxy's agent check on this address: `up ready N%` (N the
+    /// share of --max-connections free), `drain` while draining or handing
+    /// the service off, `maint` with no service, `down` when the service
+    /// failed. In haproxy.cfg: `server NAME ADDR agent-check agent-addr IP
+    /// agent-port PORT agent-inter 1s`.
+    #[arg(long, value_name = "ADDR")]
+    pub agent_check: Option<std::net::SocketAddr>,
+
+    /// What SIGTERM does: `stop` closes every connection after flushing
+    /// it; `drain` drains (see `wasmhost drain`), then stops once the
+    /// connections are gone or after --drain-timeout-s. [default: drain
+    /// under systemd (INVOCATION_ID is set), stop otherwise]. A second
+    /// SIGTERM or SIGINT stops at once.
+    #[arg(long, value_name = "drain|stop")]
+    pub on_sigterm: Option<OnSigterm>,
+
+    /// How long a SIGTERM drain waits for connections to close before it
+    /// stops the service anyway (keep it under systemd's TimeoutStopSec).
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    pub drain_timeout_s: u64,
+}
+
+/// `serve --on-sigterm`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnSigterm {
+    Drain,
+    Stop,
 }
 
 /// `--instances`: a count from 1 to 256, or `auto` (the number of cores).

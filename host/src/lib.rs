@@ -13,6 +13,7 @@ pub mod cli;
 pub mod control;
 pub mod durable;
 pub mod engine;
+pub mod fleet;
 pub mod migrate;
 pub mod net;
 pub mod new;

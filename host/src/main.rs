@@ -12,7 +12,7 @@ use wasmhost::cli::{self, CacheArgs, CheckArgs, Cli, Command, CompileArgs, Serve
 use wasmhost::migrate::Port;
 use wasmhost::shutdown::{HostSignal, Signals};
 use wasmhost::upgrade::{self, UpgradeOptions};
-use wasmhost::{Launch, ServeOptions, Server, engine, net, service, systemd};
+use wasmhost::{Launch, ServeOptions, Server, engine, fleet, net, service, systemd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         .expect("building the tokio runtime");
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args, handoff, activated).await,
+            Command::Serve(args) => serve(*args, handoff, activated).await,
             Command::Swap(args) => wasmhost::admin::swap(args).await,
             Command::Status(args) => wasmhost::admin::status(args).await,
             Command::Snapshot(args) => wasmhost::admin::snapshot(args).await,
@@ -57,6 +57,7 @@ fn main() -> ExitCode {
             Command::Abort(args) => wasmhost::admin::abort(args).await,
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
             Command::Migrate(args) => wasmhost::admin::migrate(args).await,
+            Command::Drain(args) => wasmhost::admin::drain(args).await,
             Command::Compile(args) => compile(args),
             Command::New(args) => new_project(args),
             Command::Check(args) => check(args).await,
@@ -134,7 +135,22 @@ async fn serve(
 ) -> Result<()> {
     net::raise_fd_limit();
     let receive = args.receive;
+    let on_sigterm = OnTerm {
+        drain: match args.on_sigterm {
+            Some(policy) => policy == cli::OnSigterm::Drain,
+            None => std::env::var_os("INVOCATION_ID").is_some(),
+        },
+        timeout: Duration::from_secs(args.drain_timeout_s),
+    };
+    let upgraded = handoff.is_some();
+    if let Some(addr) = args.admin {
+        fleet::listen(addr, "--admin", upgraded, fleet::http::serve).await?;
+    }
+    if let Some(addr) = args.agent_check {
+        fleet::listen(addr, "--agent-check", upgraded, fleet::agent::serve).await?;
+    }
     let opts = serve_options(args)?;
+    let max_connections = opts.max_connections;
     let mut signals = Signals::install()?;
     let launch = Launch::current()?;
     let took_over = handoff.is_some();
@@ -164,6 +180,10 @@ async fn serve(
     };
     systemd::ready(took_over);
     loop {
+        // Ready from here (a new service accepts: a drain ended with the
+        // process or the host that had it).
+        fleet::health().set_draining(false);
+        fleet::health().set_service(Some(server.operations()), max_connections);
         for (name, addr) in server.addrs() {
             eprintln!("listening on {name} {addr}");
         }
@@ -172,7 +192,11 @@ async fn serve(
         }
         eprintln!("serving as pid {}", std::process::id());
         let ops = server.operations();
-        let ended = server.run(handle_signals(&mut signals, ops)).await?;
+        let ended = server
+            .run(handle_signals(&mut signals, ops, on_sigterm))
+            .await;
+        fleet::health().set_service(None, 0);
+        let ended = ended?;
         // A service that moved to another machine leaves this host empty:
         // with --receive it waits for one again.
         match (ended, &mut port) {
@@ -232,11 +256,39 @@ async fn wait_for_service(
     }
 }
 
-/// Answers signals while a service runs: SIGTERM/SIGINT stop it, SIGUSR2
-/// upgrades the host, SIGHUP swaps to the component file on disk.
-async fn handle_signals(signals: &mut Signals, ops: wasmhost::control::server::ControlCtx) {
+/// What SIGTERM does (`serve --on-sigterm`, `--drain-timeout-s`).
+#[derive(Clone, Copy)]
+struct OnTerm {
+    drain: bool,
+    timeout: Duration,
+}
+
+/// Answers signals while a service runs: SIGTERM/SIGINT stop it (SIGTERM
+/// drains first with `--on-sigterm drain`), SIGUSR2 upgrades the host,
+/// SIGHUP swaps to the component file on disk.
+async fn handle_signals(
+    signals: &mut Signals,
+    ops: wasmhost::control::server::ControlCtx,
+    on_term: OnTerm,
+) {
     loop {
         match signals.next().await {
+            HostSignal::Shutdown("SIGTERM") if on_term.drain => {
+                systemd::stopping();
+                fleet::health().drain().await;
+                tracing::info!(
+                    "SIGTERM received: draining, then stopping (at most {:?}; SIGTERM or \
+                     SIGINT again stops at once)",
+                    on_term.timeout
+                );
+                tokio::select! {
+                    _ = drained(&ops, on_term.timeout) => {}
+                    signal = wait_for_shutdown_signal(signals) => {
+                        tracing::info!("{signal} received: stopping without waiting");
+                    }
+                }
+                return;
+            }
             HostSignal::Shutdown(sig) => {
                 tracing::info!("{sig} received");
                 systemd::stopping();
@@ -264,6 +316,40 @@ async fn handle_signals(signals: &mut Signals, ops: wasmhost::control::server::C
                     }
                 });
             }
+        }
+    }
+}
+
+/// Waits until the service has no connection left, or `limit` passed.
+async fn drained(ops: &wasmhost::control::server::ControlCtx, limit: Duration) {
+    let began = std::time::Instant::now();
+    let mut said = began;
+    loop {
+        let open = match wasmhost::control::server::status(ops).await {
+            Ok(status) => status.connections,
+            Err(_) => return,
+        };
+        if open == 0 {
+            tracing::info!("drained in {:.1?}: stopping", began.elapsed());
+            return;
+        }
+        if began.elapsed() >= limit {
+            tracing::warn!("{open} connections still open after {limit:?} of draining: stopping");
+            return;
+        }
+        if said.elapsed() >= Duration::from_secs(5) {
+            tracing::info!("draining: {open} connections open");
+            said = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The next SIGTERM or SIGINT.
+async fn wait_for_shutdown_signal(signals: &mut Signals) -> &'static str {
+    loop {
+        if let HostSignal::Shutdown(sig) = signals.next().await {
+            return sig;
         }
     }
 }

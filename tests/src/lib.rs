@@ -5,6 +5,7 @@
 //! wasmhost`) and the real guests (`guests/build`); `.ci/test` builds both
 //! before running them.
 
+pub mod fleet;
 pub mod irc;
 pub mod load;
 pub mod netns;
@@ -413,6 +414,38 @@ impl Served {
         );
         assert!(out.stdout.contains("upgrade committed"), "{}", out.stdout);
         out.stdout
+    }
+
+    /// The address printed after `prefix` (e.g. `"admin endpoints on
+    /// http://"`), once it is printed.
+    pub fn printed_addr(&mut self, prefix: &str) -> SocketAddr {
+        self.wait_for_output(|t| t.contains(prefix), START_TIMEOUT);
+        let text = self.stderr();
+        let rest = &text[text.find(prefix).expect("printed") + prefix.len()..];
+        let addr = rest.split_whitespace().next().expect("an address");
+        addr.parse()
+            .unwrap_or_else(|_| panic!("`{addr}` after `{prefix}` is not an address"))
+    }
+
+    /// Sends `signal` to the serving process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        nix::sys::signal::kill(pid, signal).expect("kill");
+    }
+
+    /// Whether the process has exited (without reaping a running one).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// Waits for the process to exit by itself (at most `timeout`).
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let status = wait_timeout(&mut child, timeout);
+        std::thread::sleep(Duration::from_millis(50)); // let the reader thread finish
+        (status, self.stderr())
     }
 
     /// Sends SIGTERM and waits for the exit status (at most 30 s).

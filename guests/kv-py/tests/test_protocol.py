@@ -270,6 +270,17 @@ class CommandTest(Harness):
         self.assertEqual(self.cmd("LPOP", "l"), b"$-1\r\n")
         self.assertEqual(self.cmd("LPOP", "l", "1"), b"*-1\r\n")
 
+    def test_info_sections(self) -> None:
+        self.cmd("SET", "a", "1")
+        every = self.cmd("INFO")
+        for section in (b"# Server", b"# Replication", b"role:master", b"db0:keys=1"):
+            self.assertIn(section, every)
+        replication = self.cmd("INFO", "replication")
+        self.assertIn(b"role:master", replication)
+        self.assertNotIn(b"# Server", replication)
+        self.assertNotIn(b"# Keyspace", replication)
+        self.assertEqual(self.cmd("INFO", "nosuch"), b"$0\r\n\r\n")
+
     def test_handshake(self) -> None:
         self.assertEqual(self.cmd("PING"), b"+PONG\r\n")
         self.assertEqual(self.cmd("CLIENT", "SETNAME", "x"), b"+OK\r\n")

@@ -701,14 +701,43 @@ fn config(call: &mut Call, sub: &[u8]) {
     }
 }
 
+/// `INFO [section ...]`: the sections asked for (all with none, `all`,
+/// `default` or `everything`; an unknown one adds nothing), as Redis does.
+/// `role:master` always: this host serves only where it is the primary (a
+/// standby serves no client), so HAProxy's documented Redis check (`tcp-check
+/// expect string role:master`) picks the serving host.
 fn info(call: &mut Call) {
     let keys = call.db.len();
-    let text = format!(
-        "# Server\r\nredis_version:7.2.0\r\nredis_mode:standalone\r\nos:wasmhost\r\n\
-         arch_bits:32\r\nserver_name:wasmhost-kv\r\n\r\n# Replication\r\nrole:master\r\n\
-         connected_slaves:0\r\n\r\n# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"
-    );
-    call.out.bulk(text.as_bytes());
+    let sections = [
+        (
+            "server",
+            "# Server\r\nredis_version:7.2.0\r\nredis_mode:standalone\r\nos:wasmhost\r\n\
+             arch_bits:32\r\nserver_name:wasmhost-kv\r\n"
+                .to_string(),
+        ),
+        (
+            "replication",
+            "# Replication\r\nrole:master\r\nconnected_slaves:0\r\n".to_string(),
+        ),
+        (
+            "keyspace",
+            format!("# Keyspace\r\ndb0:keys={keys},expires=0,avg_ttl=0\r\n"),
+        ),
+    ];
+    let asked: Vec<String> = call.args[1..]
+        .iter()
+        .map(|a| lossy(a).to_ascii_lowercase())
+        .collect();
+    let all = asked.is_empty()
+        || asked
+            .iter()
+            .any(|a| matches!(a.as_str(), "all" | "default" | "everything"));
+    let text: Vec<&str> = sections
+        .iter()
+        .filter(|(name, _)| all || asked.iter().any(|a| a == name))
+        .map(|(_, text)| text.as_str())
+        .collect();
+    call.out.bulk(text.join("\r\n").as_bytes());
 }
 
 fn hello(call: &mut Call) {

@@ -91,6 +91,12 @@ pub enum Request {
         #[serde(default)]
         exec: bool,
     },
+    /// Stop accepting new connections and report `drain` to the fleet's
+    /// tools (`wasmhost drain`); with `cancel`, accept again.
+    Drain {
+        #[serde(default)]
+        cancel: bool,
+    },
     /// Move the service to another machine (`wasmhost migrate`).
     Migrate {
         to: std::net::SocketAddr,
@@ -138,9 +144,22 @@ pub enum Response {
     /// The service was handed to a new host process while this request
     /// waited; nothing was done. Connect again to reach the new process.
     Moved,
+    /// A drain started or was cancelled.
+    Drain(DrainStatus),
     /// This host has no service (`serve --receive`, waiting for one):
     /// what it waits on, and where its last service went.
     Idle(Box<IdleStatus>),
+}
+
+/// The answer to `drain`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainStatus {
+    /// Whether the host drains now.
+    pub draining: bool,
+    /// Whether it drained before this request.
+    pub was_draining: bool,
+    /// Connections still open.
+    pub connections: usize,
 }
 
 /// The status of a host with no service.

@@ -453,6 +453,23 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
                 .await
                 .map(|report| Response::Swapped(Box::new(report)))
         }
+        Request::Drain { cancel } => {
+            let health = crate::fleet::health();
+            let was_draining = match cancel {
+                true => health.set_draining(false),
+                false => health.drain().await,
+            };
+            status(ctx)
+                .await
+                .map(|s| {
+                    Response::Drain(crate::control::protocol::DrainStatus {
+                        draining: !cancel,
+                        was_draining,
+                        connections: s.connections,
+                    })
+                })
+                .map_err(|e| e.to_string())
+        }
         Request::Migrate {
             to,
             move_ip,
@@ -696,7 +713,7 @@ async fn group_swap(
 
 /// The first instance's status; with `--instances N`, every instance's
 /// connections and events too, and the totals.
-async fn status(ctx: &ControlCtx) -> Result<service::StatusReport, service::Stopped> {
+pub async fn status(ctx: &ControlCtx) -> Result<service::StatusReport, service::Stopped> {
     let summary = |s: &service::StatusReport| service::InstanceSummary {
         generation: s.generation,
         component: s.component.short_hash().to_string(),

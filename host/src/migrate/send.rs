@@ -58,6 +58,7 @@ pub async fn migrate(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, S
         ));
     }
     let _running = u.exclusive.begin("a migration")?;
+    let _handing_off = crate::fleet::health().handing_off();
     run(u, opts).await.map_err(|f| {
         tracing::warn!("{}; this host serves on", f.text());
         f.text()

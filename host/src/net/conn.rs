@@ -133,6 +133,7 @@ impl Outbox {
             if let Some(stream) = direct.as_ref() {
                 // Full, or failing: the task writes it, or meets the error.
                 written = stream.try_write(&data).unwrap_or(0);
+                crate::fleet::metrics::written(written);
             }
         }
         if written == data.len() {
@@ -447,6 +448,7 @@ async fn read_loop(
             Ok(buf) if buf.is_empty() => break,
             Ok(buf) => {
                 let n = buf.len();
+                crate::fleet::metrics::read(n);
                 read_size = next_read_size(read_size, n, shared.limits.read_chunk);
                 shared.unprocessed.fetch_add(n, Ordering::AcqRel);
                 if service.event(Event::Data(id, buf.freeze())).await.is_err() {
@@ -516,6 +518,10 @@ async fn write_some(stream: &TcpStream, data: &[u8]) -> std::io::Result<usize> {
         stream.writable().await?;
         match stream.try_write(data) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Ok(n) => {
+                crate::fleet::metrics::written(n);
+                return Ok(n);
+            }
             other => return other,
         }
     }

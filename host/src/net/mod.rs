@@ -208,19 +208,67 @@ pub fn start_accepting(listeners: Vec<Listener>, ctx: &AcceptCtx) {
 
 /// Accepts connections until shutdown, or until a freeze, when the
 /// listener goes back to the service (`Event::ListenerFrozen`).
-async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
+///
+/// While the host drains ([`crate::fleet`]) the listener stops listening
+/// (new connections are refused) and listens again on the same address
+/// when the drain is cancelled, or before it goes back to the service for
+/// a handoff (the process that serves next accepts).
+async fn accept_loop(mut listener: Listener, ctx: AcceptCtx) {
     let frozen = ctx.freeze.token();
+    let mut draining = crate::fleet::health().watch_draining();
+    let addr = listener.listener.local_addr().ok();
+    let mut _listening = Some(crate::fleet::health().listening());
     loop {
+        if *draining.borrow_and_update() {
+            // Connections the kernel completed but nobody accepted yet
+            // would be reset by the shutdown: accept them first.
+            while let Some(permit) = ctx.permits.clone().try_acquire_owned().ok()
+                && let Some((stream, peer)) = accept_now(&listener)
+            {
+                serve_accepted(stream, peer, permit, &listener, &ctx).await;
+            }
+            stop_listening(&listener);
+            _listening = None;
+            let resumed = loop {
+                tokio::select! {
+                    biased;
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = frozen.cancelled() => break false,
+                    _ = draining.changed() => {
+                        if !*draining.borrow_and_update() {
+                            break true;
+                        }
+                    }
+                }
+            };
+            listener = match listen_again(listener, addr) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    tracing::error!(
+                        "cannot listen again after a drain: {e:#}; this listener accepts no more \
+                         connections until the host restarts"
+                    );
+                    return;
+                }
+            };
+            _listening = Some(crate::fleet::health().listening());
+            match resumed {
+                true => continue,
+                false => break,
+            }
+        }
         let permit = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => return,
             _ = frozen.cancelled() => break,
+            _ = draining.changed() => continue,
             p = ctx.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
         };
         let accepted = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => return,
             _ = frozen.cancelled() => break,
+            _ = draining.changed() => continue,
             a = listener.listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -233,25 +281,90 @@ async fn accept_loop(listener: Listener, ctx: AcceptCtx) {
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        let info = ConnMeta {
-            id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
-            listener: listener.name.to_string(),
-            peer: peer.to_string(),
-        };
-        match &ctx.spread {
-            None => conn::spawn(stream, info, &ctx, permit, None).await,
-            Some(spread) => {
-                let (service, load) = spread.pick();
-                let routed = AcceptCtx {
-                    service,
-                    ..ctx.clone()
-                };
-                conn::spawn(stream, info, &routed, permit, Some(load)).await
-            }
-        }
+        serve_accepted(stream, peer, permit, &listener, &ctx).await;
     }
     let _ = ctx.service.event(Event::ListenerFrozen(listener)).await;
+}
+
+/// Hands an accepted connection to the service (the least loaded instance
+/// with `--instances N`).
+async fn serve_accepted(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    listener: &Listener,
+    ctx: &AcceptCtx,
+) {
+    let _ = stream.set_nodelay(true);
+    let info = ConnMeta {
+        id: ctx.next_id.fetch_add(1, Ordering::Relaxed),
+        listener: listener.name.to_string(),
+        peer: peer.to_string(),
+    };
+    match &ctx.spread {
+        None => conn::spawn(stream, info, ctx, permit, None).await,
+        Some(spread) => {
+            let (service, load) = spread.pick();
+            let routed = AcceptCtx {
+                service,
+                ..ctx.clone()
+            };
+            conn::spawn(stream, info, &routed, permit, Some(load)).await
+        }
+    }
+}
+
+/// One connection from the accept queue without waiting (`accept4` on the
+/// descriptor itself: the runtime's readiness may not have seen it yet).
+fn accept_now(listener: &Listener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    use nix::sys::socket::{SockFlag, accept4};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let fd = accept4(listener.listener.as_raw_fd(), flags).ok()?;
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    let stream = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let peer = stream.peer_addr().ok()?;
+    Some((tokio::net::TcpStream::from_std(stream).ok()?, peer))
+}
+
+/// Takes a listener out of LISTEN (Linux: `shutdown` of a listening
+/// socket), so connection attempts are refused instead of queueing in a
+/// backlog nobody accepts; the descriptor stays open.
+fn stop_listening(listener: &Listener) {
+    use nix::sys::socket::{Shutdown, shutdown};
+    use std::os::fd::AsRawFd;
+    if let Err(e) = shutdown(listener.listener.as_raw_fd(), Shutdown::Read) {
+        tracing::warn!(
+            listener = &*listener.name,
+            "cannot stop listening to drain: {e}"
+        );
+    }
+}
+
+/// Listens again after [`stop_listening`]. A socket bound to an explicit
+/// port kept it; one bound to port 0 gave its port back, so it is bound
+/// to the same address again first. The socket is registered with the
+/// runtime anew: the old registration saw the hang-up of the shutdown,
+/// which tokio keeps as a readiness that never clears.
+fn listen_again(listener: Listener, addr: Option<SocketAddr>) -> Result<Listener> {
+    use anyhow::Context;
+    use nix::sys::socket::{Backlog, SockaddrStorage, bind, listen};
+    use std::os::fd::AsRawFd;
+    let name = listener.name;
+    let socket = listener.listener.into_std()?;
+    if let Some(addr) = addr {
+        // EINVAL: still bound (an explicit port), which is what we want.
+        match bind(socket.as_raw_fd(), &SockaddrStorage::from(addr)) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
+            Err(e) => return Err(e).with_context(|| format!("binding {addr} ({name}) again")),
+        }
+    }
+    listen(&socket, Backlog::new(1024).expect("backlog in range"))
+        .with_context(|| format!("listening on {name} again"))?;
+    Ok(Listener {
+        name,
+        listener: TcpListener::from_std(socket)?,
+    })
 }
 
 /// Each connection is a file descriptor: raises the soft open-file limit to

@@ -223,6 +223,10 @@ pub struct StatusReport {
     /// then the totals; the rest is the first instance's).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub instances: Vec<InstanceSummary>,
+    /// The host is draining (`wasmhost drain`): it accepts no new
+    /// connections.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 /// One instance of `serve --instances N`, in `status`.
@@ -275,10 +279,12 @@ impl Actor {
             shadow: self.shadow_status(),
             gradual: self.gradual_status(),
             instances: Vec::new(),
+            draining: crate::fleet::health().draining(),
         }
     }
 
     pub(super) fn record(&mut self, record: SwapRecord) {
+        crate::fleet::metrics::swap_recorded(&record);
         if self.history.len() == HISTORY_LEN {
             self.history.pop_front();
         }

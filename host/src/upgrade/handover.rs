@@ -112,6 +112,7 @@ pub async fn upgrade(u: &Upgrader, opts: UpgradeOptions) -> Result<SwapReport, S
         ));
     }
     let _running = u.exclusive.begin("an upgrade")?;
+    let _handing_off = crate::fleet::health().handing_off();
     crate::systemd::reloading();
     let result = run(u, opts).await;
     match &result {

@@ -1,0 +1,237 @@
+//! Helpers for the fleet tests: the admin HTTP endpoints, HAProxy's agent
+//! check, and a real `haproxy` run by the test.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// `GET path` on the admin listener: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect to the admin listener");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (code, body.to_string())
+}
+
+/// The line HAProxy's agent check reads.
+pub fn agent_line(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to the agent check");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut line = String::new();
+    stream
+        .read_to_string(&mut line)
+        .expect("read the agent line");
+    line
+}
+
+/// `/metrics` scraped and parsed with a Prometheus text-format parser:
+/// the value of each sample by name and labels (`name{k="v",...}`, labels
+/// sorted).
+pub fn scrape(addr: SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    let (code, body) = http_get(addr, "/metrics");
+    assert_eq!(code, 200, "{body}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("a Prometheus text exposition");
+    scrape
+        .samples
+        .into_iter()
+        .map(|s| {
+            let mut labels: Vec<_> = s
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}=\"{v}\""))
+                .collect();
+            labels.sort();
+            let key = match labels.is_empty() {
+                true => s.metric,
+                false => format!("{}{{{}}}", s.metric, labels.join(",")),
+            };
+            let value = match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(buckets) => {
+                    buckets.last().map_or(0.0, |b| b.count)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1 (bound together, then let go:
+/// for configurations that need ports before the processes that bind them
+/// start).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Why a test that needs `program` cannot run here, if it cannot.
+pub fn missing(program: &str) -> Option<String> {
+    match Command::new(program).arg("-v").output() {
+        Ok(_) => None,
+        Err(e) => Some(format!(
+            "{program} is not installed ({e}); .ci/setup installs it"
+        )),
+    }
+}
+
+/// A real `haproxy` in the foreground, killed when dropped.
+pub struct Haproxy {
+    child: Child,
+    /// Its admin socket (`show stat`, `show servers state`).
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Haproxy {
+    /// Starts `haproxy -db -f CONFIG` with `config`, whose `global` section
+    /// this adds (with the admin socket in `dir`); waits until the socket
+    /// answers.
+    pub fn start(dir: &Path, config: &str) -> Haproxy {
+        let socket = dir.join("haproxy.sock");
+        let path = dir.join("haproxy.cfg");
+        let log = dir.join("haproxy.log");
+        std::fs::write(
+            &path,
+            format!(
+                "global\n    stats socket {} mode 600 level admin\n\n{config}",
+                socket.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
+            .spawn()
+            .expect("starting haproxy");
+        let mut haproxy = Haproxy { child, socket, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while haproxy.try_command("show info").is_none() {
+            if let Ok(Some(status)) = haproxy.child.try_wait() {
+                panic!("haproxy exited with {status}:\n{}", haproxy.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy did not start:\n{}",
+                haproxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        haproxy
+    }
+
+    /// What haproxy printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_command(&self, command: &str) -> Option<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
+        stream.write_all(format!("{command}\n").as_bytes()).ok()?;
+        let mut out = String::new();
+        stream.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    /// Runs a command on the admin socket.
+    pub fn command(&self, command: &str) -> String {
+        self.try_command(command)
+            .unwrap_or_else(|| panic!("haproxy's admin socket did not answer `{command}`"))
+    }
+
+    /// Each server of `backend`: (name, status, current weight), from
+    /// `show stat` (status is e.g. `UP`, `DOWN`, `DRAIN`, `MAINT`).
+    pub fn servers(&self, backend: &str) -> Vec<(String, String, u32)> {
+        let stat = self.command("show stat");
+        let mut lines = stat.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .expect("a header")
+            .trim_start_matches("# ")
+            .split(',')
+            .collect();
+        let col = |name: &str| header.iter().position(|h| *h == name).expect(name);
+        let (px, sv, status, weight) = (col("pxname"), col("svname"), col("status"), col("weight"));
+        lines
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f.len() > weight && f[px] == backend)
+            .filter(|f| f[sv] != "BACKEND" && f[sv] != "FRONTEND")
+            .map(|f| {
+                (
+                    f[sv].to_string(),
+                    f[status].to_string(),
+                    f[weight].parse().unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    /// Waits until `server` of `backend` satisfies `pred` (status, weight);
+    /// panics after `timeout` with what HAProxy says.
+    pub fn wait_server(
+        &self,
+        backend: &str,
+        server: &str,
+        timeout: Duration,
+        pred: impl Fn(&str, u32) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let servers = self.servers(backend);
+            if servers
+                .iter()
+                .any(|(name, status, weight)| name == server && pred(status, *weight))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "haproxy's server {server} did not reach the state; it says {servers:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,406 @@
+//! Running in a fleet: the admin endpoints, HAProxy's agent check, drain,
+//! SIGTERM under systemd, and a rolling upgrade behind a real HAProxy.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmhost_tests::fleet::{Haproxy, agent_line, free_ports, http_get, missing, scrape};
+use wasmhost_tests::{Served, guest};
+
+const ADMIN: &str = "admin endpoints on http://";
+const AGENT: &str = "HAProxy agent check on ";
+
+/// A RESP client on one connection.
+struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Client {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends one command; returns the first line of the reply (and the bulk
+    /// string's value when it is one).
+    fn call(&mut self, args: &[&str]) -> std::io::Result<String> {
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.writer.write_all(out.as_bytes())?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(len) = line
+            .strip_prefix('$')
+            .and_then(|l| l.trim().parse::<usize>().ok())
+        {
+            let mut value = vec![0; len + 2];
+            std::io::Read::read_exact(&mut self.reader, &mut value)?;
+            return Ok(String::from_utf8_lossy(&value[..len]).into_owned());
+        }
+        Ok(line.trim_end().to_string())
+    }
+}
+
+fn refused(addr: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+#[test]
+fn endpoints_agent_and_metrics_follow_a_drain() {
+    let mut served = Served::start(
+        "kv",
+        &["--admin", "127.0.0.1:0", "--agent-check", "127.0.0.1:0"],
+    );
+    let (admin, agent) = (served.printed_addr(ADMIN), served.printed_addr(AGENT));
+    assert_eq!(http_get(admin, "/livez"), (200, "ok\n".into()));
+    assert_eq!(http_get(admin, "/readyz"), (200, "ready\n".into()));
+    assert_eq!(http_get(admin, "/nowhere").0, 404);
+    assert_eq!(agent_line(agent), "up ready 100%\n");
+
+    let mut client = Client::connect(served.addr()).unwrap();
+    for i in 0..20 {
+        assert_eq!(client.call(&["SET", &format!("k{i}"), "v"]).unwrap(), "+OK");
+    }
+    let info = client.call(&["INFO", "replication"]).unwrap();
+    assert!(info.contains("role:master"), "{info}");
+    assert!(
+        !info.contains("# Keyspace"),
+        "INFO replication is one section: {info}"
+    );
+    served.swap_to("kv");
+
+    let m = scrape(admin);
+    assert_eq!(m["wasmhost_ready"], 1.0, "{m:?}");
+    assert_eq!(m["wasmhost_connections"], 1.0, "{m:?}");
+    assert!(m["wasmhost_events_total"] >= 21.0, "{m:?}");
+    assert!(m["wasmhost_received_bytes_total"] > 400.0, "{m:?}");
+    assert!(m["wasmhost_sent_bytes_total"] >= 100.0, "{m:?}");
+    assert_eq!(m["wasmhost_generation"], 2.0, "{m:?}");
+    let swaps = "wasmhost_swap_pause_seconds_count{kind=\"swap\",outcome=\"committed\"}";
+    assert_eq!(m.get(swaps), Some(&1.0), "{m:?}");
+
+    // Drain: new connections are refused, the open one is served, every
+    // signal says so.
+    let out = served.command("drain", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("1 open"), "{}", out.stdout);
+    assert!(
+        refused(served.addr()),
+        "a draining host accepted a connection"
+    );
+    assert_eq!(client.call(&["GET", "k3"]).unwrap(), "v");
+    assert_eq!(agent_line(agent), "drain\n");
+    assert_eq!(http_get(admin, "/readyz").0, 503);
+    assert_eq!(http_get(admin, "/livez").0, 200);
+    assert_eq!(scrape(admin)["wasmhost_draining"], 1.0);
+    let status = served.command("status", &[]);
+    assert!(status.stdout.contains("draining"), "{}", status.stdout);
+
+    // --wait gives up while a connection stays, and says so.
+    let out = served.command("drain", &["--wait", "--timeout", "1"]);
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("1 connections still open"),
+        "{}",
+        out.stderr
+    );
+    // It returns once the last connection closes.
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(client);
+    });
+    let out = served.command("drain", &["--wait", "--timeout", "30"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("drained in"), "{}", out.stdout);
+    closer.join().unwrap();
+
+    // Cancelled: the same address accepts again, with the state.
+    let out = served.command("drain", &["--cancel"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    assert!(out.stdout.contains("drain cancelled"), "{}", out.stdout);
+    let mut again = Client::connect(served.addr()).unwrap();
+    assert_eq!(again.call(&["GET", "k19"]).unwrap(), "v");
+    assert_eq!(agent_line(agent), "up ready 100%\n");
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+}
+
+#[test]
+fn sigterm_drains_then_exits_when_the_last_connection_closes() {
+    let mut served = Served::start(
+        "kv",
+        &[
+            "--admin",
+            "127.0.0.1:0",
+            "--on-sigterm",
+            "drain",
+            "--drain-timeout-s",
+            "60",
+        ],
+    );
+    let admin = served.printed_addr(ADMIN);
+    let addr = served.addr();
+    let mut client = Client::connect(addr).unwrap();
+    assert_eq!(client.call(&["SET", "a", "1"]).unwrap(), "+OK");
+    served.signal(nix::sys::signal::Signal::SIGTERM);
+    served.wait_for_output(|t| t.contains("draining"), Duration::from_secs(10));
+    assert!(refused(addr), "a draining host accepted a connection");
+    assert_eq!(http_get(admin, "/readyz").0, 503);
+    // Still serving the open connection, for as long as it stays.
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(client.call(&["INCR", "n"]).map(|_| ()).ok(), Some(()));
+        assert!(served.exited().is_none(), "{}", served.stderr());
+    }
+    let began = Instant::now();
+    drop(client);
+    let (status, stderr) = served.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("drained in"), "{stderr}");
+    assert!(began.elapsed() < Duration::from_secs(15), "{stderr}");
+}
+
+#[test]
+fn sigterm_drain_stops_at_its_timeout_and_a_second_signal_at_once() {
+    let served = Served::start("kv", &["--on-sigterm", "drain", "--drain-timeout-s", "1"]);
+    let mut client = Client::connect(served.addr()).unwrap();
+    assert_eq!(client.call(&["PING"]).unwrap(), "+PONG");
+    served.signal(nix::sys::signal::Signal::SIGTERM);
+    let (status, stderr) = served.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains("still open after 1s of draining"),
+        "{stderr}"
+    );
+
+    let mut served = Served::start("kv", &["--on-sigterm", "drain"]);
+    let _client = Client::connect(served.addr()).unwrap();
+    served.signal(nix::sys::signal::Signal::SIGTERM);
+    served.wait_for_output(|t| t.contains("draining"), Duration::from_secs(10));
+    served.signal(nix::sys::signal::Signal::SIGINT);
+    let (status, stderr) = served.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("stopping without waiting"), "{stderr}");
+}
+
+/// Clients through HAProxy: each connection sets and reads back its own
+/// keys, then closes, and the next one connects again. Any error (a
+/// refused or cut connection, a wrong reply) is counted.
+struct Clients {
+    stop: Arc<AtomicBool>,
+    requests: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Clients {
+    fn start(front: SocketAddr, count: usize) -> Clients {
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..count)
+            .map(|t| {
+                let (stop, requests, errors) = (stop.clone(), requests.clone(), errors.clone());
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let mut session = || -> Result<(), String> {
+                            let mut c =
+                                Client::connect(front).map_err(|e| format!("connect: {e}"))?;
+                            for _ in 0..5 {
+                                n += 1;
+                                let (key, value) = (format!("c{t}-{n}"), n.to_string());
+                                let set = c
+                                    .call(&["SET", &key, &value])
+                                    .map_err(|e| format!("SET: {e}"))?;
+                                let got =
+                                    c.call(&["GET", &key]).map_err(|e| format!("GET: {e}"))?;
+                                if set != "+OK" || got != value {
+                                    return Err(format!("SET {key} {value}: {set}, GET: {got}"));
+                                }
+                                requests.fetch_add(2, Ordering::Relaxed);
+                            }
+                            Ok(())
+                        };
+                        if let Err(e) = session() {
+                            errors.lock().unwrap().push(e);
+                        }
+                    }
+                })
+            })
+            .collect();
+        Clients {
+            stop,
+            requests,
+            errors,
+            threads,
+        }
+    }
+
+    /// Stops them; returns the requests answered and the errors.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (self.requests.load(Ordering::Relaxed), errors)
+    }
+}
+
+fn connections_total(served: &Served) -> u64 {
+    let out = served.command("status", &["--json"]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    status["connections_total"]
+        .as_u64()
+        .expect("connections_total")
+}
+
+/// Three hosts behind HAProxy, each restarted in turn: drained through
+/// its agent check, stopped, started again, back in rotation, while
+/// clients keep connecting through HAProxy. No client sees an error.
+#[test]
+fn rolling_restart_of_three_hosts_behind_haproxy_loses_no_request() {
+    if let Some(why) = missing("haproxy") {
+        eprintln!("SKIPPED rolling_restart_of_three_hosts_behind_haproxy_loses_no_request: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ports = free_ports(7);
+    let (front, nodes): (u16, Vec<(u16, u16)>) = (
+        ports[0],
+        (0..3)
+            .map(|i| (ports[1 + 2 * i], ports[2 + 2 * i]))
+            .collect(),
+    );
+    let start = |i: usize| {
+        let (listen, agent) = (
+            format!("127.0.0.1:{}", nodes[i].0),
+            format!("127.0.0.1:{}", nodes[i].1),
+        );
+        Served::start_raw(
+            &guest("kv"),
+            &["--listen", &listen, "--agent-check", &agent],
+            1,
+        )
+    };
+    let mut hosts: Vec<Option<Served>> = (0..3).map(|i| Some(start(i))).collect();
+    let servers: String = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (listen, agent))| {
+            format!(
+                "    server n{i} 127.0.0.1:{listen} check inter 100ms fall 2 rise 2 \
+                 agent-check agent-port {agent} agent-inter 100ms\n"
+            )
+        })
+        .collect();
+    let haproxy = Haproxy::start(
+        dir.path(),
+        &format!(
+            "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    \
+             timeout server 30s\n    retries 3\n    option redispatch 1\n\n\
+             frontend kv\n    bind 127.0.0.1:{front}\n    default_backend nodes\n\n\
+             backend nodes\n    balance roundrobin\n{servers}"
+        ),
+    );
+    let up = |status: &str, weight: u32| status == "UP" && weight > 0;
+    for i in 0..3 {
+        haproxy.wait_server("nodes", &format!("n{i}"), Duration::from_secs(20), up);
+    }
+    let clients = Clients::start(format!("127.0.0.1:{front}").parse().unwrap(), 6);
+    for (i, slot) in hosts.iter_mut().enumerate() {
+        let host = slot.take().unwrap();
+        // Wait until this host has had traffic, so the drain has work.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while connections_total(&host) < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "n{i} got no traffic: {:?}",
+                haproxy.servers("nodes")
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = host.command("drain", &["--wait", "--timeout", "30"]);
+        assert!(
+            out.status.success(),
+            "draining n{i}: {}\n{}",
+            out.stderr,
+            host.stderr()
+        );
+        // HAProxy heard `drain` from the agent (or saw the port refuse).
+        haproxy.wait_server(
+            "nodes",
+            &format!("n{i}"),
+            Duration::from_secs(10),
+            |s, w| s != "UP" || w == 0,
+        );
+        let (status, stderr) = host.terminate();
+        assert!(status.success(), "n{i} stopping: {stderr}");
+        let restarted = start(i);
+        haproxy.wait_server("nodes", &format!("n{i}"), Duration::from_secs(20), up);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while connections_total(&restarted) < 10 {
+            assert!(Instant::now() < deadline, "restarted n{i} got no traffic");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *slot = Some(restarted);
+    }
+    let (requests, errors) = clients.finish();
+    assert!(
+        errors.is_empty(),
+        "{} client errors, first: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        haproxy.log()
+    );
+    assert!(requests > 300, "only {requests} requests answered");
+    eprintln!("rolling restart: {requests} requests answered through HAProxy, no error");
+}
+
+/// The admin listener is the process's: after a host upgrade the new
+/// process answers on the same address once the old one has exited.
+#[test]
+fn admin_endpoints_follow_a_host_upgrade() {
+    let port = free_ports(1)[0];
+    let admin_arg = format!("127.0.0.1:{port}");
+    let mut served = Served::start("kv", &["--admin", &admin_arg]);
+    let admin = served.printed_addr(ADMIN);
+    assert_eq!(http_get(admin, "/readyz").0, 200);
+    let old = served.pid();
+    served.upgrade_ok(&[]);
+    let new = served.serving_pid();
+    assert_ne!(old, new);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let gone = served.exited().is_some();
+        let answer = std::panic::catch_unwind(|| http_get(admin, "/readyz"));
+        if gone && matches!(answer, Ok((200, _))) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after the upgrade /readyz says {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let m = scrape(admin);
+    assert_eq!(m["wasmhost_ready"], 1.0);
+    assert_eq!(m["wasmhost_service"], 1.0);
+}
