@@ -406,6 +406,7 @@ pub async fn migrate(args: crate::cli::MigrateArgs) -> Result<()> {
         to: args.to,
         move_ip: args.move_ip,
         relay: args.relay,
+        keepalived: args.keepalived,
         peer_name: args.peer_name.clone(),
         timeout_ms: args.timeout_ms,
         tls: tls.map(|t| [t.cert, t.key, t.ca]),

@@ -370,6 +370,16 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub relay: bool,
 
+    /// With --move-ip: keepalived moves the address instead of wasmhost
+    /// (never let both manage one address). This host puts its keepalived
+    /// instance into FAULT through its `serve --keepalived-track` file and
+    /// waits until keepalived has dropped the address; the receiver holds
+    /// its own instance in FAULT until its sockets are restored, then lets
+    /// keepalived take the address there. This host stays in FAULT while
+    /// the receiver serves (it leaves FAULT when a service comes back).
+    #[arg(long, requires = "move_ip")]
+    pub keepalived: bool,
+
     /// The name the receiver's certificate must carry [default: the IP
     /// address of --to].
     #[arg(long, value_name = "NAME")]
@@ -775,6 +785,14 @@ pub struct ServeArgs {
     /// stops the service anyway (keep it under systemd's TimeoutStopSec).
     #[arg(long, value_name = "S", default_value_t = 60)]
     pub drain_timeout_s: u64,
+
+    /// The track file of this machine's keepalived instance that owns the
+    /// service address (a `vrrp_track_file` with weight 0 in
+    /// keepalived.conf): `migrate --keepalived` writes 1 to it to put the
+    /// instance into FAULT (keepalived drops the address and the peer
+    /// takes it) and 0 to take it out. Needed on both hosts of such a move.
+    #[arg(long, value_name = "FILE")]
+    pub keepalived_track: Option<PathBuf>,
 }
 
 /// `serve --on-sigterm`.

@@ -389,6 +389,7 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
         shutdown_timeout: Duration::from_millis(args.shutdown_timeout_ms),
         instances: args.instances,
         tls: args.tls.files().map_err(anyhow::Error::msg)?,
+        keepalived_track: args.keepalived_track,
     })
 }
 

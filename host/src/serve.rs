@@ -55,6 +55,9 @@ pub struct ServeOptions {
     pub instances: usize,
     /// The link's certificates (`--tls-*`), for receiving and migrating.
     pub tls: Option<crate::migrate::TlsFiles>,
+    /// keepalived's track file for this host (`--keepalived-track`), for
+    /// `migrate --keepalived`.
+    pub keepalived_track: Option<PathBuf>,
 }
 
 /// How this process was started: what a host upgrade starts again.
@@ -276,6 +279,10 @@ impl Server {
             exclusive: Exclusive::default(),
             instances: others.len() + 1,
             tls: opts.tls.clone(),
+            keepalived: opts
+                .keepalived_track
+                .clone()
+                .map(|track| crate::migrate::address::Keepalived { track }),
         };
         let operations = ControlCtx {
             runtime: parts.runtime,

@@ -117,6 +117,12 @@ impl Haproxy {
     /// this adds (with the admin socket in `dir`); waits until the socket
     /// answers.
     pub fn start(dir: &Path, config: &str) -> Haproxy {
+        Haproxy::start_in(dir, config, Command::new("haproxy"))
+    }
+
+    /// [`start`](Self::start) with `command` (`haproxy`, possibly run
+    /// inside a network namespace) to which the arguments are added.
+    pub fn start_in(dir: &Path, config: &str, mut command: Command) -> Haproxy {
         let socket = dir.join("haproxy.sock");
         let path = dir.join("haproxy.cfg");
         let log = dir.join("haproxy.log");
@@ -128,7 +134,7 @@ impl Haproxy {
             ),
         )
         .unwrap();
-        let child = Command::new("haproxy")
+        let child = command
             .arg("-db")
             .arg("-f")
             .arg(&path)
@@ -231,6 +237,96 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real `keepalived` (VRRP only) in a machine of the test's segment,
+/// owning the service address with one peer, killed when dropped. Its
+/// instance tracks `track` (`vrrp_track_file`, weight 0): 1 there puts it
+/// into FAULT. VRRPv3 with `advert_int 0.01`, as measured in
+/// `shared/notes/fleet.md`.
+pub struct Keepalived {
+    child: Child,
+    log: PathBuf,
+    pub track: PathBuf,
+}
+
+impl Keepalived {
+    pub fn start(
+        machine: &crate::netns::Machine,
+        peer: std::net::Ipv4Addr,
+        vip: std::net::Ipv4Addr,
+        priority: u8,
+        dir: &Path,
+    ) -> Keepalived {
+        let name = &machine.ns;
+        let track = dir.join(format!("{name}.track"));
+        let conf = dir.join(format!("{name}.keepalived.conf"));
+        let log = dir.join(format!("{name}.keepalived.log"));
+        std::fs::write(
+            &conf,
+            format!(
+                "global_defs {{\n    router_id {name}\n    vrrp_version 3\n}}\n\
+                 vrrp_track_file wasmhost {{\n    file {track}\n    weight 0\n    init_file 0 overwrite\n}}\n\
+                 vrrp_instance svc {{\n    state BACKUP\n    interface eth0\n    virtual_router_id 51\n    \
+                 priority {priority}\n    advert_int 0.01\n    unicast_src_ip {ip}\n    \
+                 unicast_peer {{\n        {peer}\n    }}\n    \
+                 virtual_ipaddress {{\n        {vip}/24 dev eth0\n    }}\n    \
+                 track_file {{\n        wasmhost\n    }}\n}}\n",
+                track = track.display(),
+                ip = machine.ip,
+            ),
+        )
+        .unwrap();
+        let pid = |what: &str| dir.join(format!("{name}.{what}.pid"));
+        let child = machine
+            .command(Path::new("keepalived"))
+            .args(["-n", "-l", "-D", "-P", "-f"])
+            .arg(&conf)
+            .arg("-p")
+            .arg(pid("main"))
+            .arg("-r")
+            .arg(pid("vrrp"))
+            .arg("-c")
+            .arg(pid("checkers"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::from(
+                std::fs::File::options().append(true).open(&log).unwrap(),
+            ))
+            .spawn()
+            .expect("starting keepalived");
+        Keepalived { child, log, track }
+    }
+
+    /// What keepalived logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// What its track file holds (`0` or `1`).
+    pub fn track_value(&self) -> String {
+        std::fs::read_to_string(&self.track)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        // SIGTERM: keepalived removes its addresses as it goes.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -124,6 +124,28 @@ impl Drop for Segment {
 }
 
 impl Machine {
+    /// Whether `addr` is on this machine's interface now.
+    pub fn has_address(&self, addr: Ipv4Addr) -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns, "-4", "addr", "show", "dev", "eth0"])
+            .output()
+            .expect("ip addr show");
+        String::from_utf8_lossy(&out.stdout).contains(&format!("inet {addr}/"))
+    }
+
+    /// Removes `addr/24` from this machine's interface.
+    pub fn remove_address(&self, addr: Ipv4Addr) -> Result<(), String> {
+        ip(&[
+            "-n",
+            &self.ns,
+            "addr",
+            "del",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])
+    }
+
     /// Adds `addr/24` to this machine's interface.
     pub fn add_address(&self, addr: Ipv4Addr) -> Result<(), String> {
         ip(&[
@@ -217,6 +239,18 @@ impl World {
         serve: Option<(&str, &[&str])>,
         envs: &[(&str, &str)],
     ) -> Served {
+        self.host_with(m, serve, &[], envs)
+    }
+
+    /// Like [`host_of`](Self::host_of), with `args` for `serve` whether
+    /// it serves a guest or waits.
+    pub fn host_with(
+        &self,
+        m: &Machine,
+        serve: Option<(&str, &[&str])>,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Served {
         let serve_kv = serve.is_some();
         let tls = if m.ip == self.a.ip {
             &self.tls_a
@@ -233,6 +267,7 @@ impl World {
                 .arg(format!("{}:{SERVICE_PORT}", self.service))
                 .args(args);
         }
+        c.args(args);
         c.args(["--name", "svc", "--receive"])
             .arg(format!("{}:{RECEIVE_PORT}", m.ip))
             .arg("--tls-cert")

@@ -21,7 +21,10 @@ struct Client {
 
 impl Client {
     fn connect(addr: SocketAddr) -> std::io::Result<Client> {
-        let stream = TcpStream::connect(addr)?;
+        Client::on(TcpStream::connect(addr)?)
+    }
+
+    fn on(stream: TcpStream) -> std::io::Result<Client> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Client {
             reader: BufReader::new(stream.try_clone()?),
@@ -157,7 +160,10 @@ fn sigterm_drains_then_exits_when_the_last_connection_closes() {
     let mut client = Client::connect(addr).unwrap();
     assert_eq!(client.call(&["SET", "a", "1"]).unwrap(), "+OK");
     served.signal(nix::sys::signal::Signal::SIGTERM);
-    served.wait_for_output(|t| t.contains("draining"), Duration::from_secs(10));
+    served.wait_for_output(
+        |t| t.contains("SIGTERM received: draining"),
+        Duration::from_secs(10),
+    );
     assert!(refused(addr), "a draining host accepted a connection");
     assert_eq!(http_get(admin, "/readyz").0, 503);
     // Still serving the open connection, for as long as it stays.
@@ -190,7 +196,10 @@ fn sigterm_drain_stops_at_its_timeout_and_a_second_signal_at_once() {
     let mut served = Served::start("kv", &["--on-sigterm", "drain"]);
     let _client = Client::connect(served.addr()).unwrap();
     served.signal(nix::sys::signal::Signal::SIGTERM);
-    served.wait_for_output(|t| t.contains("draining"), Duration::from_secs(10));
+    served.wait_for_output(
+        |t| t.contains("SIGTERM received: draining"),
+        Duration::from_secs(10),
+    );
     served.signal(nix::sys::signal::Signal::SIGINT);
     let (status, stderr) = served.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{stderr}");
@@ -403,4 +412,185 @@ fn admin_endpoints_follow_a_host_upgrade() {
     let m = scrape(admin);
     assert_eq!(m["wasmhost_ready"], 1.0);
     assert_eq!(m["wasmhost_service"], 1.0);
+}
+
+/// `migrate --keepalived`: keepalived owns the service address on A and
+/// B; kv moves A -> B -> A twice under direct clients and clients through
+/// HAProxy (whose own connections to the address move too), with the
+/// receiver failing on purpose first. No connection breaks, and the
+/// address is always where the service is.
+#[test]
+fn keepalived_moves_the_address_and_haproxy_connections_survive() {
+    let test = "keepalived_moves_the_address_and_haproxy_connections_survive";
+    if let Some(why) = missing("keepalived").or_else(|| missing("haproxy")) {
+        eprintln!("SKIPPED {test}: {why}");
+        return;
+    }
+    let w = match wasmhost_tests::netns::World::create() {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: cannot make network namespaces here: {why}");
+            return;
+        }
+    };
+    // keepalived, not the test, owns the address from here on.
+    w.a.remove_address(w.service).unwrap();
+    let ka = wasmhost_tests::fleet::Keepalived::start(&w.a, w.b.ip, w.service, 254, &w.dir);
+    let kb = wasmhost_tests::fleet::Keepalived::start(&w.b, w.a.ip, w.service, 253, &w.dir);
+    let logs = || {
+        format!(
+            "A's keepalived:\n{}\nB's keepalived:\n{}",
+            ka.log(),
+            kb.log()
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !w.a.has_address(w.service) {
+        assert!(
+            Instant::now() < deadline,
+            "keepalived did not give A the address\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (a_track, b_track) = (ka.track.to_str().unwrap(), kb.track.to_str().unwrap());
+    let a = w.host_with(
+        &w.a,
+        Some(("kv", &[])),
+        &["--keepalived-track", a_track],
+        &[],
+    );
+    // HAProxy on the client machine, in front of the service address.
+    let front: SocketAddr = (w.client.ip, 7500).into();
+    let haproxy = Haproxy::start_in(
+        &w.dir,
+        &format!(
+            "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 60s\n    \
+             timeout server 60s\n\nfrontend kv\n    bind {front}\n    default_backend svc\n\n\
+             backend svc\n    server svc {} check inter 100ms fall 3 rise 2\n",
+            w.service_addr()
+        ),
+        w.client.command(std::path::Path::new("haproxy")),
+    );
+    // 8 clients to the address, 4 through HAProxy.
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    let load = wasmhost_tests::load::Load::start_with(
+        || match made.fetch_add(1, Ordering::Relaxed) {
+            0..8 => w.redis(),
+            _ => w.redis_to(front),
+        },
+        12,
+    );
+    load.wait(200);
+
+    // The receiver fails at import: A resumes, keepalived gives it the
+    // address back, and nobody notices.
+    let failing = w.host_with(
+        &w.b,
+        None,
+        &["--keepalived-track", b_track],
+        &[("WASMHOST_TEST_MIGRATE_FAIL", "import")],
+    );
+    let out = w.migrate(&a, &w.b, &["--keepalived"]);
+    assert!(!out.status.success(), "{}", out.stdout);
+    assert!(out.stderr.contains("import"), "{}", out.stderr);
+    assert!(
+        w.a.has_address(w.service),
+        "A resumed without its address\n{}",
+        logs()
+    );
+    drop(failing);
+    load.wait(200);
+
+    let b = w.host_with(&w.b, None, &["--keepalived-track", b_track], &[]);
+    for round in 0..2 {
+        let out = w.migrate(&a, &w.b, &["--keepalived"]);
+        assert!(
+            out.status.success(),
+            "A -> B (round {round}): {}\nA:\n{}\nB:\n{}\n{}",
+            out.stderr,
+            a.stderr(),
+            b.stderr(),
+            logs()
+        );
+        if round == 0 {
+            eprintln!("A -> B with keepalived: {}", out.stdout);
+        }
+        assert!(w.b.has_address(w.service) && !w.a.has_address(w.service));
+        // A stays in FAULT while B holds the connections.
+        assert_eq!(
+            (ka.track_value(), kb.track_value()),
+            ("1".into(), "0".into())
+        );
+        load.wait(200);
+        let out = w.migrate(&b, &w.a, &["--keepalived"]);
+        assert!(
+            out.status.success(),
+            "B -> A (round {round}): {}\nA:\n{}\nB:\n{}\n{}",
+            out.stderr,
+            a.stderr(),
+            b.stderr(),
+            logs()
+        );
+        assert!(w.a.has_address(w.service) && !w.b.has_address(w.service));
+        assert_eq!(
+            (ka.track_value(), kb.track_value()),
+            ("0".into(), "1".into())
+        );
+        load.wait(200);
+    }
+    // Every client kept its one connection and every write reads back.
+    load.finish_with(w.redis());
+    // HAProxy's health checks may fail while the address is nowhere (a
+    // check's SYN is not resent for 1 s) and on a busy machine mark the
+    // server down for a moment: established connections are kept (no
+    // `on-marked-down shutdown-sessions`), which the load checked above.
+    let down = haproxy.log().matches("is DOWN").count();
+    eprintln!("HAProxy marked the service down {down} times during the moves");
+    drop((a, b));
+}
+
+/// "Let connections finish, or move them with migrate": a drained host's
+/// connections move to another machine, where the service accepts again.
+#[test]
+fn a_drained_host_moves_its_connections_and_the_receiver_accepts() {
+    let test = "a_drained_host_moves_its_connections_and_the_receiver_accepts";
+    let w = match wasmhost_tests::netns::World::create() {
+        Ok(w) => w,
+        Err(why) => {
+            eprintln!("SKIPPED {test}: cannot make network namespaces here: {why}");
+            return;
+        }
+    };
+    let a = w.host(&w.a, true, &[]);
+    let b = w.host(&w.b, false, &[]);
+    let mut kept = Client::on(w.connect()).unwrap();
+    assert_eq!(kept.call(&["SET", "x", "1"]).unwrap(), "+OK");
+    let out = a.command("drain", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let addr = w.service_addr();
+    let refused_now = || {
+        w.client.run(move || {
+            matches!(
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+            )
+        })
+    };
+    assert!(refused_now(), "a draining host accepted a connection");
+    assert_eq!(kept.call(&["INCR", "n"]).unwrap(), ":1");
+    let out = w.migrate(&a, &w.b, &[]);
+    assert!(
+        out.status.success(),
+        "{}\n{}\n{}",
+        out.stderr,
+        a.stderr(),
+        b.stderr()
+    );
+    // The kept connection is on B now, and B accepts new ones.
+    assert_eq!(kept.call(&["INCR", "n"]).unwrap(), ":2");
+    let mut new = Client::on(w.connect()).unwrap();
+    assert_eq!(new.call(&["GET", "x"]).unwrap(), "1");
+    let status = b.command("status", &[]);
+    assert!(!status.stdout.contains("draining"), "{}", status.stdout);
 }

@@ -106,6 +106,9 @@ pub enum Request {
         /// `--relay`.
         #[serde(default)]
         relay: bool,
+        /// `--keepalived` (with `move_ip`): keepalived moves the address.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        keepalived: bool,
         #[serde(default)]
         peer_name: Option<String>,
         #[serde(default = "default_upgrade_timeout_ms")]

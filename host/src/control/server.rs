@@ -474,6 +474,7 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
             to,
             move_ip,
             relay,
+            keepalived,
             peer_name,
             timeout_ms,
             tls,
@@ -487,6 +488,7 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
                 to,
                 peer_name,
                 how,
+                keepalived,
                 timeout: Duration::from_millis(timeout_ms),
                 tls: tls.map(|[cert, key, ca]| crate::migrate::TlsFiles { cert, key, ca }),
             });

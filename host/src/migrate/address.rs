@@ -296,3 +296,79 @@ mod tests {
         );
     }
 }
+
+/// How many times this process has put a keepalived instance into FAULT.
+static FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// keepalived owns the service address (`migrate --keepalived`): wasmhost
+/// never adds or removes it, but moves it by putting its own keepalived
+/// instance into FAULT and out of it through a `vrrp_track_file` with
+/// weight 0 (`serve --keepalived-track FILE`). keepalived re-adds an
+/// address removed behind its back, so the two must never both manage one
+/// address. The sequence (measured in `shared/notes/fleet.md`):
+///
+/// 1. the receiver holds its own instance in FAULT ([`Keepalived::fault`])
+///    before the sender freezes, so it cannot take the address before its
+///    sockets exist (its kernel would reset the clients);
+/// 2. the sender, frozen, goes into FAULT and waits until keepalived has
+///    dropped the address ([`wait_for`]);
+/// 3. the receiver restores the sockets, leaves FAULT, waits until
+///    keepalived has added the address (keepalived sends the gratuitous
+///    ARP), then leaves repair mode;
+/// 4. the sender stays in FAULT while the receiver holds the connections
+///    (out of FAULT it would preempt and take the address back without
+///    the sockets); it leaves FAULT when a service comes back to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keepalived {
+    /// The track file of this host's keepalived instance.
+    pub track: std::path::PathBuf,
+}
+
+impl Keepalived {
+    /// Puts this host's keepalived instance into FAULT (`true`: it drops
+    /// the address and advertises priority 0) or out of it.
+    /// How many times this process has put an instance into FAULT.
+    pub fn faults() -> u64 {
+        FAULTS.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the file holds the instance in FAULT now.
+    pub fn in_fault(&self) -> bool {
+        std::fs::read_to_string(&self.track).is_ok_and(|s| s.trim() != "0" && !s.trim().is_empty())
+    }
+
+    pub fn fault(&self, on: bool) -> Result<()> {
+        if on {
+            FAULTS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        std::fs::write(&self.track, if on { "1\n" } else { "0\n" }).with_context(|| {
+            format!(
+                "cannot write keepalived's track file {} (--keepalived-track)",
+                self.track.display()
+            )
+        })
+    }
+}
+
+/// Waits until `ip` is on this machine (`present`) or gone from it; how
+/// long that took, or an error after `limit`.
+pub async fn wait_for(
+    ip: Ipv4Addr,
+    present: bool,
+    limit: std::time::Duration,
+) -> Result<std::time::Duration> {
+    let began = std::time::Instant::now();
+    loop {
+        if holding(ip)?.is_some() == present {
+            return Ok(began.elapsed());
+        }
+        if began.elapsed() >= limit {
+            bail!(
+                "keepalived did not {} {ip} within {limit:?}: check that the track file is in a \
+                 vrrp_track_file with weight 0 that the instance holding {ip} tracks",
+                if present { "add" } else { "remove" }
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}

@@ -44,6 +44,25 @@
 //! process lives until the last relayed connection has ended both ways.
 //! A link that breaks then closes the relayed connections on both sides.
 //!
+//! With `--move-ip --keepalived` ([`address::Keepalived`]) keepalived
+//! owns the address and wasmhost never adds or removes it; it moves it by
+//! writing each host's `vrrp_track_file` (`serve --keepalived-track`):
+//!
+//! | phase | S does | R does | failure (what happens) |
+//! |---|---|---|---|
+//! | 2 `offer` | `Offer` says `keepalived` | refuses without a track file; otherwise writes 1 to its own (its instance goes into FAULT, so it cannot take the address before its sockets exist), remembering whether it was 1 already | as above |
+//! | 4 `freeze` | instead of removing the address: writes 1 to its track file and waits (up to 10 s) until keepalived has dropped the address | waits | keepalived does not drop it in time: S resumes |
+//! | 7 `commit` | as above | instead of adding and announcing the address: writes 0 to its track file, waits (up to 10 s, then serves anyway with a warning) until keepalived has added it (keepalived announces it), then takes the sockets out of repair mode | as above |
+//! | 8 `release` | keeps its track file at 1: out of FAULT its instance would preempt and take the address back without the sockets | serves | |
+//!
+//! Resuming, S writes 0 to its track file and waits for keepalived to give
+//! the address back before the sockets leave repair mode (R still holds
+//! FAULT, so only S can take it). R, after a failure, writes 0 again 10 s
+//! later if it was 0 before the offer and no other move has put it into
+//! FAULT since; a receiver killed mid-move leaves its instance in FAULT
+//! (the safe side: it takes no address without sockets) until a move to it
+//! commits.
+//!
 //! **Resuming** (S, before phase 7): take every socket out of repair mode,
 //! put the address back, thaw: every connection served again, the guest
 //! given the bytes read meanwhile. Nothing a client sent is lost: the
@@ -69,7 +88,9 @@
 //! `Failed`), `crash` (die after receiving the manifest), `import` (answer
 //! `Failed` as a state rejection), `ready` (never answer), `commit` (die on
 //! `Commit`, before serving). Each test checks that S serves every
-//! connection with its state afterwards.
+//! connection with its state afterwards. The keepalived variant is tested
+//! with `import` (tests/tests/fleet.rs): S leaves FAULT and keepalived
+//! gives it the address back while clients keep their connections.
 
 pub mod address;
 pub mod link;
@@ -193,6 +214,10 @@ pub struct Offer {
     pub mode: Mode,
     /// The service address that moves (`move-ip`).
     pub address: Option<ServiceAddr>,
+    /// keepalived moves the address (`migrate --keepalived`): the
+    /// receiver holds its own instance in FAULT until its sockets exist.
+    #[serde(default)]
+    pub keepalived: bool,
     /// Hex SHA-256 of the component's bytes, and their length.
     pub component_hash: String,
     pub component_size: u64,

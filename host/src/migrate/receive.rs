@@ -196,6 +196,25 @@ impl Shared {
     }
 }
 
+/// How long keepalived may take to add the address here.
+const KEEPALIVED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// After a failed `--keepalived` migration: this host's instance, put into
+/// FAULT for it, leaves FAULT once the sender has had time to take the
+/// address back (it resumes, and preempts this host), unless another
+/// migration has begun meanwhile.
+async fn leave_fault_later(keepalived: address::Keepalived) {
+    let faults = address::Keepalived::faults();
+    tokio::time::sleep(KEEPALIVED_WAIT).await;
+    if address::Keepalived::faults() != faults {
+        return; // another move put it into FAULT since: that one decides
+    }
+    match keepalived.fault(false) {
+        Ok(()) => tracing::info!("migrate: keepalived instance out of FAULT again"),
+        Err(e) => tracing::error!("migrate: {e:#}"),
+    }
+}
+
 /// One link: a query, or an offer.
 async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
     let (first, _) = link.recv::<Message>(0).await?;
@@ -233,6 +252,7 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         link: &mut link,
         shared,
         step: "offer",
+        keepalived: None,
     };
     // A sender that vanishes without closing the link (its machine lost)
     // must not hold this port forever.
@@ -259,6 +279,9 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         }
         Err(e) => {
             shared.remember(&id, Outcome::Aborted);
+            if let Some((keepalived, false)) = r.keepalived.take() {
+                tokio::spawn(leave_fault_later(keepalived));
+            }
             // Still waiting: `status` answers again.
             if let Err(e) = shared.start_idle().await {
                 tracing::warn!("the control socket did not reopen: {e:#}");
@@ -281,6 +304,9 @@ struct Receiving<'a> {
     shared: &'a Shared,
     /// The step in progress, for the error.
     step: &'static str,
+    /// `--keepalived`: this host's instance held in FAULT, and whether it
+    /// was in FAULT before.
+    keepalived: Option<(address::Keepalived, bool)>,
 }
 
 impl Receiving<'_> {
@@ -310,6 +336,20 @@ impl Receiving<'_> {
             }
             Mode::Relay => None,
         };
+        if offer.keepalived {
+            let track = opts.keepalived_track.clone().ok_or_else(|| {
+                anyhow!(
+                    "the sender lets keepalived move the address (--keepalived), and this host \
+                     has no keepalived track file: serve it with --keepalived-track FILE"
+                )
+            })?;
+            // Held in FAULT until the sockets exist, so that keepalived
+            // cannot give this machine the address before.
+            let keepalived = address::Keepalived { track };
+            let was_fault = keepalived.in_fault();
+            keepalived.fault(true)?;
+            self.keepalived = Some((keepalived, was_fault));
+        }
         if fail_at("offer") {
             bail!("test: {FAIL_ENV}=offer");
         }
@@ -416,11 +456,21 @@ impl Receiving<'_> {
         // From here on this host serves, whatever happens to the link.
         self.shared.remember(&offer.id, Outcome::Serving);
         let adding = Instant::now();
-        if let Some((addr, iface)) = &moving {
-            address::add(addr, iface).await?;
-            if let Err(e) = address::announce(addr.ip, iface) {
-                tracing::warn!("migrate: could not announce {}: {e}", addr.ip);
+        match (&moving, self.keepalived.take()) {
+            (Some((addr, _)), Some((keepalived, _))) => {
+                // keepalived adds the address and announces it.
+                keepalived.fault(false)?;
+                if let Err(e) = address::wait_for(addr.ip, true, KEEPALIVED_WAIT).await {
+                    tracing::warn!("migrate: {e:#}; serving anyway");
+                }
             }
+            (Some((addr, iface)), None) => {
+                address::add(addr, iface).await?;
+                if let Err(e) = address::announce(addr.ip, iface) {
+                    tracing::warn!("migrate: could not announce {}: {e}", addr.ip);
+                }
+            }
+            (None, _) => {}
         }
         let address_add = adding.elapsed();
         let leaving = Instant::now();

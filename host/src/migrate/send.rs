@@ -40,6 +40,9 @@ pub struct MigrateOptions {
     pub peer_name: Option<String>,
     /// How the connections move.
     pub how: How,
+    /// With `How::MoveIp`: keepalived moves the address
+    /// ([`address::Keepalived`]).
+    pub keepalived: bool,
     /// How long the receiver may take from the offer to `Ready`.
     pub timeout: Duration,
     /// The link's certificates [default: the ones `serve` was given].
@@ -65,6 +68,10 @@ pub async fn migrate(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, S
     })
 }
 
+/// How long keepalived may take to drop or add the address (three
+/// advertisement intervals and the skew at `advert_int 1`, and margin).
+const KEEPALIVED_WAIT: Duration = Duration::from_secs(10);
+
 /// What the sender holds while the service is frozen.
 struct Frozen2 {
     handoff: Handoff,
@@ -72,6 +79,11 @@ struct Frozen2 {
     repaired: Vec<RawFd>,
     /// The address removed, and the interface it was on.
     removed: Option<(ServiceAddr, Interface)>,
+    /// `--keepalived`: this host's track file...
+    keepalived: Option<address::Keepalived>,
+    /// ...and the address keepalived dropped once this host went into
+    /// FAULT.
+    in_fault: Option<std::net::Ipv4Addr>,
     tcp_freeze: Duration,
     address_remove: Duration,
 }
@@ -101,6 +113,22 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
             Some((addr, iface))
         }
         How::Relay => None,
+    };
+    let keepalived = match (opts.keepalived, &opts.how) {
+        (false, _) => None,
+        (true, How::Relay) => {
+            return Err(Failure::migrate(
+                "offer",
+                "--keepalived lets keepalived move the address: use it with --move-ip",
+            ));
+        }
+        (true, How::MoveIp(_)) => Some(u.keepalived.clone().ok_or_else(|| {
+            Failure::migrate(
+                "offer",
+                "--keepalived needs this host's keepalived track file: serve with \
+                 --keepalived-track FILE",
+            )
+        })?),
     };
     let status = u
         .service
@@ -155,6 +183,7 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
             How::Relay => Mode::Relay,
         },
         address: moving.as_ref().map(|(addr, _)| *addr),
+        keepalived: keepalived.is_some(),
         component_hash,
         component_size: component.len() as u64,
     };
@@ -183,6 +212,8 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
         handoff,
         repaired: Vec::new(),
         removed: None,
+        keepalived,
+        in_fault: None,
         tcp_freeze: Duration::ZERO,
         address_remove: Duration::ZERO,
     };
@@ -373,10 +404,22 @@ async fn freeze_connections(
     }
     let entered = began.elapsed();
     let removing = Instant::now();
-    address::remove(addr, iface)
-        .await
-        .map_err(|e| Failure::migrate("freeze", format!("{e:#}")))?;
-    frozen.removed = Some((*addr, iface.clone()));
+    match frozen.keepalived.clone() {
+        Some(keepalived) => {
+            let failed = |e: anyhow::Error| Failure::migrate("freeze", format!("{e:#}"));
+            keepalived.fault(true).map_err(failed)?;
+            frozen.in_fault = Some(addr.ip);
+            address::wait_for(addr.ip, false, KEEPALIVED_WAIT)
+                .await
+                .map_err(failed)?;
+        }
+        None => {
+            address::remove(addr, iface)
+                .await
+                .map_err(|e| Failure::migrate("freeze", format!("{e:#}")))?;
+            frozen.removed = Some((*addr, iface.clone()));
+        }
+    }
     frozen.address_remove = removing.elapsed();
     let reading = Instant::now();
     let mut tcp = Vec::with_capacity(frozen.repaired.len());
@@ -621,8 +664,22 @@ async fn resume(
         handoff,
         repaired,
         removed,
+        keepalived,
+        in_fault,
         ..
     } = frozen;
+    // keepalived takes the address back first (this host preempts: the
+    // receiver still holds its instance in FAULT).
+    if let (Some(keepalived), Some(ip)) = (&keepalived, in_fault) {
+        match keepalived.fault(false) {
+            Ok(()) => {
+                if let Err(e) = address::wait_for(ip, true, KEEPALIVED_WAIT).await {
+                    tracing::error!("migrate: resuming: {e:#}");
+                }
+            }
+            Err(e) => tracing::error!("migrate: resuming: {e:#}; {ip} stays off this host"),
+        }
+    }
     for fd in repaired {
         // SAFETY: the actor keeps the sockets open until the decision.
         if let Err(e) = repair::leave(unsafe { BorrowedFd::borrow_raw(fd) }) {

@@ -37,6 +37,8 @@ pub struct Upgrader {
     pub instances: usize,
     /// The certificates `serve` was given, for `migrate`'s link.
     pub tls: Option<crate::migrate::TlsFiles>,
+    /// This host's keepalived track file (`serve --keepalived-track`).
+    pub keepalived: Option<crate::migrate::address::Keepalived>,
 }
 
 /// `wasmhost upgrade`'s options.
