@@ -122,22 +122,33 @@ impl Haproxy {
 
     /// [`start`](Self::start) with `command` (`haproxy`, possibly run
     /// inside a network namespace) to which the arguments are added.
-    pub fn start_in(dir: &Path, config: &str, mut command: Command) -> Haproxy {
-        let socket = dir.join("haproxy.sock");
+    pub fn start_in(dir: &Path, config: &str, command: Command) -> Haproxy {
         let path = dir.join("haproxy.cfg");
-        let log = dir.join("haproxy.log");
         std::fs::write(
             &path,
-            format!(
-                "global\n    stats socket {} mode 600 level admin\n\n{config}",
-                socket.display()
-            ),
+            format!("global\n    stats socket \"${{STATS}}\" mode 600 level admin\n\n{config}"),
         )
         .unwrap();
+        Haproxy::run(dir, &path, &[], command)
+    }
+
+    /// Runs `command -db -f CONFIG` with `envs` and `STATS` (the admin
+    /// socket, in `dir`) in its environment: for a configuration file
+    /// that reads its values from the environment (`host/fleet/haproxy.cfg`).
+    pub fn run(
+        dir: &Path,
+        config: &Path,
+        envs: &[(&str, String)],
+        mut command: Command,
+    ) -> Haproxy {
+        let socket = dir.join("haproxy.sock");
+        let log = dir.join("haproxy.log");
         let child = command
             .arg("-db")
             .arg("-f")
-            .arg(&path)
+            .arg(config)
+            .env("STATS", &socket)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
             .stderr(Stdio::from(
@@ -265,21 +276,26 @@ impl Keepalived {
         let track = dir.join(format!("{name}.track"));
         let conf = dir.join(format!("{name}.keepalived.conf"));
         let log = dir.join(format!("{name}.keepalived.log"));
-        std::fs::write(
-            &conf,
-            format!(
-                "global_defs {{\n    router_id {name}\n    vrrp_version 3\n}}\n\
-                 vrrp_track_file wasmhost {{\n    file {track}\n    weight 0\n    init_file 0 overwrite\n}}\n\
-                 vrrp_instance svc {{\n    state BACKUP\n    interface eth0\n    virtual_router_id 51\n    \
-                 priority {priority}\n    advert_int 0.01\n    unicast_src_ip {ip}\n    \
-                 unicast_peer {{\n        {peer}\n    }}\n    \
-                 virtual_ipaddress {{\n        {vip}/24 dev eth0\n    }}\n    \
-                 track_file {{\n        wasmhost\n    }}\n}}\n",
-                track = track.display(),
-                ip = machine.ip,
-            ),
-        )
-        .unwrap();
+        // The example configuration, its ${...} values replaced.
+        let template =
+            std::fs::read_to_string(crate::workspace_root().join("host/fleet/keepalived.conf"))
+                .expect("host/fleet/keepalived.conf");
+        let values = [
+            ("NAME", name.to_string()),
+            ("TRACK", track.display().to_string()),
+            ("PRIORITY", priority.to_string()),
+            ("SELF", machine.ip.to_string()),
+            ("PEER", peer.to_string()),
+            ("VIP", vip.to_string()),
+        ];
+        let config = values.iter().fold(template, |text, (k, v)| {
+            text.replace(&format!("${{{k}}}"), v)
+        });
+        let unset = config
+            .lines()
+            .any(|l| !l.trim_start().starts_with('#') && l.contains("${"));
+        assert!(!unset, "a value is missing:\n{config}");
+        std::fs::write(&conf, config).unwrap();
         let pid = |what: &str| dir.join(format!("{name}.{what}.pid"));
         let child = machine
             .command(Path::new("keepalived"))

@@ -310,28 +310,29 @@ fn rolling_restart_of_three_hosts_behind_haproxy_loses_no_request() {
         )
     };
     let mut hosts: Vec<Option<Served>> = (0..3).map(|i| Some(start(i))).collect();
-    let servers: String = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, (listen, agent))| {
-            format!(
-                "    server n{i} 127.0.0.1:{listen} check inter 100ms fall 2 rise 2 \
-                 agent-check agent-port {agent} agent-inter 100ms\n"
-            )
-        })
-        .collect();
-    let haproxy = Haproxy::start(
+    // The example configuration, as it is, with its values from the
+    // environment.
+    let mut envs = vec![
+        ("FRONT", format!("127.0.0.1:{front}")),
+        ("INTER", "100ms".to_string()),
+    ];
+    for (i, (listen, agent)) in nodes.iter().enumerate() {
+        envs.push((
+            ["HOST0", "HOST1", "HOST2"][i],
+            format!("127.0.0.1:{listen}"),
+        ));
+        envs.push((["AGENT0", "AGENT1", "AGENT2"][i], agent.to_string()));
+    }
+    let config = wasmhost_tests::workspace_root().join("host/fleet/haproxy.cfg");
+    let haproxy = Haproxy::run(
         dir.path(),
-        &format!(
-            "defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 30s\n    \
-             timeout server 30s\n    retries 3\n    option redispatch 1\n\n\
-             frontend kv\n    bind 127.0.0.1:{front}\n    default_backend nodes\n\n\
-             backend nodes\n    balance roundrobin\n{servers}"
-        ),
+        &config,
+        &envs,
+        std::process::Command::new("haproxy"),
     );
     let up = |status: &str, weight: u32| status == "UP" && weight > 0;
     for i in 0..3 {
-        haproxy.wait_server("nodes", &format!("n{i}"), Duration::from_secs(20), up);
+        haproxy.wait_server("kv", &format!("host{i}"), Duration::from_secs(20), up);
     }
     let clients = Clients::start(format!("127.0.0.1:{front}").parse().unwrap(), 6);
     for (i, slot) in hosts.iter_mut().enumerate() {
@@ -341,32 +342,35 @@ fn rolling_restart_of_three_hosts_behind_haproxy_loses_no_request() {
         while connections_total(&host) < 10 {
             assert!(
                 Instant::now() < deadline,
-                "n{i} got no traffic: {:?}",
-                haproxy.servers("nodes")
+                "host{i} got no traffic: {:?}",
+                haproxy.servers("kv")
             );
             std::thread::sleep(Duration::from_millis(50));
         }
         let out = host.command("drain", &["--wait", "--timeout", "30"]);
         assert!(
             out.status.success(),
-            "draining n{i}: {}\n{}",
+            "draining host{i}: {}\n{}",
             out.stderr,
             host.stderr()
         );
         // HAProxy heard `drain` from the agent (or saw the port refuse).
         haproxy.wait_server(
-            "nodes",
-            &format!("n{i}"),
+            "kv",
+            &format!("host{i}"),
             Duration::from_secs(10),
             |s, w| s != "UP" || w == 0,
         );
         let (status, stderr) = host.terminate();
-        assert!(status.success(), "n{i} stopping: {stderr}");
+        assert!(status.success(), "host{i} stopping: {stderr}");
         let restarted = start(i);
-        haproxy.wait_server("nodes", &format!("n{i}"), Duration::from_secs(20), up);
+        haproxy.wait_server("kv", &format!("host{i}"), Duration::from_secs(20), up);
         let deadline = Instant::now() + Duration::from_secs(20);
         while connections_total(&restarted) < 10 {
-            assert!(Instant::now() < deadline, "restarted n{i} got no traffic");
+            assert!(
+                Instant::now() < deadline,
+                "restarted host{i} got no traffic"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         *slot = Some(restarted);
