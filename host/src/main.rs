@@ -196,10 +196,13 @@ async fn serve(
             .run(handle_signals(&mut signals, ops, on_sigterm))
             .await;
         fleet::health().set_service(None, 0);
+        fleet::health().reset_drain();
         let ended = ended?;
         // A service that moved to another machine leaves this host empty:
         // with --receive it waits for one again.
         match (ended, &mut port) {
+            // Told to stop (SIGTERM) while the service moved away: stop.
+            (service::Ended::HandedOff, Some(_)) if fleet::health().stopping() => return Ok(()),
             (service::Ended::HandedOff, Some(port)) => {
                 match wait_for_service(port, &launch, &mut signals).await? {
                     Some(next) => server = next,
@@ -275,6 +278,7 @@ async fn handle_signals(
         match signals.next().await {
             HostSignal::Shutdown("SIGTERM") if on_term.drain => {
                 systemd::stopping();
+                fleet::health().set_stopping();
                 fleet::health().drain().await;
                 tracing::info!(
                     "SIGTERM received: draining, then stopping (at most {:?}; SIGTERM or \
@@ -325,9 +329,15 @@ async fn drained(ops: &wasmhost::control::server::ControlCtx, limit: Duration) {
     let began = std::time::Instant::now();
     let mut said = began;
     loop {
-        let open = match wasmhost::control::server::status(ops).await {
-            Ok(status) => status.connections,
-            Err(_) => return,
+        let left = limit.saturating_sub(began.elapsed());
+        let status = tokio::time::timeout(left, wasmhost::control::server::status(ops)).await;
+        let open = match status {
+            Ok(Ok(status)) => status.connections,
+            Ok(Err(_)) => return,
+            Err(_) => {
+                tracing::warn!("the service did not answer within {limit:?} of draining: stopping");
+                return;
+            }
         };
         if open == 0 {
             tracing::info!("drained in {:.1?}: stopping", began.elapsed());

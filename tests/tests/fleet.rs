@@ -354,7 +354,18 @@ fn rolling_restart_of_three_hosts_behind_haproxy_loses_no_request() {
             out.stderr,
             host.stderr()
         );
-        // HAProxy heard `drain` from the agent (or saw the port refuse).
+        // HAProxy heard `drain` from the agent (its regular check may
+        // then also see the port refuse).
+        let drained = format!("kv/host{i} enters drain state");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !haproxy.log().contains(&drained) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{drained}`:\n{}",
+                haproxy.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         haproxy.wait_server(
             "kv",
             &format!("host{i}"),
@@ -439,7 +450,17 @@ fn keepalived_moves_the_address_and_haproxy_connections_survive() {
     };
     // keepalived, not the test, owns the address from here on.
     w.a.remove_address(w.service).unwrap();
+    // A first: with `nopreempt`, whoever takes the address keeps it.
     let ka = wasmhost_tests::fleet::Keepalived::start(&w.a, w.b.ip, w.service, 254, &w.dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !w.a.has_address(w.service) {
+        assert!(
+            Instant::now() < deadline,
+            "keepalived did not give A the address\n{}",
+            ka.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let kb = wasmhost_tests::fleet::Keepalived::start(&w.b, w.a.ip, w.service, 253, &w.dir);
     let logs = || {
         format!(
@@ -448,15 +469,17 @@ fn keepalived_moves_the_address_and_haproxy_connections_survive() {
             kb.log()
         )
     };
+    // B is a backup (it would say so in its log) and leaves A the address.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !w.a.has_address(w.service) {
-        assert!(
-            Instant::now() < deadline,
-            "keepalived did not give A the address\n{}",
-            logs()
-        );
+    while !kb.log().contains("Entering BACKUP STATE") {
+        assert!(Instant::now() < deadline, "B is no backup\n{}", logs());
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert!(
+        w.a.has_address(w.service) && !w.b.has_address(w.service),
+        "{}",
+        logs()
+    );
     let (a_track, b_track) = (ka.track.to_str().unwrap(), kb.track.to_str().unwrap());
     let a = w.host_with(
         &w.a,
@@ -503,6 +526,17 @@ fn keepalived_moves_the_address_and_haproxy_connections_survive() {
         "A resumed without its address\n{}",
         logs()
     );
+    // B, in FAULT only for the failed move, leaves it 10 s later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kb.track_value() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "B stayed in FAULT:\n{}",
+            failing.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(w.a.has_address(w.service), "B took the address\n{}", logs());
     drop(failing);
     load.wait(200);
 

@@ -456,8 +456,13 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
         Request::Drain { cancel } => {
             let health = crate::fleet::health();
             let was_draining = match cancel {
-                true => health.set_draining(false),
-                false => health.drain().await,
+                true => health.undrain().await,
+                false => Ok(health.drain().await),
+            };
+            let Ok(was_draining) = was_draining else {
+                return Response::Error {
+                    message: was_draining.unwrap_err(),
+                };
             };
             status(ctx)
                 .await

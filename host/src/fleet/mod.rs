@@ -21,8 +21,9 @@
 //! a host that waits for a service (`serve --receive`) answers them too
 //! (not ready, `maint`). They are not handed over by a host upgrade: the
 //! new process binds them when the old one exits ([`listen`]); in between
-//! the old one answers (`drain`, not ready), and in the instant between
-//! the two a probe is refused (HAProxy does not count a failed agent
+//! the old one answers (not ready and `drain` while it hands over, then
+//! `maint` until it exits), and in the instant between the two a probe is
+//! refused (HAProxy does not count a failed agent
 //! check against a server; a readiness probe retries).
 
 pub mod agent;
@@ -76,8 +77,11 @@ pub const STATUS_DEADLINE: Duration = Duration::from_secs(2);
 /// The process's health: one per process ([`health`]).
 pub struct Health {
     draining: watch::Sender<bool>,
-    /// Accept loops whose socket listens now.
+    /// Accept loops running, and those whose socket listens now.
+    loops: AtomicUsize,
     listening: AtomicUsize,
+    /// SIGTERM is draining the host before it stops.
+    stopping: std::sync::atomic::AtomicBool,
     handing_off: AtomicUsize,
     service: Mutex<Option<ControlCtx>>,
     max_connections: AtomicUsize,
@@ -85,7 +89,9 @@ pub struct Health {
 
 static HEALTH: LazyLock<Health> = LazyLock::new(|| Health {
     draining: watch::Sender::new(false),
+    loops: AtomicUsize::new(0),
     listening: AtomicUsize::new(0),
+    stopping: std::sync::atomic::AtomicBool::new(false),
     handing_off: AtomicUsize::new(0),
     service: Mutex::new(None),
     max_connections: AtomicUsize::new(0),
@@ -102,6 +108,15 @@ pub struct HandingOff(());
 impl Drop for HandingOff {
     fn drop(&mut self) {
         HEALTH.handing_off.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Held by an accept loop while it runs.
+pub struct AcceptLoop(());
+
+impl Drop for AcceptLoop {
+    fn drop(&mut self) {
+        HEALTH.loops.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -127,6 +142,46 @@ impl Health {
         self.service.lock().expect("health lock").clone()
     }
 
+    /// Forgets a drain without a word: the service it was for ended (a
+    /// service that comes next accepts).
+    pub fn reset_drain(&self) {
+        self.draining.send_replace(false);
+    }
+
+    /// Marks the host as stopping (a SIGTERM drain): a drain can no longer
+    /// be cancelled.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Ends a drain and waits (at most a second) until every accept loop
+    /// listens again, so that a connection made after this returns is
+    /// accepted. Refused while the host stops; returns whether a drain was
+    /// running.
+    pub async fn undrain(&self) -> Result<bool, String> {
+        if self.stopping() {
+            return Err("the host is stopping (SIGTERM): its drain ends when it exits".into());
+        }
+        let was = self.set_draining(false);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.listening.load(Ordering::Acquire) < self.loops.load(Ordering::Acquire) {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!(
+                    "the drain is cancelled, but {} of {} listeners do not listen yet (the log \
+                     says why)",
+                    self.loops.load(Ordering::Acquire) - self.listening.load(Ordering::Acquire),
+                    self.loops.load(Ordering::Acquire)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(was)
+    }
+
     /// Starts (`true`) or ends a drain; returns whether one was running.
     pub fn set_draining(&self, on: bool) -> bool {
         let was = self.draining.send_replace(on);
@@ -146,6 +201,12 @@ impl Health {
     /// Follows the drain flag (the accept loops wait on it).
     pub fn watch_draining(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// Counts a running accept loop until the guard drops.
+    pub fn accept_loop(&self) -> AcceptLoop {
+        self.loops.fetch_add(1, Ordering::AcqRel);
+        AcceptLoop(())
     }
 
     /// Counts an accept loop as listening until the guard drops.
@@ -196,6 +257,10 @@ impl Health {
                 return (State::HandingOff, None);
             }
             Ok(Err(_)) => return (State::NoService, None),
+            // A frozen service answers when its handoff ends.
+            Err(_) if self.handing_off.load(Ordering::Acquire) > 0 => {
+                return (State::HandingOff, None);
+            }
             Err(_) => {
                 return (
                     State::Failed(format!(

@@ -297,8 +297,9 @@ mod tests {
     }
 }
 
-/// How many times this process has put a keepalived instance into FAULT.
-static FAULTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// A receiver owes its instance a return out of FAULT (a failed move put
+/// it there; [`Keepalived::owe`]).
+static OWED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// keepalived owns the service address (`migrate --keepalived`): wasmhost
 /// never adds or removes it, but moves it by putting its own keepalived
@@ -327,9 +328,16 @@ pub struct Keepalived {
 impl Keepalived {
     /// Puts this host's keepalived instance into FAULT (`true`: it drops
     /// the address and advertises priority 0) or out of it.
-    /// How many times this process has put an instance into FAULT.
-    pub fn faults() -> u64 {
-        FAULTS.load(std::sync::atomic::Ordering::Acquire)
+    /// Records that this host's instance is in FAULT only for a move that
+    /// failed, and must leave it.
+    pub fn owe() {
+        OWED.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Takes over the debt of [`owe`](Self::owe): whoever takes it decides
+    /// when the instance leaves FAULT.
+    pub fn take_owed() -> bool {
+        OWED.swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// Whether the file holds the instance in FAULT now.
@@ -338,9 +346,6 @@ impl Keepalived {
     }
 
     pub fn fault(&self, on: bool) -> Result<()> {
-        if on {
-            FAULTS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        }
         std::fs::write(&self.track, if on { "1\n" } else { "0\n" }).with_context(|| {
             format!(
                 "cannot write keepalived's track file {} (--keepalived-track)",

@@ -57,11 +57,12 @@
 //!
 //! Resuming, S writes 0 to its track file and waits for keepalived to give
 //! the address back before the sockets leave repair mode (R still holds
-//! FAULT, so only S can take it). R, after a failure, writes 0 again 10 s
-//! later if it was 0 before the offer and no other move has put it into
-//! FAULT since; a receiver killed mid-move leaves its instance in FAULT
-//! (the safe side: it takes no address without sockets) until a move to it
-//! commits.
+//! FAULT, so only S can take it). R, after any failure (even one after its
+//! commit took it out of FAULT), writes 1 again at once, then 0 10 s later
+//! if it was 0 before the offer, unless another move to it has begun
+//! meanwhile (that one takes the duty over). A receiver killed mid-move
+//! leaves its instance in FAULT (the safe side: it takes no address
+//! without sockets) until a move to it commits.
 //!
 //! **Resuming** (S, before phase 7): take every socket out of repair mode,
 //! put the address back, thaw: every connection served again, the guest

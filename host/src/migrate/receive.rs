@@ -204,10 +204,10 @@ const KEEPALIVED_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// address back (it resumes, and preempts this host), unless another
 /// migration has begun meanwhile.
 async fn leave_fault_later(keepalived: address::Keepalived) {
-    let faults = address::Keepalived::faults();
+    address::Keepalived::owe();
     tokio::time::sleep(KEEPALIVED_WAIT).await;
-    if address::Keepalived::faults() != faults {
-        return; // another move put it into FAULT since: that one decides
+    if !address::Keepalived::take_owed() {
+        return; // another move took it over: that one decides
     }
     match keepalived.fault(false) {
         Ok(()) => tracing::info!("migrate: keepalived instance out of FAULT again"),
@@ -279,8 +279,15 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
         }
         Err(e) => {
             shared.remember(&id, Outcome::Aborted);
-            if let Some((keepalived, false)) = r.keepalived.take() {
-                tokio::spawn(leave_fault_later(keepalived));
+            if let Some((keepalived, was_fault)) = r.keepalived.take() {
+                // Back into FAULT at once (a commit that failed after
+                // taking it out must not leave this host the address).
+                if let Err(e) = keepalived.fault(true) {
+                    tracing::error!("migrate: {e:#}");
+                }
+                if !was_fault {
+                    tokio::spawn(leave_fault_later(keepalived));
+                }
             }
             // Still waiting: `status` answers again.
             if let Err(e) = shared.start_idle().await {
@@ -346,7 +353,9 @@ impl Receiving<'_> {
             // Held in FAULT until the sockets exist, so that keepalived
             // cannot give this machine the address before.
             let keepalived = address::Keepalived { track };
-            let was_fault = keepalived.in_fault();
+            // In FAULT only for a move that failed here: not "before".
+            let owed = address::Keepalived::take_owed();
+            let was_fault = keepalived.in_fault() && !owed;
             keepalived.fault(true)?;
             self.keepalived = Some((keepalived, was_fault));
         }
@@ -456,7 +465,7 @@ impl Receiving<'_> {
         // From here on this host serves, whatever happens to the link.
         self.shared.remember(&offer.id, Outcome::Serving);
         let adding = Instant::now();
-        match (&moving, self.keepalived.take()) {
+        match (&moving, &self.keepalived) {
             (Some((addr, _)), Some((keepalived, _))) => {
                 // keepalived adds the address and announces it.
                 keepalived.fault(false)?;

@@ -61,7 +61,6 @@ pub async fn migrate(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, S
         ));
     }
     let _running = u.exclusive.begin("a migration")?;
-    let _handing_off = crate::fleet::health().handing_off();
     run(u, opts).await.map_err(|f| {
         tracing::warn!("{}; this host serves on", f.text());
         f.text()
@@ -84,11 +83,15 @@ struct Frozen2 {
     /// ...and the address keepalived dropped once this host went into
     /// FAULT.
     in_fault: Option<std::net::Ipv4Addr>,
+    /// Held until the service is released or resumes (also while
+    /// `settle_later` waits): the fleet sees a handoff, not a failure.
+    _handing_off: crate::fleet::HandingOff,
     tcp_freeze: Duration,
     address_remove: Duration,
 }
 
 async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> {
+    let handing_off = crate::fleet::health().handing_off();
     let tls = opts.tls.clone().or_else(|| u.tls.clone()).ok_or_else(|| {
         Failure::migrate(
             "connect",
@@ -214,6 +217,7 @@ async fn run(u: &Upgrader, opts: MigrateOptions) -> Result<SwapReport, Failure> 
         removed: None,
         keepalived,
         in_fault: None,
+        _handing_off: handing_off,
         tcp_freeze: Duration::ZERO,
         address_remove: Duration::ZERO,
     };

@@ -215,47 +215,79 @@ pub fn start_accepting(listeners: Vec<Listener>, ctx: &AcceptCtx) {
 /// a handoff (the process that serves next accepts).
 async fn accept_loop(mut listener: Listener, ctx: AcceptCtx) {
     let frozen = ctx.freeze.token();
-    let mut draining = crate::fleet::health().watch_draining();
+    let health = crate::fleet::health();
+    let _running = health.accept_loop();
+    let mut draining = health.watch_draining();
     let addr = listener.listener.local_addr().ok();
-    let mut _listening = Some(crate::fleet::health().listening());
+    let mut _listening = Some(health.listening());
     loop {
         if *draining.borrow_and_update() {
             // Connections the kernel completed but nobody accepted yet
             // would be reset by the shutdown: accept them first.
-            while let Some(permit) = ctx.permits.clone().try_acquire_owned().ok()
-                && let Some((stream, peer)) = accept_now(&listener)
-            {
-                serve_accepted(stream, peer, permit, &listener, &ctx).await;
+            loop {
+                let Ok(permit) = ctx.permits.clone().try_acquire_owned() else {
+                    break; // at --max-connections: the rest wait no longer
+                };
+                match accept_now(&listener) {
+                    Queued::Accepted(stream, peer) => {
+                        serve_accepted(stream, peer, permit, &listener, &ctx).await
+                    }
+                    Queued::Failed => {}
+                    Queued::Empty => break,
+                }
             }
             stop_listening(&listener);
             _listening = None;
-            let resumed = loop {
+            // Until it listens again; a socket that cannot (its port taken
+            // meanwhile) is retried, and goes back to the service as it is
+            // on a freeze (a handoff collects every listener).
+            let mut ended = None;
+            let mut retry = std::time::Duration::from_millis(100);
+            loop {
+                if let Some(end) = ended {
+                    match listen_again(&listener, addr) {
+                        Ok(()) => {
+                            _listening = Some(health.listening());
+                            listener = reregister(listener);
+                        }
+                        Err(e) => tracing::error!(
+                            listener = &*listener.name,
+                            "cannot listen again after a drain: {e:#}"
+                        ),
+                    }
+                    if _listening.is_some() || end != Resume::Accept {
+                        match end {
+                            Resume::Accept => break,
+                            Resume::Freeze => {
+                                let _ = ctx.service.event(Event::ListenerFrozen(listener)).await;
+                                return;
+                            }
+                            // Listening again, so that a socket systemd
+                            // passed is left as it gave it.
+                            Resume::Stop => return,
+                        }
+                    }
+                    tokio::select! {
+                        biased;
+                        _ = ctx.shutdown.cancelled() => ended = Some(Resume::Stop),
+                        _ = frozen.cancelled() => ended = Some(Resume::Freeze),
+                        _ = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(std::time::Duration::from_secs(5));
+                    continue;
+                }
                 tokio::select! {
                     biased;
-                    _ = ctx.shutdown.cancelled() => return,
-                    _ = frozen.cancelled() => break false,
+                    _ = ctx.shutdown.cancelled() => ended = Some(Resume::Stop),
+                    _ = frozen.cancelled() => ended = Some(Resume::Freeze),
                     _ = draining.changed() => {
                         if !*draining.borrow_and_update() {
-                            break true;
+                            ended = Some(Resume::Accept);
                         }
                     }
                 }
-            };
-            listener = match listen_again(listener, addr) {
-                Ok(listener) => listener,
-                Err(e) => {
-                    tracing::error!(
-                        "cannot listen again after a drain: {e:#}; this listener accepts no more \
-                         connections until the host restarts"
-                    );
-                    return;
-                }
-            };
-            _listening = Some(crate::fleet::health().listening());
-            match resumed {
-                true => continue,
-                false => break,
             }
+            continue;
         }
         let permit = tokio::select! {
             biased;
@@ -314,17 +346,47 @@ async fn serve_accepted(
     }
 }
 
+/// Why a drained listener stops waiting.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Resume {
+    /// The drain was cancelled.
+    Accept,
+    /// A handoff collects the listener.
+    Freeze,
+    /// The service stops.
+    Stop,
+}
+
+/// What one look at the accept queue found.
+enum Queued {
+    Accepted(tokio::net::TcpStream, SocketAddr),
+    /// A connection that failed on the way (reset while queued): skipped.
+    Failed,
+    /// Nothing queued.
+    Empty,
+}
+
 /// One connection from the accept queue without waiting (`accept4` on the
 /// descriptor itself: the runtime's readiness may not have seen it yet).
-fn accept_now(listener: &Listener) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+fn accept_now(listener: &Listener) -> Queued {
     use nix::sys::socket::{SockFlag, accept4};
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
-    let fd = accept4(listener.listener.as_raw_fd(), flags).ok()?;
+    let fd = match accept4(listener.listener.as_raw_fd(), flags) {
+        Ok(fd) => fd,
+        Err(nix::errno::Errno::EAGAIN) => return Queued::Empty,
+        Err(nix::errno::Errno::ECONNABORTED | nix::errno::Errno::EINTR) => return Queued::Failed,
+        Err(_) => return Queued::Empty,
+    };
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
     let stream = std::net::TcpStream::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    let peer = stream.peer_addr().ok()?;
-    Some((tokio::net::TcpStream::from_std(stream).ok()?, peer))
+    let Ok(peer) = stream.peer_addr() else {
+        return Queued::Failed;
+    };
+    match tokio::net::TcpStream::from_std(stream) {
+        Ok(stream) => Queued::Accepted(stream, peer),
+        Err(_) => Queued::Failed,
+    }
 }
 
 /// Takes a listener out of LISTEN (Linux: `shutdown` of a listening
@@ -343,28 +405,39 @@ fn stop_listening(listener: &Listener) {
 
 /// Listens again after [`stop_listening`]. A socket bound to an explicit
 /// port kept it; one bound to port 0 gave its port back, so it is bound
-/// to the same address again first. The socket is registered with the
-/// runtime anew: the old registration saw the hang-up of the shutdown,
-/// which tokio keeps as a readiness that never clears.
-fn listen_again(listener: Listener, addr: Option<SocketAddr>) -> Result<Listener> {
+/// to the same address again first.
+fn listen_again(listener: &Listener, addr: Option<SocketAddr>) -> Result<()> {
     use anyhow::Context;
     use nix::sys::socket::{Backlog, SockaddrStorage, bind, listen};
     use std::os::fd::AsRawFd;
-    let name = listener.name;
-    let socket = listener.listener.into_std()?;
+    let fd = listener.listener.as_raw_fd();
     if let Some(addr) = addr {
         // EINVAL: still bound (an explicit port), which is what we want.
-        match bind(socket.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        match bind(fd, &SockaddrStorage::from(addr)) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) => {}
-            Err(e) => return Err(e).with_context(|| format!("binding {addr} ({name}) again")),
+            Err(e) => return Err(e).with_context(|| format!("binding {addr} again")),
         }
     }
-    listen(&socket, Backlog::new(1024).expect("backlog in range"))
-        .with_context(|| format!("listening on {name} again"))?;
-    Ok(Listener {
-        name,
-        listener: TcpListener::from_std(socket)?,
-    })
+    listen(
+        &listener.listener,
+        Backlog::new(1024).expect("backlog in range"),
+    )
+    .context("listening again")?;
+    Ok(())
+}
+
+/// Registers a listener that listens again with the runtime anew: the old
+/// registration saw the hang-up of the shutdown, which tokio keeps as a
+/// readiness that never clears (an accept loop would spin on it).
+fn reregister(listener: Listener) -> Listener {
+    let name = listener.name;
+    let socket = match listener.listener.into_std() {
+        Ok(socket) => socket,
+        Err(e) => panic!("a listener could not leave the runtime's reactor: {e}"),
+    };
+    let listener = TcpListener::from_std(socket)
+        .unwrap_or_else(|e| panic!("a listener could not rejoin the runtime's reactor: {e}"));
+    Listener { name, listener }
 }
 
 /// Each connection is a file descriptor: raises the soft open-file limit to
