@@ -600,12 +600,27 @@ fn a_drained_host_moves_its_connections_and_the_receiver_accepts() {
             return;
         }
     };
-    let a = w.host(&w.a, true, &[]);
-    let b = w.host(&w.b, false, &[]);
+    let fleet_args = ["--admin", "127.0.0.1:0", "--agent-check", "127.0.0.1:0"];
+    let mut a = w.host_with(&w.a, Some(("kv", &[])), &fleet_args, &[]);
+    let mut b = w.host_with(&w.b, None, &fleet_args, &[]);
+    // The endpoints listen on each machine's loopback: ask from there.
+    let (a_admin, a_agent) = (a.printed_addr(ADMIN), a.printed_addr(AGENT));
+    let (b_admin, b_agent) = (b.printed_addr(ADMIN), b.printed_addr(AGENT));
+    let on = |m: &wasmhost_tests::netns::Machine, admin: SocketAddr, agent: SocketAddr| {
+        m.run(move || {
+            (
+                agent_line(agent),
+                http_get(admin, "/readyz").0,
+                http_get(admin, "/livez").0,
+            )
+        })
+    };
+    assert_eq!(on(&w.b, b_admin, b_agent), ("maint\n".into(), 503, 200));
     let mut kept = Client::on(w.connect()).unwrap();
     assert_eq!(kept.call(&["SET", "x", "1"]).unwrap(), "+OK");
     let out = a.command("drain", &[]);
     assert!(out.status.success(), "{}", out.stderr);
+    assert_eq!(on(&w.a, a_admin, a_agent), ("drain\n".into(), 503, 200));
     let addr = w.service_addr();
     let refused_now = || {
         w.client.run(move || {
@@ -631,4 +646,19 @@ fn a_drained_host_moves_its_connections_and_the_receiver_accepts() {
     assert_eq!(new.call(&["GET", "x"]).unwrap(), "1");
     let status = b.command("status", &[]);
     assert!(!status.stdout.contains("draining"), "{}", status.stdout);
+    // A has no service now; B serves and accepts (each process sees it
+    // within moments of the move).
+    let soon = |m: &wasmhost_tests::netns::Machine, admin, agent, want: (String, u16, u16)| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = on(m, admin, agent);
+            if got == want {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} says {got:?}", m.ns);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    soon(&w.a, a_admin, a_agent, ("maint\n".into(), 503, 200));
+    soon(&w.b, b_admin, b_agent, ("up ready 100%\n".into(), 200, 200));
 }
