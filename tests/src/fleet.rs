@@ -104,6 +104,18 @@ pub fn missing(program: &str) -> Option<String> {
     }
 }
 
+/// Starts `command` with its output (stdout and stderr) in the file `log`.
+fn spawn_logged(mut command: Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    command
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.get_program()))
+}
+
 /// A real `haproxy` in the foreground, killed when dropped.
 pub struct Haproxy {
     child: Child,
@@ -143,19 +155,13 @@ impl Haproxy {
     ) -> Haproxy {
         let socket = dir.join("haproxy.sock");
         let log = dir.join("haproxy.log");
-        let child = command
+        command
             .arg("-db")
             .arg("-f")
             .arg(config)
             .env("STATS", &socket)
-            .envs(envs.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::File::options().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .expect("starting haproxy");
+            .envs(envs.iter().map(|(k, v)| (k, v)));
+        let child = spawn_logged(command, &log);
         let mut haproxy = Haproxy { child, socket, log };
         let deadline = Instant::now() + Duration::from_secs(20);
         while haproxy.try_command("show info").is_none() {
@@ -297,8 +303,8 @@ impl Keepalived {
         assert!(!unset, "a value is missing:\n{config}");
         std::fs::write(&conf, config).unwrap();
         let pid = |what: &str| dir.join(format!("{name}.{what}.pid"));
-        let child = machine
-            .command(Path::new("keepalived"))
+        let mut command = machine.command(Path::new("keepalived"));
+        command
             .args(["-n", "-l", "-D", "-P", "-f"])
             .arg(&conf)
             .arg("-p")
@@ -306,14 +312,8 @@ impl Keepalived {
             .arg("-r")
             .arg(pid("vrrp"))
             .arg("-c")
-            .arg(pid("checkers"))
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::from(
-                std::fs::File::options().append(true).open(&log).unwrap(),
-            ))
-            .spawn()
-            .expect("starting keepalived");
+            .arg(pid("checkers"));
+        let child = spawn_logged(command, &log);
         Keepalived { child, log, track }
     }
 

@@ -43,14 +43,7 @@ pub fn weight(connections: usize, max: usize) -> u64 {
 /// Answers agent checks until the process exits.
 pub async fn serve(listener: TcpListener) {
     loop {
-        let (mut stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("agent check: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (mut stream, _) = crate::net::accept_retrying(&listener, "agent check").await;
         tokio::spawn(async move {
             let (state, status) = health().state().await;
             let connections = status.map_or(0, |s| s.connections);

@@ -25,14 +25,7 @@ use super::{State, health, metrics};
 /// Serves the admin endpoints until the process exits.
 pub async fn serve(listener: TcpListener) {
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("admin listener: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+        let (stream, _) = crate::net::accept_retrying(&listener, "admin listener").await;
         tokio::spawn(async move {
             let service = hyper::service::service_fn(answer);
             if let Err(e) = hyper::server::conn::http1::Builder::new()

@@ -121,14 +121,7 @@ async fn accept_loop(
     shared: Arc<Shared>,
 ) {
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!("migration port: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (tcp, peer) = crate::net::accept_retrying(&listener, "migration port").await;
         let (acceptor, shared) = (acceptor.clone(), shared.clone());
         tokio::spawn(async move {
             let link = match Link::accept(tcp, &acceptor).await {

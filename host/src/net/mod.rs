@@ -440,6 +440,25 @@ fn reregister(listener: Listener) -> Listener {
     Listener { name, listener }
 }
 
+/// The next connection on a listener of the host's own (the admin HTTP,
+/// agent check and migration ports): a failed accept (usually EMFILE, or a
+/// connection reset before it was accepted) is logged as `what`'s and
+/// retried after a short pause, never the end of the listener.
+pub async fn accept_retrying(
+    listener: &TcpListener,
+    what: &str,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!("{what}: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Each connection is a file descriptor: raises the soft open-file limit to
 /// the hard one, so `--max-connections` is not capped by a small default.
 pub fn raise_fd_limit() {
