@@ -519,6 +519,21 @@ pub async fn drain(args: crate::cli::DrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `wasmhost promote`: the standby serves once this returns.
+pub async fn promote(args: crate::cli::PromoteArgs) -> Result<()> {
+    let path = socket(&args.control)?;
+    eprintln!("promoting the standby (it starts the service from its copy of the state)...");
+    match client::request(&path, Request::Promote).await? {
+        Response::Promoted { message } => {
+            println!("{message}");
+            Ok(())
+        }
+        Response::Error { message } => bail!("{message}"),
+        Response::Status(_) => bail!("this host serves already: only a standby is promoted"),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+}
+
 pub async fn status(args: StatusArgs) -> Result<()> {
     match client::request(&socket(&args.control)?, Request::Status).await? {
         Response::Status(mut report) => {
@@ -673,6 +688,9 @@ pub fn format_status(r: &StatusReport) -> String {
     for l in &r.listeners {
         let _ = writeln!(s, "listening    {} {}", l.name, l.addr);
     }
+    if let Some(replication) = &r.replication {
+        s.push_str(&format_replication(replication));
+    }
     if r.draining {
         let _ = writeln!(
             s,
@@ -790,6 +808,44 @@ pub fn format_status(r: &StatusReport) -> String {
 }
 
 /// The status of a host with no service.
+/// The replication lines of `status` (a primary with a standby, or a
+/// standby).
+fn format_replication(r: &crate::standby::ReplicationStatus) -> String {
+    let mut s = String::new();
+    let peer = r.peer.as_deref().unwrap_or("-");
+    let link = match r.connected {
+        true => "connected",
+        false => "link down, retrying",
+    };
+    match r.role.as_str() {
+        "standby" => {
+            let _ = writeln!(
+                s,
+                "standby      of {peer} (epoch {}), {link}: {} appends written, primary at {}, \
+                 {} bytes received; last caught up {} ms ago",
+                r.epoch, r.acked_seq, r.shipped_seq, r.received_bytes, r.lag_ms
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                s,
+                "standby      {peer} (epoch {}), {link}, {}: {} of {} appends acknowledged, \
+                 lag {} bytes / {} ms",
+                r.epoch,
+                match r.sync {
+                    true => "synchronous",
+                    false => "asynchronous",
+                },
+                r.acked_seq,
+                r.shipped_seq,
+                r.lag_bytes,
+                r.lag_ms
+            );
+        }
+    }
+    s
+}
+
 pub fn format_idle(idle: &crate::control::protocol::IdleStatus) -> String {
     let mut s = String::new();
     let _ = writeln!(
@@ -803,6 +859,9 @@ pub fn format_idle(idle: &crate::control::protocol::IdleStatus) -> String {
             "relaying     {} connections for the host the last service moved to",
             idle.relaying
         );
+    }
+    if let Some(r) = &idle.replication {
+        s.push_str(&format_replication(r));
     }
     if let Some(report) = &idle.last_move {
         let _ = writeln!(s, "last service moved away:");

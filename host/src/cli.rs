@@ -131,6 +131,18 @@ pub enum Command {
     /// drain, then stop when the connections are gone or after
     /// --drain-timeout-s.
     Drain(DrainArgs),
+    /// Make a standby (`serve --standby-of`) the primary: it serves now.
+    ///
+    /// The standby stops following, writes its state dir's epoch + 1 (so
+    /// the old primary, if it comes back, refuses to serve: it was failed
+    /// over), then starts the service from the snapshots and journal it
+    /// received, as a restart after a crash does: the connections that were
+    /// open on the lost primary get `on-close`, timers are re-armed, and it
+    /// accepts on its --listen addresses. Returns once it accepts. Run it
+    /// only when the primary is gone (a load balancer or keepalived sends
+    /// clients to the standby): both serving would split the service.
+    /// `serve --promote-fifo` does the same on keepalived's word.
+    Promote(PromoteArgs),
     /// Check that a file is a valid guest and run a conformance check on it.
     ///
     /// Exits 1 with what is wrong and what to do when FILE is not a
@@ -563,6 +575,12 @@ pub struct DrainArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Print the report as JSON.
     #[arg(long)]
@@ -609,8 +627,64 @@ pub struct ServeArgs {
     /// The service component, e.g. target/guests/kv.wasm. Optional with
     /// --receive: the host then starts empty and serves the first service
     /// it receives.
-    #[arg(required_unless_present = "receive")]
+    #[arg(required_unless_present_any = ["receive", "standby_of"])]
     pub guest: Option<PathBuf>,
+
+    /// Be a warm standby of the primary whose `serve --receive` port is
+    /// ADDR: copy its snapshots and journal into --state-dir as it writes
+    /// them (over the mutually authenticated link, --tls-*), and serve
+    /// only once promoted (`wasmhost promote`, or --promote-fifo). Until
+    /// then it does not listen on --listen; its agent check says `maint`
+    /// and `/readyz` 503; `status` shows its lag.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with = "guest",
+        requires_all = ["state_dir", "tls_cert", "tls_key", "tls_ca"]
+    )]
+    pub standby_of: Option<std::net::SocketAddr>,
+
+    /// With --standby-of: the name the primary's certificate must carry
+    /// [default: the IP of --standby-of].
+    #[arg(long, value_name = "NAME", requires = "standby_of")]
+    pub primary_name: Option<String>,
+
+    /// With --standby-of: the name this host's certificate carries, told
+    /// to the primary, which checks it when it asks this host for its
+    /// epoch [default: the IP of --receive].
+    #[arg(long, value_name = "NAME", requires = "standby_of")]
+    pub standby_name: Option<String>,
+
+    /// With --standby-of: keepalived's `notify_fifo`. A line saying this
+    /// host's VRRP instance became MASTER (`INSTANCE "NAME" MASTER ...`)
+    /// promotes the standby, as `wasmhost promote` does.
+    #[arg(long, value_name = "PATH", requires = "standby_of")]
+    pub promote_fifo: Option<PathBuf>,
+
+    /// With --promote-fifo: the VRRP instance whose MASTER line promotes
+    /// [default: any instance].
+    #[arg(long, value_name = "NAME", requires = "promote_fifo")]
+    pub promote_instance: Option<String>,
+
+    /// A primary's replies wait until its standby has their events'
+    /// records (not only this host's disk), so a failover loses nothing a
+    /// client saw acknowledged. A standby that does not acknowledge
+    /// within --sync-timeout-ms stops holding replies back (a warning;
+    /// `status` says `async`) until it catches up.
+    /// On a standby it applies once it is promoted.
+    #[arg(long, requires = "state_dir")]
+    pub sync_standby: bool,
+
+    /// With --sync-standby: how long replies wait for the standby.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub sync_timeout_ms: u64,
+
+    /// Serve from --state-dir even though the standby that followed it
+    /// cannot be asked whether it was promoted (or the dir is a standby's
+    /// copy). Only when that other host is gone for good: if it serves,
+    /// the service is split in two.
+    #[arg(long, requires = "state_dir")]
+    pub no_fence: bool,
 
     /// Take services that `wasmhost migrate --to` sends from other hosts,
     /// on this address (TCP, mutual TLS: needs --tls-cert, --tls-key and

@@ -20,6 +20,7 @@ pub mod new;
 pub mod serve;
 pub mod service;
 pub mod shutdown;
+pub mod standby;
 pub mod systemd;
 pub mod upgrade;
 

@@ -58,6 +58,7 @@ fn main() -> ExitCode {
             Command::Upgrade(args) => wasmhost::admin::upgrade(args).await,
             Command::Migrate(args) => wasmhost::admin::migrate(args).await,
             Command::Drain(args) => wasmhost::admin::drain(args).await,
+            Command::Promote(args) => wasmhost::admin::promote(args).await,
             Command::Compile(args) => compile(args),
             Command::New(args) => new_project(args),
             Command::Check(args) => check(args).await,
@@ -143,6 +144,14 @@ async fn serve(
         timeout: Duration::from_secs(args.drain_timeout_s),
     };
     let upgraded = handoff.is_some();
+    let no_fence = args.no_fence;
+    let standby = args.standby_of.map(|primary| StandbyArgs {
+        primary,
+        primary_name: args.primary_name.clone(),
+        standby_name: args.standby_name.clone(),
+        fifo: args.promote_fifo.clone(),
+        instance: args.promote_instance.clone(),
+    });
     if let Some(addr) = args.admin {
         fleet::listen(addr, "--admin", upgraded, fleet::http::serve).await?;
     }
@@ -176,7 +185,20 @@ async fn serve(
                 None => return Ok(()),
             }
         }
-        (None, _) => Server::start(opts, launch.clone(), activated).await?,
+        (None, port) if standby.is_some() => {
+            let standby = standby.expect("the guard says it is there");
+            let port = port.as_ref().map(|p| p.local_addr());
+            match run_standby(standby, &opts, &launch, port, &mut signals, activated).await? {
+                Some(server) => server,
+                None => return Ok(()),
+            }
+        }
+        (None, _) => {
+            if let Some(dir) = &opts.durable.state_dir {
+                wasmhost::standby::fence(dir, opts.tls.as_ref(), no_fence).await?;
+            }
+            Server::start(opts.clone(), launch.clone(), activated).await?
+        }
     };
     systemd::ready(took_over);
     loop {
@@ -223,6 +245,107 @@ async fn serve(
                 return Ok(());
             }
             _ => return Ok(()),
+        }
+    }
+}
+
+/// `serve --standby-of`'s settings besides the serve options.
+struct StandbyArgs {
+    primary: std::net::SocketAddr,
+    primary_name: Option<String>,
+    standby_name: Option<String>,
+    fifo: Option<std::path::PathBuf>,
+    instance: Option<String>,
+}
+
+/// Follows the primary until promoted (then serves: `Some`) or told to
+/// stop (`None`).
+async fn run_standby(
+    s: StandbyArgs,
+    opts: &ServeOptions,
+    launch: &Launch,
+    receive: Option<std::net::SocketAddr>,
+    signals: &mut Signals,
+    activated: Vec<(String, OwnedFd)>,
+) -> Result<Option<Server>> {
+    use wasmhost::standby::{self, follow};
+    let dir = opts.durable.state_dir.clone().context("--standby-of needs --state-dir")?;
+    let tls = opts.tls.clone().context("--standby-of needs --tls-cert, --tls-key and --tls-ca")?;
+    let follow_opts = follow::FollowOptions {
+        primary: s.primary,
+        primary_name: s.primary_name.unwrap_or_else(|| s.primary.ip().to_string()),
+        dir: dir.clone(),
+        tls,
+        receive: receive.map(|addr| standby::Peer {
+            addr,
+            name: s.standby_name.unwrap_or_else(|| addr.ip().to_string()),
+        }),
+        fsync: opts.durable.fsync,
+    };
+    let (promote, mut promotions) = tokio::sync::mpsc::channel(4);
+    let idle = match &opts.control {
+        Some(path) => {
+            let socket = wasmhost::control::server::ControlSocket::bind(path).await?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let primary = s.primary;
+            let status = move || wasmhost::control::protocol::IdleStatus {
+                pid: std::process::id(),
+                waiting_on: format!("standby of {primary}"),
+                relaying: 0,
+                last_move: None,
+                replication: standby::status(),
+            };
+            let task = tokio::spawn(socket.serve_idle(status, Some(promote.clone()), stop.clone()));
+            Some((stop, task))
+        }
+        None => None,
+    };
+    if let Some(fifo) = s.fifo {
+        follow::watch_fifo(fifo, s.instance, promote.clone());
+    }
+    eprintln!(
+        "standby of {}: following into {} (wasmhost promote makes it serve)",
+        s.primary,
+        dir.display()
+    );
+    systemd::ready(false);
+    let promoted = tokio::select! {
+        promoted = follow::follow(&follow_opts, &mut promotions) => promoted,
+        sig = wait_for_shutdown_signal(signals) => {
+            tracing::info!("{sig} received: the standby stops");
+            return Ok(None);
+        }
+    };
+    // The standby's control socket goes; the service's takes its place.
+    if let Some((stop, task)) = idle {
+        stop.cancel();
+        let _ = task.await;
+    }
+    let promoted = promoted?;
+    let mut opts = opts.clone();
+    opts.guest = Some(promoted.component);
+    match Server::start(opts, launch.clone(), activated).await {
+        Ok(server) => {
+            let addrs: Vec<String> = server
+                .addrs()
+                .iter()
+                .map(|(name, addr)| format!("{name} {addr}"))
+                .collect();
+            let message = format!(
+                "promoted at epoch {}: serving on {}",
+                promoted.epoch,
+                addrs.join(", ")
+            );
+            eprintln!("{message}");
+            let _ = promoted.reply.send(Ok(message));
+            Ok(Some(server))
+        }
+        Err(e) => {
+            let _ = promoted.reply.send(Err(format!(
+                "promoted (epoch {}), but the service did not start: {e:#}",
+                promoted.epoch
+            )));
+            Err(e)
         }
     }
 }
@@ -400,6 +523,10 @@ fn serve_options(args: ServeArgs) -> Result<ServeOptions> {
         instances: args.instances,
         tls: args.tls.files().map_err(anyhow::Error::msg)?,
         keepalived_track: args.keepalived_track,
+        replication: wasmhost::standby::Replication {
+            sync: args.sync_standby,
+            sync_timeout: Duration::from_millis(args.sync_timeout_ms),
+        },
     })
 }
 

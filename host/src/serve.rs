@@ -58,6 +58,8 @@ pub struct ServeOptions {
     /// keepalived's track file for this host (`--keepalived-track`), for
     /// `migrate --keepalived`.
     pub keepalived_track: Option<PathBuf>,
+    /// A primary's replication (`--sync-standby`).
+    pub replication: crate::standby::Replication,
 }
 
 /// How this process was started: what a host upgrade starts again.

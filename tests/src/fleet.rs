@@ -1,7 +1,7 @@
 //! Helpers for the fleet tests: the admin HTTP endpoints, HAProxy's agent
 //! check, and a real `haproxy` run by the test.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -345,5 +345,48 @@ impl Drop for Keepalived {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A RESP client on one connection.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> std::io::Result<Client> {
+        Client::on(TcpStream::connect(addr)?)
+    }
+
+    pub fn on(stream: TcpStream) -> std::io::Result<Client> {
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Client {
+            reader: BufReader::new(stream.try_clone()?),
+            writer: stream,
+        })
+    }
+
+    /// Sends one command; returns the first line of the reply (and the bulk
+    /// string's value when it is one).
+    pub fn call(&mut self, args: &[&str]) -> std::io::Result<String> {
+        let mut out = format!("*{}\r\n", args.len());
+        for a in args {
+            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        self.writer.write_all(out.as_bytes())?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        if let Some(len) = line
+            .strip_prefix('$')
+            .and_then(|l| l.trim().parse::<usize>().ok())
+        {
+            let mut value = vec![0; len + 2];
+            std::io::Read::read_exact(&mut self.reader, &mut value)?;
+            return Ok(String::from_utf8_lossy(&value[..len]).into_owned());
+        }
+        Ok(line.trim_end().to_string())
     }
 }

@@ -1,60 +1,18 @@
 //! Running in a fleet: the admin endpoints, HAProxy's agent check, drain,
 //! SIGTERM under systemd, and a rolling upgrade behind a real HAProxy.
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmhost_tests::fleet::{Haproxy, agent_line, free_ports, http_get, missing, scrape};
+use wasmhost_tests::fleet::{
+    Client, Haproxy, agent_line, free_ports, http_get, missing, scrape,
+};
 use wasmhost_tests::{Served, guest};
 
 const ADMIN: &str = "admin endpoints on http://";
 const AGENT: &str = "HAProxy agent check on ";
-
-/// A RESP client on one connection.
-struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
-}
-
-impl Client {
-    fn connect(addr: SocketAddr) -> std::io::Result<Client> {
-        Client::on(TcpStream::connect(addr)?)
-    }
-
-    fn on(stream: TcpStream) -> std::io::Result<Client> {
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(Client {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        })
-    }
-
-    /// Sends one command; returns the first line of the reply (and the bulk
-    /// string's value when it is one).
-    fn call(&mut self, args: &[&str]) -> std::io::Result<String> {
-        let mut out = format!("*{}\r\n", args.len());
-        for a in args {
-            out.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-        }
-        self.writer.write_all(out.as_bytes())?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if let Some(len) = line
-            .strip_prefix('$')
-            .and_then(|l| l.trim().parse::<usize>().ok())
-        {
-            let mut value = vec![0; len + 2];
-            std::io::Read::read_exact(&mut self.reader, &mut value)?;
-            return Ok(String::from_utf8_lossy(&value[..len]).into_owned());
-        }
-        Ok(line.trim_end().to_string())
-    }
-}
 
 fn refused(addr: SocketAddr) -> bool {
     matches!(

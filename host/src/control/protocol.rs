@@ -76,6 +76,8 @@ pub enum Request {
     },
     /// Take a snapshot of the state now (`wasmhost snapshot`).
     Snapshot,
+    /// Make this standby the primary (`wasmhost promote`).
+    Promote,
     /// Hand the service to a new host process (`wasmhost upgrade`).
     Upgrade {
         /// The new binary [default: the path the host started from].
@@ -152,6 +154,8 @@ pub enum Response {
     /// This host has no service (`serve --receive`, waiting for one):
     /// what it waits on, and where its last service went.
     Idle(Box<IdleStatus>),
+    /// A standby was promoted and serves.
+    Promoted { message: String },
 }
 
 /// The answer to `drain`.
@@ -175,6 +179,9 @@ pub struct IdleStatus {
     pub relaying: usize,
     /// The move that took its last service away, if one did.
     pub last_move: Option<crate::service::SwapReport>,
+    /// A standby (`serve --standby-of`): its replication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::standby::ReplicationStatus>,
 }
 
 /// Why a frame could not be read.

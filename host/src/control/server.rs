@@ -228,6 +228,7 @@ impl ControlSocket {
     pub async fn serve_idle(
         self,
         idle: impl Fn() -> protocol::IdleStatus + Send + Sync + 'static,
+        promote: Option<tokio::sync::mpsc::Sender<crate::standby::follow::Promotion>>,
         stop: CancellationToken,
     ) {
         let idle = Arc::new(idle);
@@ -244,12 +245,30 @@ impl ControlSocket {
                 },
             };
             let idle = idle.clone();
+            let promote = promote.clone();
             tracker.spawn(async move {
                 let answer = |request: Request| {
                     let idle = idle.clone();
+                    let promote = promote.clone();
                     async move {
-                        match request {
-                            Request::Status => Response::Idle(Box::new(idle())),
+                        match (request, promote) {
+                            (Request::Status, _) => Response::Idle(Box::new(idle())),
+                            (Request::Promote, Some(promote)) => {
+                                let (reply, answer) = tokio::sync::oneshot::channel();
+                                let promotion = crate::standby::follow::Promotion { reply };
+                                if promote.send(promotion).await.is_err() {
+                                    return Response::Error {
+                                        message: "this standby is shutting down".into(),
+                                    };
+                                }
+                                match answer.await {
+                                    Ok(Ok(message)) => Response::Promoted { message },
+                                    Ok(Err(message)) => Response::Error { message },
+                                    Err(_) => Response::Error {
+                                        message: "the promotion failed; see the host's log".into(),
+                                    },
+                                }
+                            }
                             _ => Response::Error {
                                 message: format!(
                                     "no service here: this host waits for one on {} (migrate \
@@ -265,8 +284,11 @@ impl ControlSocket {
                 }
             });
         }
+        // The socket goes now (a service's own takes its place); requests
+        // in flight are answered on their connections (a `promote` is
+        // answered once the service it started serves).
+        drop(self);
         tracker.close();
-        tracker.wait().await;
     }
 }
 
@@ -363,6 +385,11 @@ async fn handle(request: Request, ctx: &ControlCtx, client: RawFd) -> Response {
         };
     }
     let result = match request {
+        Request::Promote => Err(
+            "this host serves already (it is a primary): `promote` makes a standby (`serve \
+             --standby-of`) serve"
+                .into(),
+        ),
         Request::Status => status(ctx)
             .await
             .map(|s| Response::Status(Box::new(s)))

@@ -31,7 +31,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use super::journal::{self, Record, Stop};
 use super::{Base, Begin};
 use crate::service::Stamp;
+use crate::standby::{Shipped, Sink};
 
 const MAGIC: &[u8; 8] = b"WHSNAP1\n";
 
@@ -140,16 +141,16 @@ pub fn decode_snapshot(data: &[u8]) -> Result<(SnapshotHeader, Vec<u8>), String>
     Ok((header, rest[8..].to_vec()))
 }
 
-fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
+pub(crate) fn snapshot_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("snapshot-{n:020}.bin"))
 }
 
-fn journal_path(dir: &Path, n: u64) -> PathBuf {
+pub(crate) fn journal_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("journal-{n:020}.log"))
 }
 
 /// The numbers of the snapshot files in `dir`, highest first.
-fn snapshot_numbers(dir: &Path) -> Result<Vec<u64>> {
+pub(crate) fn snapshot_numbers(dir: &Path) -> Result<Vec<u64>> {
     let mut numbers: Vec<u64> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let name = entry?.file_name();
@@ -333,6 +334,11 @@ enum Cmd {
     },
     /// Go on appending to journal `n`.
     Resume { n: u64, journal: File },
+    /// Attach a standby: ship the chain on disk, then every write.
+    Follow {
+        sink: Sink,
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
     /// Append to the current journal; sync first with `sync`.
     Append {
         bytes: Vec<u8>,
@@ -343,7 +349,7 @@ enum Cmd {
 
 /// The writer thread's handle.
 pub struct Writer {
-    tx: mpsc::Sender<Cmd>,
+    tx: Arc<mpsc::Sender<Cmd>>,
     pub fsync: Fsync,
 }
 
@@ -357,6 +363,8 @@ impl Writer {
             .name("wasmhost-state".into())
             .spawn(move || write_loop(&dir, fsync, rx))
             .context("starting the state writer thread")?;
+        let tx = Arc::new(tx);
+        *CURRENT.lock().expect("writer registry lock") = Some(Arc::downgrade(&tx));
         Ok(Writer { tx, fsync })
     }
 
@@ -408,10 +416,16 @@ type SnapshotJob = (
 fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
     let mut current: Option<Current> = None;
     let mut last_sync = Instant::now();
+    let mut seq: u64 = 0;
     // Snapshots are written by a thread of their own, in order, so that a
     // large one does not hold up the journal's appends.
     let (jobs, queue) = mpsc::channel::<SnapshotJob>();
     let snapshot_dir = dir.to_path_buf();
+    // The standby attached, shared with the snapshot thread: a snapshot
+    // is shipped, and the older files removed, under its lock, so an
+    // attach reads a chain no removal cuts.
+    let replica: Arc<Mutex<Option<Sink>>> = Arc::new(Mutex::new(None));
+    let shipping = replica.clone();
     let snapshotter = std::thread::Builder::new()
         .name("wasmhost-snapshot".into())
         .spawn(move || {
@@ -423,7 +437,20 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
                     format!("writing snapshot {n} to {}: {e:#}", snapshot_dir.display())
                 });
                 match &result {
-                    Ok(()) => remove_older(&snapshot_dir, n),
+                    Ok(()) => {
+                        let mut standby = shipping.lock().expect("replica lock");
+                        remove_older(&snapshot_dir, n);
+                        if let Some(sink) = standby.as_ref() {
+                            let shipped = Shipped::Snapshot {
+                                n,
+                                component: header.component.clone(),
+                                bytes: Bytes::from(file),
+                            };
+                            if !sink.ship(shipped) {
+                                *standby = None;
+                            }
+                        }
+                    }
                     Err(why) => tracing::error!(
                         "{why}; the previous snapshot and the journals after it stay in use"
                     ),
@@ -472,6 +499,7 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
                 });
                 match started {
                     Ok(journal) => {
+                        ship(&replica, Shipped::Journal { n });
                         current = Some(Current {
                             n,
                             journal,
@@ -501,9 +529,46 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
             Some(Cmd::Append { bytes, sync, done }) => {
                 let result = match &mut current {
                     None => Err("no snapshot was written yet".to_string()),
-                    Some(c) => c.append(&bytes, sync),
+                    Some(c) => c.append(&bytes, sync).map(|()| c.n),
                 };
-                let _ = done.send(result);
+                let mut standby = replica.lock().expect("replica lock");
+                match (result, standby.as_ref()) {
+                    (Ok(n), Some(sink)) => {
+                        seq += 1;
+                        let waits = sink.waits();
+                        let (held, done) = match waits {
+                            true => (Some(done), None),
+                            false => (None, Some(done)),
+                        };
+                        let shipped = Shipped::Append {
+                            n,
+                            seq,
+                            bytes: Bytes::from(bytes),
+                            done: held,
+                        };
+                        if !sink.ship(shipped) {
+                            *standby = None;
+                        }
+                        if let Some(done) = done {
+                            let _ = done.send(Ok(()));
+                        }
+                    }
+                    (result, _) => {
+                        let _ = done.send(result.map(|_| ()));
+                    }
+                }
+            }
+            Some(Cmd::Follow { sink, reply }) => {
+                let mut standby = replica.lock().expect("replica lock");
+                let attached = chain_files(dir).map_err(|e| format!("{e:#}")).map(|files| {
+                    for (name, bytes) in files {
+                        sink.ship(Shipped::File { name, bytes });
+                    }
+                    sink.ship(Shipped::BaseEnd);
+                    seq = 0;
+                    *standby = Some(sink);
+                });
+                let _ = reply.send(attached);
             }
             None => {}
         }
@@ -518,6 +583,17 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
             c.dirty = false;
             last_sync = Instant::now();
         }
+    }
+}
+
+/// Ships `item` to the standby attached, if any; drops a standby that is
+/// gone or too far behind.
+fn ship(replica: &Mutex<Option<Sink>>, item: Shipped) {
+    let mut standby = replica.lock().expect("replica lock");
+    if let Some(sink) = standby.as_ref()
+        && !sink.ship(item)
+    {
+        *standby = None;
     }
 }
 
@@ -546,24 +622,87 @@ impl Current {
 
 /// Writes snapshot `n` atomically: a temporary file, synced, renamed, and
 /// the directory synced.
-fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<()> {
+pub(crate) fn write_snapshot(dir: &Path, n: u64, file: &[u8]) -> Result<()> {
     if let Some(why) = super::fail_at("snapshot-write") {
         bail!(why);
     }
-    let path = snapshot_path(dir, n);
+    write_atomic(&snapshot_path(dir, n), file)
+}
+
+/// Writes `path` whole or not at all: a temporary file beside it, synced,
+/// renamed over it, and the directory synced.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     {
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(file)?;
-        f.sync_all()?;
+        f.write_all(bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
     }
-    std::fs::rename(&tmp, &path)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
     File::open(dir)?.sync_all()?;
     Ok(())
 }
 
+/// The chain a restart would load from `dir` now, as whole files: the
+/// newest complete snapshot and the journals after it (for a standby that
+/// attaches; called on the writer thread, between two of its writes).
+fn chain_files(dir: &Path) -> Result<Vec<(String, Bytes)>> {
+    for n in snapshot_numbers(dir)? {
+        let path = snapshot_path(dir, n);
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if decode_snapshot(&data).is_err() {
+            continue;
+        }
+        let mut files = vec![(file_name(&path), Bytes::from(data))];
+        let mut j = n;
+        loop {
+            let jpath = journal_path(dir, j);
+            match std::fs::read(&jpath) {
+                Ok(bytes) => files.push((file_name(&jpath), Bytes::from(bytes))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && j > n => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", jpath.display())),
+            }
+            j += 1;
+        }
+        return Ok(files);
+    }
+    bail!("{} holds no complete snapshot yet", dir.display())
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The writer of the service this process serves now, for a standby that
+/// attaches (`crate::standby::primary`).
+static CURRENT: Mutex<Option<Weak<mpsc::Sender<Cmd>>>> = Mutex::new(None);
+
+/// Attaches a standby to the state-dir writer serving now: it gets the
+/// chain as it is on disk, then every later write (`crate::standby`).
+/// Replaces a standby attached before.
+pub async fn follow(sink: Sink) -> Result<(), String> {
+    let tx = CURRENT
+        .lock()
+        .expect("writer registry lock")
+        .as_ref()
+        .and_then(Weak::upgrade)
+        .ok_or("this host's service keeps no state dir now (serve --state-dir)")?;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    tx.send(Cmd::Follow { sink, reply })
+        .map_err(|_| "the state writer thread is gone".to_string())?;
+    drop(tx);
+    answer
+        .await
+        .unwrap_or_else(|_| Err("the state writer thread is gone".into()))
+}
+
 /// Creates journal `n` (empty) and makes its name durable.
-fn create_journal(dir: &Path, n: u64) -> Result<File> {
+pub(crate) fn create_journal(dir: &Path, n: u64) -> Result<File> {
     let journal = OpenOptions::new()
         .create(true)
         .write(true)
@@ -575,7 +714,7 @@ fn create_journal(dir: &Path, n: u64) -> Result<File> {
 
 /// Removes the snapshots and journals before `n` (snapshot `n` is durable;
 /// journals after it are kept).
-fn remove_older(dir: &Path, n: u64) {
+pub(crate) fn remove_older(dir: &Path, n: u64) {
     if let Ok(numbers) = snapshot_numbers(dir) {
         for old in numbers.into_iter().filter(|&m| m < n) {
             let _ = std::fs::remove_file(snapshot_path(dir, old));

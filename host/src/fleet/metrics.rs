@@ -134,6 +134,38 @@ impl Collector for Snapshot {
             "bytes written to client connections by this process",
             BYTES_OUT.load(Ordering::Relaxed),
         )?;
+        if let Some(r) = crate::standby::status() {
+            gauge(
+                &mut enc,
+                "standby_connected",
+                "1 while the replication link (primary or standby side) is up",
+                i64::from(r.connected),
+            )?;
+            gauge(
+                &mut enc,
+                "standby_sync",
+                "1 while replies wait for the standby (--sync-standby, not degraded)",
+                i64::from(r.sync),
+            )?;
+            gauge(
+                &mut enc,
+                "standby_lag_bytes",
+                "journal bytes shipped and not yet acknowledged by the standby",
+                r.lag_bytes as i64,
+            )?;
+            gauge(
+                &mut enc,
+                "standby_lag_milliseconds",
+                "primary: age of the oldest unacknowledged append; standby: time since it                  last had the primary's head (milliseconds)",
+                r.lag_ms as i64,
+            )?;
+            gauge(
+                &mut enc,
+                "epoch",
+                "this host's epoch (raised by every promotion)",
+                r.epoch as i64,
+            )?;
+        }
         let Some(s) = &self.status else {
             return Ok(());
         };

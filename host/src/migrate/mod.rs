@@ -180,6 +180,22 @@ pub enum Message {
     Data { id: u64 },
     /// Relay, either way: connection `id` has no more bytes this way.
     Eof { id: u64 },
+    /// Standby → primary: ship me this host's state dir (`crate::standby`).
+    Follow(crate::standby::Follow),
+    /// Primary → standby: followed; what follows is the stream.
+    Following {
+        epoch: u64,
+        service: String,
+        component: String,
+    },
+    /// Primary → standby: a write of the state dir (payload: its bytes).
+    Replicate(crate::standby::Rep),
+    /// Standby → primary: every append up to `seq` is written.
+    Ack { seq: u64 },
+    /// Either way: what is your epoch? (fencing, `crate::standby`)
+    EpochQuery,
+    /// The answer.
+    Epoch { epoch: u64, serving: bool },
 }
 
 /// What became of a migration, as its receiver knows it.

@@ -157,8 +157,9 @@ impl Shared {
             waiting_on: waiting_on.clone(),
             relaying: super::relay::relaying(),
             last_move: super::last_move(),
+            replication: None,
         };
-        let task = tokio::spawn(socket.serve_idle(status, stop.clone()));
+        let task = tokio::spawn(socket.serve_idle(status, None, stop.clone()));
         *idle = Some((stop, task));
         Ok(())
     }
@@ -218,7 +219,11 @@ async fn serve_link(mut link: Link, shared: &Shared) -> Result<()> {
             return Ok(());
         }
         Message::Offer(offer) => offer,
-        other => bail!("expected an offer or a query, got {other:?}"),
+        Message::Follow(follow) => {
+            return crate::standby::primary::feed(link, follow, &shared.opts).await;
+        }
+        Message::EpochQuery => return crate::standby::primary::answer_epoch(&mut link).await,
+        other => bail!("expected an offer, a query or a standby, got {other:?}"),
     };
     let refuse = |message: String| Message::Failed {
         step: "offer".into(),

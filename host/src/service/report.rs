@@ -227,6 +227,9 @@ pub struct StatusReport {
     /// connections.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
+    /// A standby follows this host (`crate::standby`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::standby::ReplicationStatus>,
 }
 
 /// One instance of `serve --instances N`, in `status`.
@@ -280,6 +283,7 @@ impl Actor {
             gradual: self.gradual_status(),
             instances: Vec::new(),
             draining: crate::fleet::health().draining(),
+            replication: crate::standby::status(),
         }
     }
 

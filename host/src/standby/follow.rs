@@ -1,0 +1,460 @@
+//! The standby's side (the left-hand column of the protocol in `super`):
+//! `serve --standby-of ADDR` connects to the primary's migration port,
+//! writes what it ships as the same files in its own state dir, and
+//! acknowledges each append; `promote` ends it.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{EPOCH, FleetFile, Follow, MAX_PAYLOAD, Peer, Rep, fail_at, set_status};
+use crate::durable::disk::{self, Fsync};
+use crate::migrate::link::{Link, TlsFiles};
+use crate::migrate::{Message, VERSION};
+
+/// The name of the component file in a standby's state dir.
+pub const COMPONENT: &str = "component.wasm";
+
+/// How long a standby waits between two attempts to reach its primary.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// `serve --standby-of`'s settings.
+#[derive(Clone, Debug)]
+pub struct FollowOptions {
+    /// The primary's migration port.
+    pub primary: SocketAddr,
+    /// The name the primary's certificate must carry.
+    pub primary_name: String,
+    pub dir: PathBuf,
+    pub tls: TlsFiles,
+    /// This host's own migration port, told to the primary for fencing.
+    pub receive: Option<Peer>,
+    /// When appends are synced (`--fsync`): `always` syncs before each
+    /// acknowledgement.
+    pub fsync: Fsync,
+}
+
+/// A `promote` request; answered once the service serves (or why not).
+pub struct Promotion {
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+/// A standby promoted: what to serve, and whom to tell.
+pub struct Promoted {
+    pub component: PathBuf,
+    pub epoch: u64,
+    pub reply: oneshot::Sender<Result<String, String>>,
+}
+
+/// Follows the primary until promoted. Link failures are retried with
+/// back-off for ever: a standby's job is to be there when it is needed.
+pub async fn follow(
+    opts: &FollowOptions,
+    promotions: &mut mpsc::Receiver<Promotion>,
+) -> Result<Promoted> {
+    let fleet = FleetFile::read(&opts.dir)?.unwrap_or_default();
+    EPOCH.store(fleet.epoch, Ordering::Release);
+    let mut retry = RETRY_MIN;
+    loop {
+        let mut session = Session::new(opts);
+        let ended = tokio::select! {
+            ended = session.run() => Some(ended),
+            promotion = promotions.recv() => match promotion {
+                Some(p) => match promote(opts, p) {
+                    Ok(promoted) => return Ok(promoted),
+                    Err(()) => None,
+                },
+                None => bail!("the control socket closed"),
+            },
+        };
+        session.settle();
+        if let Some(ended) = ended {
+            let heard = session.heard;
+            match ended {
+                Ok(()) => tracing::warn!(primary = %opts.primary, "the primary closed the link"),
+                Err(e) => tracing::warn!(primary = %opts.primary, "following: {e:#}"),
+            }
+            if heard {
+                retry = RETRY_MIN;
+            }
+            set_status(|s| {
+                s.connected = false;
+                s.sync = false;
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                promotion = promotions.recv() => match promotion {
+                    Some(p) => if let Ok(promoted) = promote(opts, p) {
+                        return Ok(promoted);
+                    },
+                    None => bail!("the control socket closed"),
+                },
+            }
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+}
+
+/// Stops following and makes this host the primary: epoch + 1 is written
+/// before anything serves. `Err` once the reply says why not (the host
+/// stays a standby).
+fn promote(opts: &FollowOptions, p: Promotion) -> Result<Promoted, ()> {
+    let refuse = |p: Promotion, why: String| {
+        tracing::error!("promote refused: {why}");
+        let _ = p.reply.send(Err(why));
+        Err(())
+    };
+    if fail_at("promote") {
+        return refuse(p, format!("test: {}=promote", super::FAIL_ENV));
+    }
+    let mut fleet = match FleetFile::read(&opts.dir) {
+        Ok(fleet) => fleet.unwrap_or_default(),
+        Err(e) => return refuse(p, format!("{e:#}")),
+    };
+    let component = opts.dir.join(COMPONENT);
+    let has_state = disk::snapshot_numbers(&opts.dir).is_ok_and(|n| !n.is_empty());
+    if fleet.component.is_none() || !component.exists() || !has_state {
+        return refuse(
+            p,
+            format!(
+                "{} holds no state from a primary yet (it never completed a first copy): \
+                 nothing to serve",
+                opts.dir.display()
+            ),
+        );
+    }
+    fleet.epoch += 1;
+    fleet.primary = None;
+    fleet.standby = None;
+    if let Err(e) = fleet.write(&opts.dir) {
+        return refuse(p, format!("cannot write the new epoch: {e:#}"));
+    }
+    EPOCH.store(fleet.epoch, Ordering::Release);
+    super::clear_status();
+    tracing::info!(
+        "promoted: epoch {}; starting the service from {} as after a crash",
+        fleet.epoch,
+        opts.dir.display()
+    );
+    Ok(Promoted {
+        component,
+        epoch: fleet.epoch,
+        reply: p.reply,
+    })
+}
+
+/// One link to the primary.
+struct Session<'a> {
+    opts: &'a FollowOptions,
+    /// Whether the primary answered `Following` (the link worked).
+    heard: bool,
+    /// The journal appends go to.
+    journal: Option<(u64, File)>,
+    dirty: bool,
+    last_sync: Instant,
+    /// The chain's files as they arrive (before `BaseEnd`).
+    base: Option<HashSet<String>>,
+    /// Start the dir afresh (the primary is of a newer epoch).
+    wipe: bool,
+    received: u64,
+    acked: u64,
+}
+
+impl<'a> Session<'a> {
+    fn new(opts: &'a FollowOptions) -> Session<'a> {
+        Session {
+            opts,
+            heard: false,
+            journal: None,
+            dirty: false,
+            last_sync: Instant::now(),
+            base: None,
+            wipe: false,
+            received: 0,
+            acked: 0,
+        }
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let opts = self.opts;
+        if fail_at("connect") {
+            bail!("test: {}=connect", super::FAIL_ENV);
+        }
+        let mut link = Link::connect(opts.primary, &opts.primary_name, &opts.tls).await?;
+        let mut fleet = FleetFile::read(&opts.dir)?.unwrap_or_default();
+        let follow = Follow {
+            version: VERSION,
+            epoch: fleet.epoch,
+            receive: opts.receive.clone(),
+            component: fleet
+                .component
+                .clone()
+                .filter(|_| opts.dir.join(COMPONENT).exists()),
+        };
+        link.send(&Message::Follow(follow), &[]).await?;
+        let (epoch, service) = match link.recv::<Message>(0).await? {
+            (
+                Message::Following {
+                    epoch,
+                    service,
+                    component: _,
+                },
+                _,
+            ) => (epoch, service),
+            (Message::Failed { message, .. }, _) => bail!("the primary refused: {message}"),
+            (other, _) => bail!("expected Following, got {other:?}"),
+        };
+        if epoch < fleet.epoch {
+            bail!(
+                "the primary at {} is at epoch {epoch} and this state dir at {}: it is a host \
+                 that was failed over, and this host does not follow it",
+                opts.primary,
+                fleet.epoch
+            );
+        }
+        self.heard = true;
+        self.wipe = epoch > fleet.epoch;
+        fleet.epoch = epoch;
+        fleet.primary = Some(opts.primary.to_string());
+        EPOCH.store(epoch, Ordering::Release);
+        set_status(|s| {
+            s.role = "standby".into();
+            s.epoch = epoch;
+            s.peer = Some(opts.primary.to_string());
+            s.connected = true;
+            s.acked_seq = 0;
+            s.shipped_seq = 0;
+        });
+        tracing::info!(primary = %opts.primary, "following `{service}` (epoch {epoch})");
+        let mut caught_up_since = Instant::now();
+        loop {
+            let (message, payload) = link.recv::<Message>(MAX_PAYLOAD).await?;
+            let Message::Replicate(rep) = message else {
+                bail!("expected a replicated write, got {message:?}");
+            };
+            match rep {
+                Rep::Component { hash } => {
+                    let got = hex::encode(Sha256::digest(&payload));
+                    if got != hash {
+                        bail!("the component's bytes hash to {got}, not {hash}");
+                    }
+                    disk::write_atomic(&opts.dir.join(COMPONENT), &payload)?;
+                    fleet.component = Some(hash);
+                    fleet.write(&opts.dir)?;
+                }
+                Rep::File { name } => {
+                    if self.base.is_none() {
+                        std::fs::create_dir_all(&opts.dir)?;
+                        if self.wipe {
+                            remove_files(&opts.dir, &HashSet::new())?;
+                        }
+                        self.base = Some(HashSet::new());
+                    }
+                    check_name(&name)?;
+                    disk::write_atomic(&opts.dir.join(&name), &payload)?;
+                    self.base.as_mut().expect("a base").insert(name);
+                    if fail_at("base") {
+                        bail!("test: {}=base", super::FAIL_ENV);
+                    }
+                }
+                Rep::BaseEnd => {
+                    let base = self.base.take().unwrap_or_default();
+                    remove_files(&opts.dir, &base)?;
+                    let last = base
+                        .iter()
+                        .filter_map(|n| number(n, "journal-", ".log"))
+                        .max()
+                        .context("the chain has no journal")?;
+                    let path = disk::journal_path(&opts.dir, last);
+                    let file = std::fs::OpenOptions::new()
+                        .append(true)
+                        .open(&path)
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    self.journal = Some((last, file));
+                    fleet.write(&opts.dir)?;
+                    self.received = 0;
+                    tracing::info!(
+                        "standby has the primary's chain ({} files); following its writes",
+                        base.len()
+                    );
+                }
+                Rep::Journal { n } => {
+                    self.sync_journal()?;
+                    self.journal = Some((n, disk::create_journal(&opts.dir, n)?));
+                }
+                Rep::Append { n, seq } => {
+                    let (at, file) = self
+                        .journal
+                        .as_mut()
+                        .context("an append before the chain")?;
+                    if *at != n {
+                        bail!("an append to journal {n} while journal {at} is open");
+                    }
+                    file.write_all(&payload)
+                        .with_context(|| format!("appending to journal {n}"))?;
+                    self.dirty = true;
+                    if opts.fsync == Fsync::Always {
+                        self.sync_journal()?;
+                    } else if opts.fsync == Fsync::Everysec
+                        && self.last_sync.elapsed() >= Duration::from_secs(1)
+                    {
+                        self.sync_journal()?;
+                    }
+                    self.received += payload.len() as u64;
+                    self.acked = seq;
+                    link.send(&Message::Ack { seq }, &[]).await?;
+                    caught_up_since = Instant::now();
+                }
+                Rep::Snapshot { n } => {
+                    disk::write_snapshot(&opts.dir, n, &payload)?;
+                    disk::remove_older(&opts.dir, n);
+                }
+                Rep::Heartbeat { seq, .. } => {
+                    if self.acked >= seq {
+                        caught_up_since = Instant::now();
+                    }
+                    let (acked, received) = (self.acked, self.received);
+                    set_status(|s| {
+                        s.shipped_seq = seq;
+                        s.acked_seq = acked;
+                        s.received_bytes = received;
+                        s.lag_ms = caught_up_since.elapsed().as_millis() as u64;
+                    });
+                }
+            }
+        }
+    }
+
+    fn sync_journal(&mut self) -> Result<()> {
+        if let Some((n, file)) = &self.journal
+            && self.dirty
+        {
+            file.sync_data()
+                .with_context(|| format!("syncing journal {n}"))?;
+        }
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Syncs what was written (the link ended or the host is promoted).
+    fn settle(&mut self) {
+        if let Err(e) = self.sync_journal() {
+            tracing::error!("{e:#}");
+        }
+    }
+}
+
+/// A file name a primary may ship: `snapshot-N.bin` or `journal-N.log`.
+fn check_name(name: &str) -> Result<()> {
+    if number(name, "snapshot-", ".bin").is_some() || number(name, "journal-", ".log").is_some() {
+        Ok(())
+    } else {
+        bail!("the primary sent a file named {name:?}, which is not a snapshot or a journal")
+    }
+}
+
+fn number(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
+}
+
+/// Removes the snapshot and journal files of `dir` not in `keep`.
+fn remove_files(dir: &Path, keep: &HashSet<String>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if check_name(&name).is_ok() && !keep.contains(&name) {
+            std::fs::remove_file(dir.join(&name))
+                .with_context(|| format!("removing {name} from {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `--promote-fifo`: reads keepalived's `notify_fifo` and promotes this
+/// standby when its VRRP instance (`instance`, or any) becomes MASTER.
+/// keepalived writes one line per change, e.g. `INSTANCE "VI_1" MASTER 100`.
+pub fn watch_fifo(path: PathBuf, instance: Option<String>, promote: mpsc::Sender<Promotion>) {
+    let spawned = std::thread::Builder::new()
+        .name("wasmhost-fifo".into())
+        .spawn(move || {
+            use std::io::BufRead;
+            loop {
+                // Blocks until keepalived opens it for writing; reopened
+                // when keepalived restarts.
+                let file = match File::open(&path) {
+                    Ok(file) => file,
+                    Err(e) => {
+                        tracing::error!("--promote-fifo {}: {e}", path.display());
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                for line in std::io::BufReader::new(file).lines() {
+                    let Ok(line) = line else { break };
+                    if !is_master(&line, instance.as_deref()) {
+                        continue;
+                    }
+                    tracing::info!("keepalived says `{line}`: promoting this standby");
+                    let (reply, answer) = oneshot::channel();
+                    if promote.blocking_send(Promotion { reply }).is_err() {
+                        return;
+                    }
+                    match answer.blocking_recv() {
+                        Ok(Ok(message)) => {
+                            tracing::info!("{message}");
+                            return;
+                        }
+                        Ok(Err(why)) => tracing::error!("promotion refused: {why}"),
+                        Err(_) => return,
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot watch --promote-fifo: {e}");
+    }
+}
+
+/// Whether a `notify_fifo` line says `instance` (or any instance) became
+/// MASTER.
+fn is_master(line: &str, instance: Option<&str>) -> bool {
+    let mut words = line.split_whitespace();
+    let (Some("INSTANCE"), Some(name), Some("MASTER")) = (words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    instance.is_none_or(|want| name.trim_matches('"') == want)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_master_line_of_the_instance_promotes() {
+        assert!(is_master(r#"INSTANCE "VI_1" MASTER 100"#, Some("VI_1")));
+        assert!(is_master(r#"INSTANCE "VI_1" MASTER 100"#, None));
+        assert!(!is_master(r#"INSTANCE "VI_2" MASTER 100"#, Some("VI_1")));
+        assert!(!is_master(r#"INSTANCE "VI_1" BACKUP 100"#, Some("VI_1")));
+        assert!(!is_master(r#"GROUP "G" MASTER 100"#, None));
+        assert!(!is_master("", None));
+    }
+
+    #[test]
+    fn only_state_files_may_be_shipped() {
+        assert!(check_name("snapshot-00000000000000000003.bin").is_ok());
+        assert!(check_name("journal-00000000000000000003.log").is_ok());
+        assert!(check_name("../etc/passwd").is_err());
+        assert!(check_name("fleet.json").is_err());
+        assert!(check_name("journal-../x.log").is_err());
+    }
+}

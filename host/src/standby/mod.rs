@@ -1,0 +1,471 @@
+//! Warm standby and failover (issue 13): a second host follows a primary's
+//! state dir over the migration link, and `wasmhost promote` makes it
+//! serve from what it received, through the same start as a crash restart.
+//!
+//! ```text
+//! primary:  serve kv.wasm --state-dir A --receive P --tls-* [--sync-standby]
+//! standby:  serve --standby-of P --state-dir B --receive Q --tls-* --listen ...
+//! failover: wasmhost promote        (or keepalived's notify FIFO: --promote-fifo)
+//! ```
+//!
+//! # What moves
+//!
+//! The primary's state-dir writer (`durable::disk`, one thread doing all
+//! the state's I/O in order) is the one place that knows every byte the
+//! service makes durable, so it is the one place that ships them: a
+//! standby attached to it gets, in the writer's own order,
+//!
+//! 1. the chain as it is on disk at that instant: the newest complete
+//!    snapshot file and every journal after it, whole ([`Shipped::File`]),
+//!    then [`Shipped::BaseEnd`];
+//! 2. every later append to a journal, with a sequence number
+//!    ([`Shipped::Append`]), every new journal ([`Shipped::Journal`]) and
+//!    every new snapshot file ([`Shipped::Snapshot`]).
+//!
+//! The standby writes them as the same files in its own state dir, so its
+//! dir is always a state dir a crash restart could start from. Promotion is
+//! that restart (`Server::start` with the dir): the newest snapshot is
+//! imported, its journal replayed with effects discarded, every connection
+//! open on the lost primary gets `on-close`, the timers are re-armed, and
+//! the service accepts on the standby's `--listen` addresses. No second
+//! way of moving a service exists: the standby is a crash restart whose
+//! disk happens to be on another machine.
+//!
+//! With `--sync-standby` the primary's writer hands the completion of an
+//! append (the signal that releases the batch's replies, `service/persist.rs`)
+//! to the link instead of completing it: the replies go out only once the
+//! standby acknowledged that append. So a reply a client saw was written on
+//! both machines, and a failover loses nothing acknowledged. If the standby
+//! does not acknowledge within `--sync-timeout-ms`, the primary warns,
+//! releases what waits and goes on asynchronously (reported in `status`
+//! and `/metrics`) until the standby has caught up, then waits again.
+//!
+//! # Epochs and fencing
+//!
+//! `DIR/fleet.json` holds the state dir's epoch and, on a primary, the
+//! standby that followed it. A primary starts at epoch 1; a standby takes
+//! its primary's epoch; `promote` writes epoch + 1 before it serves. A
+//! primary that starts on a state dir whose `fleet.json` names a standby
+//! asks that host for its epoch first (`EpochQuery` on the link): if it is
+//! higher the standby was promoted, and this host refuses to serve (it was
+//! failed over: start it as the new primary's standby). If the standby
+//! cannot be reached the start is refused too, unless `--no-fence` says the
+//! operator knows the standby is gone. A standby whose dir has a lower
+//! epoch than its primary's (it was the old primary, or followed one)
+//! starts its dir afresh from the primary's chain.
+//!
+//! # Protocol (on the migration link, `crate::migrate::link`)
+//!
+//! | phase | standby (S) | primary (P) | if S fails here | if P fails here |
+//! |---|---|---|---|---|
+//! | `connect` | connects to P's `--receive` port (mutual TLS) | accepts | S retries with back-off | S retries; its dir is untouched |
+//! | `follow` | sends `Follow { epoch, receive, component }` | refuses without `--state-dir` or a service, or if S's epoch is higher (P is the stale one) | P drops the link, serves on | S logs P's reason, retries |
+//! | `component` | writes `component.wasm` (hash checked) | sends the running component unless S has it | P drops the link | S retries; its dir is untouched |
+//! | `base` | writes each file of the chain (temporary file, fsync, rename), then removes files not in it | the writer thread reads its chain and attaches the link, between two of its own writes | P detaches, serves on | S keeps what it wrote (each file whole), retries |
+//! | `stream` | appends, creates journals, writes snapshots, acknowledges each append | forwards every write; with `--sync-standby` replies wait for S's ack | P releases the waiting replies after `--sync-timeout-ms` (async until S catches up) and serves on | S's dir holds every append it acknowledged; S retries, and `promote` serves from it |
+//! | `promote` | stops following, writes epoch + 1, starts as a crash restart from its dir | (gone, or fenced at its next start) | S stays a standby, `promote` reports why | — |
+//!
+//! Every phase fails on purpose under the test-only environment variable
+//! `WASMHOST_TEST_STANDBY_FAIL=<phase>` (on the side the row's "fails
+//! here" column names), and the tests check that the primary serves on and
+//! the standby recovers (`tests/tests/standby.rs`).
+//!
+//! # Limits
+//!
+//! * One standby per primary at a time (a second `Follow` replaces the
+//!   first, whose link is closed).
+//! * The standby does not run the service while it follows: promotion
+//!   replays the journal since the newest snapshot (bounded by the
+//!   snapshot thresholds), which is part of the failover time.
+//! * A standby that falls more than [`MAX_QUEUED`] bytes behind is dropped
+//!   and starts again from the chain.
+
+pub mod follow;
+pub mod primary;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Bytes a standby may fall behind before the primary drops it.
+pub const MAX_QUEUED: usize = 64 << 20;
+
+/// The test-only environment variable that names a phase to fail.
+pub const FAIL_ENV: &str = "WASMHOST_TEST_STANDBY_FAIL";
+
+/// Whether a test asked this process to fail at `phase`.
+pub fn fail_at(phase: &str) -> bool {
+    std::env::var(FAIL_ENV).is_ok_and(|s| s == phase)
+}
+
+/// What the state-dir writer ships to an attached standby, in its order.
+#[derive(Debug)]
+pub enum Shipped {
+    /// A whole file of the chain at the attach, by name.
+    File { name: String, bytes: Bytes },
+    /// The chain at the attach is complete.
+    BaseEnd,
+    /// Journal `n` starts, empty.
+    Journal { n: u64 },
+    /// Records appended to journal `n`. `done`: with `--sync-standby`,
+    /// the append's completion, sent once the standby acknowledged it.
+    Append {
+        n: u64,
+        seq: u64,
+        bytes: Bytes,
+        done: Option<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    },
+    /// Snapshot `n` is durable (the whole file), written by `component`.
+    Snapshot {
+        n: u64,
+        component: String,
+        bytes: Bytes,
+    },
+}
+
+impl Shipped {
+    fn len(&self) -> usize {
+        match self {
+            Shipped::File { bytes, .. }
+            | Shipped::Append { bytes, .. }
+            | Shipped::Snapshot { bytes, .. } => bytes.len(),
+            Shipped::BaseEnd | Shipped::Journal { .. } => 0,
+        }
+    }
+
+    /// Completes a held append (the standby is gone or asynchronous; the
+    /// records are on this host's disk).
+    pub fn release(self) {
+        if let Shipped::Append { done: Some(done), .. } = self {
+            let _ = done.send(Ok(()));
+        }
+    }
+}
+
+/// Standby → primary: the first message of a standby's link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Follow {
+    pub version: u32,
+    /// The standby's state dir's epoch.
+    pub epoch: u64,
+    /// The standby's own migration port (`--receive`), and the name its
+    /// certificate carries: where the primary asks for its epoch at its
+    /// next start (fencing).
+    pub receive: Option<Peer>,
+    /// The hash of the component the standby has.
+    pub component: Option<String>,
+}
+
+/// Primary → standby: one write of the state dir, in the writer's order;
+/// the payload is the bytes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "rep", rename_all = "kebab-case")]
+pub enum Rep {
+    /// The component (`DIR/component.wasm`), by its hex SHA-256.
+    Component { hash: String },
+    /// A whole file of the chain at the attach.
+    File { name: String },
+    /// The chain is complete: files not in it go.
+    BaseEnd,
+    /// Journal `n` starts, empty.
+    Journal { n: u64 },
+    /// Records for journal `n`; acknowledge `seq` once written.
+    Append { n: u64, seq: u64 },
+    /// Snapshot `n` (the whole file); older files go.
+    Snapshot { n: u64 },
+    /// The primary's newest append, and its clock (Unix ms).
+    Heartbeat { seq: u64, unix_ms: u64 },
+}
+
+/// The largest payload on a standby's link (a snapshot or a journal file).
+pub const MAX_PAYLOAD: u64 = 2 << 30;
+
+/// The writer's end of a standby's link.
+#[derive(Clone)]
+pub struct Sink {
+    tx: tokio::sync::mpsc::UnboundedSender<Shipped>,
+    /// Bytes shipped and not yet sent on the link.
+    queued: Arc<AtomicUsize>,
+    /// Whether appends wait for the standby (`--sync-standby`, and not
+    /// degraded).
+    pub sync: Arc<AtomicBool>,
+}
+
+impl Sink {
+    /// A sink and the link's end of it.
+    pub fn new(sync: bool) -> (Sink, Source) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let sink = Sink {
+            tx,
+            queued: queued.clone(),
+            sync: Arc::new(AtomicBool::new(sync)),
+        };
+        (sink, Source { rx, queued })
+    }
+
+    /// Ships `item`; `false` when the standby is gone or too far behind
+    /// (then the sink is to be dropped; a held append is completed).
+    pub fn ship(&self, item: Shipped) -> bool {
+        let len = item.len();
+        if self.queued.fetch_add(len, Ordering::AcqRel) + len > MAX_QUEUED {
+            tracing::warn!(
+                "the standby is more than {} MiB behind: dropping it (it starts again from the \
+                 newest snapshot)",
+                MAX_QUEUED >> 20
+            );
+            item.release();
+            return false;
+        }
+        match self.tx.send(item) {
+            Ok(()) => true,
+            Err(tokio::sync::mpsc::error::SendError(item)) => {
+                item.release();
+                false
+            }
+        }
+    }
+
+    /// Whether an append's completion is to wait for the standby.
+    pub fn waits(&self) -> bool {
+        self.sync.load(Ordering::Acquire)
+    }
+}
+
+/// The link's end: what the writer shipped.
+pub struct Source {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Shipped>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Source {
+    pub async fn next(&mut self) -> Option<Shipped> {
+        let item = self.rx.recv().await?;
+        self.queued.fetch_sub(item.len(), Ordering::AcqRel);
+        Some(item)
+    }
+
+    /// Stops shipping and completes every held append.
+    pub fn close(&mut self) {
+        self.rx.close();
+        while let Ok(item) = self.rx.try_recv() {
+            item.release();
+        }
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// `DIR/fleet.json`: the state dir's place in a primary/standby pair.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FleetFile {
+    /// Raised by every promotion.
+    pub epoch: u64,
+    /// On a primary: the standby that followed it (its `--receive`
+    /// address, and the name its certificate carries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<Peer>,
+    /// On a standby: the primary it follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// On a standby: the hash of `component.wasm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub component: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub name: String,
+}
+
+impl FleetFile {
+    fn path(dir: &Path) -> PathBuf {
+        dir.join("fleet.json")
+    }
+
+    /// Reads `DIR/fleet.json`; `None` when there is none.
+    pub fn read(dir: &Path) -> Result<Option<FleetFile>> {
+        let path = Self::path(dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .with_context(|| format!("{} is not valid: move it aside", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes it atomically (temporary file, fsync, rename, directory fsync).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bytes = serde_json::to_vec_pretty(self).expect("fleet.json serialises");
+        crate::durable::disk::write_atomic(&Self::path(dir), &bytes)
+    }
+}
+
+/// This process's epoch (from its state dir's `fleet.json`), answered to
+/// `EpochQuery` on the migration port; 0 when it has none.
+pub static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+/// Whether this process serves (answered with the epoch).
+pub fn serving() -> bool {
+    crate::fleet::health().service().is_some()
+}
+
+/// Replication as `status` and `/metrics` show it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// `primary` or `standby`.
+    pub role: String,
+    pub epoch: u64,
+    /// The other host (the standby's link peer, or the primary).
+    pub peer: Option<String>,
+    /// Whether the link is up now.
+    pub connected: bool,
+    /// Whether appends wait for the standby now (`--sync-standby` and not
+    /// degraded).
+    pub sync: bool,
+    /// Appends shipped and acknowledged (primary), or received (standby).
+    pub acked_seq: u64,
+    pub shipped_seq: u64,
+    /// Bytes not yet acknowledged by the standby.
+    pub lag_bytes: u64,
+    /// How long the oldest unacknowledged append has waited (primary), or
+    /// since the standby last heard the primary's head (standby), in ms.
+    pub lag_ms: u64,
+    /// Bytes of journal received (standby).
+    pub received_bytes: u64,
+}
+
+static STATUS: std::sync::Mutex<Option<ReplicationStatus>> = std::sync::Mutex::new(None);
+
+/// The replication status now, if this host is part of a pair.
+pub fn status() -> Option<ReplicationStatus> {
+    STATUS.lock().expect("replication status lock").clone()
+}
+
+fn set_status(update: impl FnOnce(&mut ReplicationStatus)) {
+    let mut status = STATUS.lock().expect("replication status lock");
+    update(status.get_or_insert_with(ReplicationStatus::default));
+}
+
+/// Forgets the status (the link ended).
+fn clear_status() {
+    *STATUS.lock().expect("replication status lock") = None;
+}
+
+/// A primary's replication settings (`serve --sync-standby`,
+/// `--sync-timeout-ms`).
+#[derive(Clone, Debug)]
+pub struct Replication {
+    /// Replies wait for the standby's acknowledgement.
+    pub sync: bool,
+    /// How long they wait before the primary goes on without it.
+    pub sync_timeout: std::time::Duration,
+}
+
+impl Default for Replication {
+    fn default() -> Replication {
+        Replication {
+            sync: false,
+            sync_timeout: std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+/// How long a starting primary waits for its standby's epoch.
+const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Fencing, before a service starts on state dir `dir` (not for a
+/// standby): reads the dir's epoch (1 for a new dir) and, if a standby
+/// followed this dir, asks it whether it was promoted since. Refuses to
+/// start (with what to do) if it was, if it cannot be asked (unless
+/// `no_fence`), or if `dir` is a standby's copy that was never promoted.
+pub async fn fence(
+    dir: &Path,
+    tls: Option<&crate::migrate::TlsFiles>,
+    no_fence: bool,
+) -> Result<()> {
+    let mut fleet = FleetFile::read(dir)?.unwrap_or_default();
+    if let Some(primary) = &fleet.primary
+        && !no_fence
+    {
+        anyhow::bail!(
+            "{} is a standby's copy of the primary at {primary}, never promoted: serving from it \
+             beside that primary would split the service in two. Run it as a standby (`serve \
+             --standby-of {primary}`) and `wasmhost promote` it, or start with --no-fence if \
+             that primary is gone for good",
+            dir.display()
+        );
+    }
+    if fleet.epoch == 0 || fleet.primary.is_some() {
+        fleet.epoch = fleet.epoch.max(1);
+        fleet.primary = None;
+        fleet.write(dir)?;
+    }
+    EPOCH.store(fleet.epoch, Ordering::Release);
+    let Some(standby) = fleet.standby.clone() else {
+        return Ok(());
+    };
+    let asked = match tls {
+        Some(tls) => tokio::time::timeout(FENCE_TIMEOUT, ask_epoch(&standby, tls))
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {FENCE_TIMEOUT:?}"))),
+        None => Err(anyhow::anyhow!(
+            "this host has no certificates for the link (--tls-cert, --tls-key, --tls-ca)"
+        )),
+    };
+    match asked {
+        Ok(epoch) if epoch > fleet.epoch => anyhow::bail!(
+            "fenced: the standby at {} was promoted (epoch {epoch}, this state dir {}), so this \
+             host was failed over and must not serve. Start it as that host's standby (`serve \
+             --standby-of {} --state-dir ...`; its state dir is replaced by a copy of the new \
+             primary's)",
+            standby.addr,
+            fleet.epoch,
+            standby.addr
+        ),
+        Ok(_) => {
+            tracing::info!(
+                "fencing: the standby at {} was not promoted; serving at epoch {}",
+                standby.addr,
+                fleet.epoch
+            );
+            Ok(())
+        }
+        Err(e) if no_fence => {
+            tracing::warn!(
+                "--no-fence: not checking the standby at {} ({e:#}); forgetting it",
+                standby.addr
+            );
+            fleet.standby = None;
+            fleet.write(dir)
+        }
+        Err(e) => anyhow::bail!(
+            "cannot ask the standby at {} whether it was promoted ({e:#}); serving without \
+             knowing could split the service in two. Start it, or start this host with \
+             --no-fence if that standby is gone for good",
+            standby.addr
+        ),
+    }
+}
+
+/// Asks the host at `peer` for its epoch on the link.
+async fn ask_epoch(peer: &Peer, tls: &crate::migrate::TlsFiles) -> Result<u64> {
+    use crate::migrate::Message;
+    let mut link = crate::migrate::link::Link::connect(peer.addr, &peer.name, tls).await?;
+    link.send(&Message::EpochQuery, &[]).await?;
+    match link.recv::<Message>(0).await? {
+        (Message::Epoch { epoch, .. }, _) => Ok(epoch),
+        (other, _) => anyhow::bail!("expected its epoch, got {other:?}"),
+    }
+}
