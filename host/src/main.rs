@@ -175,20 +175,21 @@ async fn serve(
         }
         None => None,
     };
+    let state_dir = opts.durable.state_dir.clone();
     let mut server = match (handoff, &mut port) {
         (Some(Handoff::Spawned(fd)), _) => upgrade::receive(opts, launch.clone(), fd).await?,
         (Some(Handoff::Execed(fd)), _) => upgrade::receive_exec(opts, launch.clone(), fd).await?,
-        (None, Some(port)) if opts.guest.is_none() => {
-            systemd::ready(false);
-            match wait_for_service(port, &launch, &mut signals).await? {
-                Some(server) => server,
-                None => return Ok(()),
-            }
-        }
         (None, port) if standby.is_some() => {
             let standby = standby.expect("the guard says it is there");
             let port = port.as_ref().map(|p| p.local_addr());
             match run_standby(standby, &opts, &launch, port, &mut signals, activated).await? {
+                Some(server) => server,
+                None => return Ok(()),
+            }
+        }
+        (None, Some(port)) if opts.guest.is_none() => {
+            systemd::ready(false);
+            match wait_for_service(port, &launch, &mut signals).await? {
                 Some(server) => server,
                 None => return Ok(()),
             }
@@ -200,6 +201,10 @@ async fn serve(
             Server::start(opts.clone(), launch.clone(), activated).await?
         }
     };
+    if took_over && let Some(dir) = &state_dir {
+        // The process before this one fenced; its epoch goes on.
+        wasmhost::standby::adopt_epoch(dir)?;
+    }
     systemd::ready(took_over);
     loop {
         // Ready from here (a new service accepts: a drain ended with the
@@ -269,8 +274,15 @@ async fn run_standby(
     activated: Vec<(String, OwnedFd)>,
 ) -> Result<Option<Server>> {
     use wasmhost::standby::{self, follow};
-    let dir = opts.durable.state_dir.clone().context("--standby-of needs --state-dir")?;
-    let tls = opts.tls.clone().context("--standby-of needs --tls-cert, --tls-key and --tls-ca")?;
+    let dir = opts
+        .durable
+        .state_dir
+        .clone()
+        .context("--standby-of needs --state-dir")?;
+    let tls = opts
+        .tls
+        .clone()
+        .context("--standby-of needs --tls-cert, --tls-key and --tls-ca")?;
     let follow_opts = follow::FollowOptions {
         primary: s.primary,
         primary_name: s.primary_name.unwrap_or_else(|| s.primary.ip().to_string()),

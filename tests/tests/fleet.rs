@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmhost_tests::fleet::{
-    Client, Haproxy, agent_line, free_ports, http_get, missing, scrape,
-};
+use wasmhost_tests::fleet::{Client, Haproxy, agent_line, free_ports, http_get, missing, scrape};
 use wasmhost_tests::{Served, guest};
 
 const ADMIN: &str = "admin endpoints on http://";

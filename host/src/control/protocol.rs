@@ -155,7 +155,9 @@ pub enum Response {
     /// what it waits on, and where its last service went.
     Idle(Box<IdleStatus>),
     /// A standby was promoted and serves.
-    Promoted { message: String },
+    Promoted {
+        message: String,
+    },
 }
 
 /// The answer to `drain`.

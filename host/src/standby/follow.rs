@@ -155,7 +155,7 @@ fn promote(opts: &FollowOptions, p: Promotion) -> Result<Promoted, ()> {
 /// One link to the primary.
 struct Session<'a> {
     opts: &'a FollowOptions,
-    /// Whether the primary answered `Following` (the link worked).
+    /// Whether the chain arrived whole (the link worked).
     heard: bool,
     /// The journal appends go to.
     journal: Option<(u64, File)>,
@@ -189,6 +189,8 @@ impl<'a> Session<'a> {
         if fail_at("connect") {
             bail!("test: {}=connect", super::FAIL_ENV);
         }
+        std::fs::create_dir_all(&opts.dir)
+            .with_context(|| format!("creating {}", opts.dir.display()))?;
         let mut link = Link::connect(opts.primary, &opts.primary_name, &opts.tls).await?;
         let mut fleet = FleetFile::read(&opts.dir)?.unwrap_or_default();
         let follow = Follow {
@@ -221,7 +223,6 @@ impl<'a> Session<'a> {
                 fleet.epoch
             );
         }
-        self.heard = true;
         self.wipe = epoch > fleet.epoch;
         fleet.epoch = epoch;
         fleet.primary = Some(opts.primary.to_string());
@@ -281,6 +282,7 @@ impl<'a> Session<'a> {
                         .with_context(|| format!("opening {}", path.display()))?;
                     self.journal = Some((last, file));
                     fleet.write(&opts.dir)?;
+                    self.heard = true;
                     self.received = 0;
                     tracing::info!(
                         "standby has the primary's chain ({} files); following its writes",
@@ -364,7 +366,10 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 fn number(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?.strip_suffix(suffix)?.parse().ok()
+    name.strip_prefix(prefix)?
+        .strip_suffix(suffix)?
+        .parse()
+        .ok()
 }
 
 /// Removes the snapshot and journal files of `dir` not in `keep`.

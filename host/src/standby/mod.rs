@@ -140,7 +140,10 @@ impl Shipped {
     /// Completes a held append (the standby is gone or asynchronous; the
     /// records are on this host's disk).
     pub fn release(self) {
-        if let Shipped::Append { done: Some(done), .. } = self {
+        if let Shipped::Append {
+            done: Some(done), ..
+        } = self
+        {
             let _ = done.send(Ok(()));
         }
     }
@@ -457,6 +460,14 @@ pub async fn fence(
             standby.addr
         ),
     }
+}
+
+/// Takes the epoch of state dir `dir` (a host upgrade's new process: the
+/// old one fenced already).
+pub fn adopt_epoch(dir: &Path) -> Result<()> {
+    let fleet = FleetFile::read(dir)?.unwrap_or_default();
+    EPOCH.store(fleet.epoch, Ordering::Release);
+    Ok(())
 }
 
 /// Asks the host at `peer` for its epoch on the link.

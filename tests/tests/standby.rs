@@ -1,0 +1,559 @@
+//! Warm standby and failover (`serve --standby-of`, `--sync-standby`,
+//! `wasmhost promote`, fencing): a primary killed with SIGKILL behind a real
+//! HAProxy, the standby promoted, and every acknowledged write read back;
+//! and each phase of the replication protocol failed on purpose.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmhost::migrate::TlsFiles;
+use wasmhost::migrate::link::testing::Ca;
+use wasmhost_tests::fleet::{Client, Haproxy, agent_line, free_ports, missing};
+use wasmhost_tests::{Served, guest, test_cache_dir, wasmhost_bin};
+
+const RECEIVING: &str = "receiving services on ";
+
+/// Certificates for the hosts of a test (all on 127.0.0.1).
+struct Pki {
+    dir: tempfile::TempDir,
+    tls: TlsFiles,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("wasmhost standby test CA");
+        let tls = ca.host(dir.path(), "host", &["127.0.0.1"]);
+        Pki { dir, tls }
+    }
+
+    fn args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.tls.cert.display().to_string(),
+            "--tls-key".into(),
+            self.tls.key.display().to_string(),
+            "--tls-ca".into(),
+            self.tls.ca.display().to_string(),
+        ]
+    }
+
+    /// A state dir for a host.
+    fn state_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// `serve kv --state-dir DIR --receive 127.0.0.1:0 ...`: a primary.
+fn primary(pki: &Pki, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> (Served, SocketAddr) {
+    let mut all: Vec<String> = vec![
+        "--state-dir".into(),
+        dir.display().to_string(),
+        "--receive".into(),
+        "127.0.0.1:0".into(),
+    ];
+    all.extend(pki.args());
+    all.extend(args.iter().map(|a| a.to_string()));
+    if !args.contains(&"--listen") {
+        all.extend(["--listen".into(), "127.0.0.1:0".into()]);
+    }
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut served = Served::start_with(&guest("kv"), &all, 1, |bin| {
+        let mut command = Command::new(bin);
+        command.envs(envs.iter().copied());
+        command
+    });
+    let port = served.printed_addr(RECEIVING);
+    (served, port)
+}
+
+/// `serve --standby-of PRIMARY --state-dir DIR --receive 127.0.0.1:0 ...`.
+fn standby(pki: &Pki, of: SocketAddr, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Served {
+    let control_dir = tempfile::tempdir().unwrap();
+    let control = control_dir.path().join("control.sock");
+    let mut c = Command::new(wasmhost_bin());
+    c.arg("serve")
+        .arg("--standby-of")
+        .arg(of.to_string())
+        .arg("--state-dir")
+        .arg(dir)
+        .args(["--receive", "127.0.0.1:0"])
+        .args(pki.args())
+        .args(args)
+        .arg("--control")
+        .arg(&control)
+        .arg("--cache-dir")
+        .arg(test_cache_dir())
+        .envs(envs.iter().copied());
+    Served::spawn(c, control, control_dir, |text| text.contains("standby of "))
+}
+
+/// Waits until the standby's `status` satisfies `pred` (its replication
+/// section as JSON); panics with the status and the logs after `limit`.
+fn wait_status(
+    standby: &Served,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = standby.command("status", &["--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        if pred(&status["replication"]) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: status says {}\n{}\n---\n{}",
+            out.stdout,
+            out.stderr,
+            standby.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the standby has its primary's chain and is following.
+fn wait_following(standby: &mut Served) {
+    standby.wait_for_output(
+        |t| t.contains("standby has the primary's chain"),
+        Duration::from_secs(30),
+    );
+    wait_status(standby, Duration::from_secs(10), "following", |r| {
+        r["connected"] == true && r["role"] == "standby"
+    });
+}
+
+fn set_get(addr: SocketAddr, key: &str, value: &str) {
+    let mut c = Client::connect(addr).expect("connect to kv");
+    assert_eq!(c.call(&["SET", key, value]).unwrap(), "+OK");
+    assert_eq!(c.call(&["GET", key]).unwrap(), value);
+}
+
+/// Writers that SET distinct keys through `front` until stopped,
+/// reconnecting after any error; they keep every key whose `+OK` arrived.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeMap<String, String>>>,
+    /// When each writer last had a reply.
+    last_reply: Arc<Mutex<Vec<Instant>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(front: SocketAddr, count: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeMap::new()));
+        let last_reply = Arc::new(Mutex::new(vec![Instant::now(); count]));
+        let threads = (0..count)
+            .map(|t| {
+                let (stop, acked, last_reply) = (stop.clone(), acked.clone(), last_reply.clone());
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        let Ok(mut c) = Client::connect(front) else {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        };
+                        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                            n += 1;
+                            let (key, value) = (format!("w{t}-{n}"), format!("v{n}"));
+                            match c.call(&["SET", &key, &value]) {
+                                Ok(reply) if reply == "+OK" => {
+                                    acked.lock().unwrap().insert(key, value);
+                                    last_reply.lock().unwrap()[t] = Instant::now();
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acked,
+            last_reply,
+            threads,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// The first reply any writer had after `t`, if one did.
+    fn replied_after(&self, t: Instant) -> Option<Instant> {
+        self.last_reply
+            .lock()
+            .unwrap()
+            .iter()
+            .copied()
+            .filter(|&r| r > t)
+            .min()
+    }
+
+    fn finish(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+#[test]
+fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowledged_write() {
+    if let Some(why) = missing("haproxy") {
+        eprintln!("SKIPPED sync_standby_takes_over_a_killed_primary: {why}");
+        return;
+    }
+    let pki = Pki::new();
+    let ports = free_ports(7);
+    let addr = |i: usize| format!("127.0.0.1:{}", ports[i]);
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let hosts: Vec<String> = (0..4).map(addr).collect();
+    // Small snapshot thresholds: snapshots are shipped during the run.
+    let a_args = [
+        "--snapshot-events",
+        "300",
+        "--listen",
+        &hosts[0],
+        "--agent-check",
+        &hosts[1],
+        "--sync-standby",
+    ];
+    let (a, a_port) = primary(&pki, &dir_a, &a_args, &[]);
+    let b_args = [
+        "--snapshot-events",
+        "300",
+        "--listen",
+        &hosts[2],
+        "--agent-check",
+        &hosts[3],
+    ];
+    let mut b = standby(&pki, a_port, &dir_b, &b_args, &[]);
+    wait_following(&mut b);
+    let b_agent: SocketAddr = addr(3).parse().unwrap();
+    assert_eq!(agent_line(b_agent).trim(), "maint", "a standby is out of rotation");
+    let status = a.command("status", &[]).stdout;
+    assert!(
+        status.contains("synchronous"),
+        "the primary waits for its standby: {status}"
+    );
+
+    // HAProxy's example configuration: host0 the primary, host1 the
+    // standby, host2 nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let envs = vec![
+        ("FRONT", addr(4)),
+        ("INTER", "100ms".to_string()),
+        ("HOST0", addr(0)),
+        ("AGENT0", ports[1].to_string()),
+        ("HOST1", addr(2)),
+        ("AGENT1", ports[3].to_string()),
+        ("HOST2", addr(5)),
+        ("AGENT2", ports[6].to_string()),
+    ];
+    let config = wasmhost_tests::workspace_root().join("host/fleet/haproxy.cfg");
+    let haproxy = Haproxy::run(dir.path(), &config, &envs, Command::new("haproxy"));
+    haproxy.wait_server("kv", "host0", Duration::from_secs(20), |s, w| {
+        s == "UP" && w > 0
+    });
+    let front: SocketAddr = addr(4).parse().unwrap();
+    let writers = Writers::start(front, 4);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writers.acked() < 1500 {
+        assert!(Instant::now() < deadline, "the writers got too few replies");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The primary's machine is lost.
+    a.signal(nix::sys::signal::Signal::SIGKILL);
+    let killed = Instant::now();
+    let acked_at_kill = writers.acked();
+    let promoted = b.command("promote", &[]);
+    assert!(
+        promoted.status.success(),
+        "promote: {}\n{}",
+        promoted.stderr,
+        b.stderr()
+    );
+    let promote_took = killed.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        if let Some(first) = writers.replied_after(killed + promote_took) {
+            break first;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reply through HAProxy after the promotion: {:?}\n{}",
+            haproxy.servers("kv"),
+            b.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let acked = writers.finish();
+    eprintln!(
+        "failover: SIGKILL to promoted in {promote_took:?}, to the first reply through HAProxy \
+         in {:?}; {acked_at_kill} writes acknowledged before the kill, {} in all",
+        first - killed,
+        acked.len()
+    );
+    assert!(
+        b.stderr().contains("connections were open at the crash"),
+        "the standby started as a crash restart:\n{}",
+        b.stderr()
+    );
+    // Every acknowledged write is there, read through HAProxy.
+    let mut c = Client::connect(front).unwrap();
+    let mut lost = Vec::new();
+    for (key, value) in &acked {
+        let got = c.call(&["GET", key]).unwrap();
+        if &got != value {
+            lost.push(format!("{key}={value} reads {got}"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        lost.len(),
+        acked.len(),
+        &lost[..lost.len().min(10)]
+    );
+
+    // The old primary comes back: it asks the promoted standby and
+    // refuses to serve.
+    let mut c = Command::new(wasmhost_bin());
+    c.arg("serve")
+        .arg(guest("kv"))
+        .args(&a_args)
+        .arg("--state-dir")
+        .arg(&dir_a)
+        .args(pki.args())
+        .arg("--no-control")
+        .arg("--cache-dir")
+        .arg(test_cache_dir());
+    let back = wasmhost_tests::run_command_for(&mut c, Duration::from_secs(30));
+    assert!(
+        !back.status.success(),
+        "the old primary served:\n{}",
+        back.stderr
+    );
+    assert!(
+        back.stderr.contains("fenced"),
+        "it says why: {}",
+        back.stderr
+    );
+    assert!(
+        std::net::TcpStream::connect(addr(0)).is_err(),
+        "the old primary does not listen"
+    );
+
+    // It follows the new primary instead: its dir, of the old epoch, is
+    // replaced by a copy of the new primary's.
+    let b_port = b.printed_addr(RECEIVING);
+    let mut a2 = standby(&pki, b_port, &dir_a, &[], &[]);
+    wait_following(&mut a2);
+    wait_status(&a2, Duration::from_secs(5), "epoch 2", |r| r["epoch"] == 2);
+    drop(haproxy);
+}
+
+#[test]
+fn an_async_standby_promoted_serves_the_state_and_a_swap_is_followed() {
+    let pki = Pki::new();
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let (a, a_port) = primary(&pki, &dir_a, &["--agent-check", "127.0.0.1:0"], &[]);
+    let mut b = standby(&pki, a_port, &dir_b, &["--listen", "127.0.0.1:0"], &[]);
+    wait_following(&mut b);
+    set_get(a.addr(), "before", "1");
+    // A swap starts a new chain, written by another component: the
+    // standby gets that component.
+    a.swap_to("kv-v2");
+    set_get(a.addr(), "after", "2");
+    wait_status(&b, Duration::from_secs(10), "caught up", |r| {
+        r["acked_seq"].as_u64() >= Some(1) && r["acked_seq"] == r["shipped_seq"]
+    });
+    let a_status = a.command("status", &[]).stdout;
+    assert!(a_status.contains("asynchronous"), "{a_status}");
+    let kv_v2 = std::fs::read(guest("kv-v2")).unwrap();
+    assert_eq!(
+        std::fs::read(dir_b.join("component.wasm")).unwrap(),
+        kv_v2,
+        "the standby has the running component"
+    );
+    drop(a);
+    let promoted = b.command("promote", &[]);
+    assert!(
+        promoted.status.success(),
+        "{}\n{}",
+        promoted.stderr,
+        b.stderr()
+    );
+    assert!(promoted.stdout.contains("epoch 2"), "{}", promoted.stdout);
+    let listen = promoted.stdout.rsplit(' ').next().unwrap().trim();
+    let addr: SocketAddr = listen.parse().expect("the promoted host's address");
+    let mut c = Client::connect(addr).unwrap();
+    assert_eq!(c.call(&["GET", "before"]).unwrap(), "1");
+    assert_eq!(c.call(&["GET", "after"]).unwrap(), "2");
+    let status = b.command("status", &[]).stdout;
+    assert!(
+        status.contains(&kv_v2_hash_prefix()),
+        "serves kv-v2: {status}"
+    );
+}
+
+fn kv_v2_hash_prefix() -> String {
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(guest("kv-v2")).unwrap()));
+    hash[..12].to_string()
+}
+
+/// Each phase of the protocol failed on purpose: the primary serves on,
+/// and the standby recovers once the fault is gone.
+#[test]
+fn every_phase_of_following_fails_safely() {
+    let pki = Pki::new();
+    for phase in [
+        "connect",
+        "follow",
+        "component",
+        "base",
+        "stream",
+        "promote",
+    ] {
+        let primary_side = matches!(phase, "follow" | "component" | "stream");
+        let env = [("WASMHOST_TEST_STANDBY_FAIL", phase)];
+        let (p_env, s_env): (&[(&str, &str)], &[(&str, &str)]) = match primary_side {
+            true => (&env, &[]),
+            false => (&[], &env),
+        };
+        let (dir_a, dir_b) = (
+            pki.state_dir(&format!("{phase}-a")),
+            pki.state_dir(&format!("{phase}-b")),
+        );
+        let sync: &[&str] = match phase {
+            "stream" => &["--sync-standby", "--sync-timeout-ms", "200"],
+            _ => &[],
+        };
+        let (a, a_port) = primary(&pki, &dir_a, sync, p_env);
+        set_get(a.addr(), "k", "1");
+        let mut b = standby(&pki, a_port, &dir_b, &["--listen", "127.0.0.1:0"], s_env);
+        let failed = format!("STANDBY_FAIL={phase}");
+        match phase {
+            "promote" => {
+                wait_following(&mut b);
+                let out = b.command("promote", &[]);
+                assert!(!out.status.success(), "promote failed on purpose");
+                assert!(
+                    out.stderr.contains("STANDBY_FAIL=promote"),
+                    "{}",
+                    out.stderr
+                );
+                // Still a standby, following.
+                wait_status(&b, Duration::from_secs(10), "following after", |r| {
+                    r["connected"] == true
+                });
+            }
+            "stream" => {
+                // It fails at the second append after each attach.
+                wait_following(&mut b);
+                set_get(a.addr(), "s1", "1");
+                set_get(a.addr(), "s2", "2");
+                b.wait_for_output(|t| t.contains("closed"), Duration::from_secs(20));
+            }
+            // The primary closes the link after `Following`.
+            "component" => b.wait_for_output(|t| t.contains("closed"), Duration::from_secs(20)),
+            _ => b.wait_for_output(|t| t.contains(&failed), Duration::from_secs(20)),
+        }
+        // The primary serves on, its replies not held back.
+        let began = Instant::now();
+        set_get(a.addr(), &format!("{phase}-after"), "2");
+        assert!(
+            began.elapsed() < Duration::from_secs(5),
+            "{phase}: the primary's replies were held back"
+        );
+        // With the fault gone the standby catches up and can serve.
+        if !primary_side {
+            drop(b);
+            let mut b = standby(&pki, a_port, &dir_b, &["--listen", "127.0.0.1:0"], &[]);
+            wait_following(&mut b);
+            set_get(a.addr(), "last", "3");
+            wait_status(&b, Duration::from_secs(10), "caught up", |r| {
+                r["acked_seq"].as_u64() >= Some(1) && r["acked_seq"] == r["shipped_seq"]
+            });
+            drop(a);
+            let out = b.command("promote", &[]);
+            assert!(
+                out.status.success(),
+                "{phase}: {}\n{}",
+                out.stderr,
+                b.stderr()
+            );
+            let addr: SocketAddr = out
+                .stdout
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let mut c = Client::connect(addr).unwrap();
+            assert_eq!(c.call(&["GET", "k"]).unwrap(), "1", "{phase}");
+            assert_eq!(c.call(&["GET", "last"]).unwrap(), "3", "{phase}");
+        }
+    }
+}
+
+#[test]
+fn a_standby_copy_never_promoted_and_an_unreachable_standby_refuse_to_serve() {
+    let pki = Pki::new();
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let (a, a_port) = primary(&pki, &dir_a, &[], &[]);
+    set_get(a.addr(), "k", "1");
+    let mut b = standby(&pki, a_port, &dir_b, &[], &[]);
+    wait_following(&mut b);
+    drop(b);
+    drop(a);
+    let serve = |dir: &Path, extra: &[&str]| {
+        let mut c = Command::new(wasmhost_bin());
+        c.arg("serve")
+            .arg(guest("kv"))
+            .args(["--listen", "127.0.0.1:0", "--no-control", "--state-dir"])
+            .arg(dir)
+            .args(pki.args())
+            .args(extra)
+            .arg("--cache-dir")
+            .arg(test_cache_dir());
+        c
+    };
+    // The standby's copy, started as a primary.
+    let out = wasmhost_tests::run_command_for(&mut serve(&dir_b, &[]), Duration::from_secs(30));
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("standby's copy"), "{}", out.stderr);
+    // The primary, whose standby is gone: it cannot ask.
+    let out = wasmhost_tests::run_command_for(&mut serve(&dir_a, &[]), Duration::from_secs(30));
+    assert!(!out.status.success());
+    assert!(out.stderr.contains("--no-fence"), "{}", out.stderr);
+    // Told that the standby is gone for good, it serves its state.
+    let mut c = serve(&dir_a, &["--no-fence"]);
+    let served = Served::spawn(
+        {
+            c.env("WASMHOST_LOG", "info");
+            c
+        },
+        PathBuf::new(),
+        tempfile::tempdir().unwrap(),
+        |t| t.contains("listening on "),
+    );
+    let mut client = Client::connect(served.addr()).unwrap();
+    assert_eq!(client.call(&["GET", "k"]).unwrap(), "1");
+}
