@@ -22,7 +22,7 @@ struct Args {
     /// Shorter runs and smaller sizes (a smoke test of the harness).
     #[arg(long)]
     quick: bool,
-    /// Run only these benchmarks (comma-separated): kv, echo, swap, chat, durable, upgrade,
+    /// Run only these benchmarks (comma-separated): kv, echo, swap, chat, durable, upgrade, standby,
     /// migrate, memory, startup.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,

@@ -633,14 +633,16 @@ pub struct ServeArgs {
     /// Be a warm standby of the primary whose `serve --receive` port is
     /// ADDR: copy its snapshots and journal into --state-dir as it writes
     /// them (over the mutually authenticated link, --tls-*), and serve
-    /// only once promoted (`wasmhost promote`, or --promote-fifo). Until
+    /// only once promoted (`wasmhost promote`, or --promote-fifo). It
+    /// needs --receive: the primary records that address, and asks this
+    /// host there whether it was promoted before it serves again. Until
     /// then it does not listen on --listen; its agent check says `maint`
     /// and `/readyz` 503; `status` shows its lag.
     #[arg(
         long,
         value_name = "ADDR",
         conflicts_with = "guest",
-        requires_all = ["state_dir", "tls_cert", "tls_key", "tls_ca"]
+        requires_all = ["state_dir", "receive", "tls_cert", "tls_key", "tls_ca"]
     )]
     pub standby_of: Option<std::net::SocketAddr>,
 

@@ -163,6 +163,10 @@ async fn serve(
     let mut signals = Signals::install()?;
     let launch = Launch::current()?;
     let took_over = handoff.is_some();
+    if let Some(dir) = &opts.durable.state_dir {
+        // Before the migration port answers anyone's `EpochQuery`.
+        wasmhost::standby::adopt_epoch(dir)?;
+    }
     let mut port = match receive {
         Some(addr) => {
             let tls = opts
@@ -175,7 +179,6 @@ async fn serve(
         }
         None => None,
     };
-    let state_dir = opts.durable.state_dir.clone();
     let mut server = match (handoff, &mut port) {
         (Some(Handoff::Spawned(fd)), _) => upgrade::receive(opts, launch.clone(), fd).await?,
         (Some(Handoff::Execed(fd)), _) => upgrade::receive_exec(opts, launch.clone(), fd).await?,
@@ -201,10 +204,6 @@ async fn serve(
             Server::start(opts.clone(), launch.clone(), activated).await?
         }
     };
-    if took_over && let Some(dir) = &state_dir {
-        // The process before this one fenced; its epoch goes on.
-        wasmhost::standby::adopt_epoch(dir)?;
-    }
     systemd::ready(took_over);
     loop {
         // Ready from here (a new service accepts: a drain ended with the
@@ -335,7 +334,7 @@ async fn run_standby(
     }
     let promoted = promoted?;
     let mut opts = opts.clone();
-    opts.guest = Some(promoted.component);
+    opts.guest = Some(promoted.component.clone());
     match Server::start(opts, launch.clone(), activated).await {
         Ok(server) => {
             let addrs: Vec<String> = server
@@ -354,8 +353,12 @@ async fn run_standby(
         }
         Err(e) => {
             let _ = promoted.reply.send(Err(format!(
-                "promoted (epoch {}), but the service did not start: {e:#}",
-                promoted.epoch
+                "promoted (epoch {}), but the service did not start: {e:#}. The state dir is \
+                 this host's now: fix the cause and start it as a primary (`wasmhost serve {} \
+                 --state-dir {} ...`)",
+                promoted.epoch,
+                promoted.component.display(),
+                dir.display()
             )));
             Err(e)
         }

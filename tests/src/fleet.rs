@@ -178,6 +178,19 @@ impl Haproxy {
         haproxy
     }
 
+    /// Runs the example configuration `host/fleet/haproxy.cfg` as it is:
+    /// clients on `front`, servers host0..host2 at `hosts` (each its
+    /// service address and agent-check port), checked every 100 ms.
+    pub fn example(dir: &Path, front: &str, hosts: [(String, u16); 3]) -> Haproxy {
+        let mut envs = vec![("FRONT", front.to_string()), ("INTER", "100ms".to_string())];
+        for (i, (listen, agent)) in hosts.into_iter().enumerate() {
+            envs.push((["HOST0", "HOST1", "HOST2"][i], listen));
+            envs.push((["AGENT0", "AGENT1", "AGENT2"][i], agent.to_string()));
+        }
+        let config = crate::workspace_root().join("host/fleet/haproxy.cfg");
+        Haproxy::run(dir, &config, &envs, Command::new("haproxy"))
+    }
+
     /// What haproxy printed.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

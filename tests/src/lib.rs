@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod irc;
 pub mod load;
 pub mod netns;
+pub mod standby;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -268,24 +268,8 @@ fn rolling_restart_of_three_hosts_behind_haproxy_loses_no_request() {
     let mut hosts: Vec<Option<Served>> = (0..3).map(|i| Some(start(i))).collect();
     // The example configuration, as it is, with its values from the
     // environment.
-    let mut envs = vec![
-        ("FRONT", format!("127.0.0.1:{front}")),
-        ("INTER", "100ms".to_string()),
-    ];
-    for (i, (listen, agent)) in nodes.iter().enumerate() {
-        envs.push((
-            ["HOST0", "HOST1", "HOST2"][i],
-            format!("127.0.0.1:{listen}"),
-        ));
-        envs.push((["AGENT0", "AGENT1", "AGENT2"][i], agent.to_string()));
-    }
-    let config = wasmhost_tests::workspace_root().join("host/fleet/haproxy.cfg");
-    let haproxy = Haproxy::run(
-        dir.path(),
-        &config,
-        &envs,
-        std::process::Command::new("haproxy"),
-    );
+    let servers = [0, 1, 2].map(|i| (format!("127.0.0.1:{}", nodes[i].0), nodes[i].1));
+    let haproxy = Haproxy::example(dir.path(), &format!("127.0.0.1:{front}"), servers);
     let up = |status: &str, weight: u32| status == "UP" && weight > 0;
     for i in 0..3 {
         haproxy.wait_server("kv", &format!("host{i}"), Duration::from_secs(20), up);

@@ -3,210 +3,21 @@
 //! HAProxy, the standby promoted, and every acknowledged write read back;
 //! and each phase of the replication protocol failed on purpose.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmhost::migrate::TlsFiles;
-use wasmhost::migrate::link::testing::Ca;
 use wasmhost_tests::fleet::{Client, Haproxy, agent_line, free_ports, missing};
+use wasmhost_tests::standby::{
+    Pki, RECEIVING, Writers, primary, standby, wait_following, wait_status,
+};
 use wasmhost_tests::{Served, guest, test_cache_dir, wasmhost_bin};
-
-const RECEIVING: &str = "receiving services on ";
-
-/// Certificates for the hosts of a test (all on 127.0.0.1).
-struct Pki {
-    dir: tempfile::TempDir,
-    tls: TlsFiles,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new("wasmhost standby test CA");
-        let tls = ca.host(dir.path(), "host", &["127.0.0.1"]);
-        Pki { dir, tls }
-    }
-
-    fn args(&self) -> Vec<String> {
-        vec![
-            "--tls-cert".into(),
-            self.tls.cert.display().to_string(),
-            "--tls-key".into(),
-            self.tls.key.display().to_string(),
-            "--tls-ca".into(),
-            self.tls.ca.display().to_string(),
-        ]
-    }
-
-    /// A state dir for a host.
-    fn state_dir(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
-/// `serve kv --state-dir DIR --receive 127.0.0.1:0 ...`: a primary.
-fn primary(pki: &Pki, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> (Served, SocketAddr) {
-    let mut all: Vec<String> = vec![
-        "--state-dir".into(),
-        dir.display().to_string(),
-        "--receive".into(),
-        "127.0.0.1:0".into(),
-    ];
-    all.extend(pki.args());
-    all.extend(args.iter().map(|a| a.to_string()));
-    if !args.contains(&"--listen") {
-        all.extend(["--listen".into(), "127.0.0.1:0".into()]);
-    }
-    let all: Vec<&str> = all.iter().map(String::as_str).collect();
-    let mut served = Served::start_with(&guest("kv"), &all, 1, |bin| {
-        let mut command = Command::new(bin);
-        command.envs(envs.iter().copied());
-        command
-    });
-    let port = served.printed_addr(RECEIVING);
-    (served, port)
-}
-
-/// `serve --standby-of PRIMARY --state-dir DIR --receive 127.0.0.1:0 ...`.
-fn standby(pki: &Pki, of: SocketAddr, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Served {
-    let control_dir = tempfile::tempdir().unwrap();
-    let control = control_dir.path().join("control.sock");
-    let mut c = Command::new(wasmhost_bin());
-    c.arg("serve")
-        .arg("--standby-of")
-        .arg(of.to_string())
-        .arg("--state-dir")
-        .arg(dir)
-        .args(["--receive", "127.0.0.1:0"])
-        .args(pki.args())
-        .args(args)
-        .arg("--control")
-        .arg(&control)
-        .arg("--cache-dir")
-        .arg(test_cache_dir())
-        .envs(envs.iter().copied());
-    Served::spawn(c, control, control_dir, |text| text.contains("standby of "))
-}
-
-/// Waits until the standby's `status` satisfies `pred` (its replication
-/// section as JSON); panics with the status and the logs after `limit`.
-fn wait_status(
-    standby: &Served,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) {
-    let deadline = Instant::now() + limit;
-    loop {
-        let out = standby.command("status", &["--json"]);
-        let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-        if pred(&status["replication"]) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: status says {}\n{}\n---\n{}",
-            out.stdout,
-            out.stderr,
-            standby.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Waits until the standby has its primary's chain and is following.
-fn wait_following(standby: &mut Served) {
-    standby.wait_for_output(
-        |t| t.contains("standby has the primary's chain"),
-        Duration::from_secs(30),
-    );
-    wait_status(standby, Duration::from_secs(10), "following", |r| {
-        r["connected"] == true && r["role"] == "standby"
-    });
-}
 
 fn set_get(addr: SocketAddr, key: &str, value: &str) {
     let mut c = Client::connect(addr).expect("connect to kv");
     assert_eq!(c.call(&["SET", key, value]).unwrap(), "+OK");
     assert_eq!(c.call(&["GET", key]).unwrap(), value);
-}
-
-/// Writers that SET distinct keys through `front` until stopped,
-/// reconnecting after any error; they keep every key whose `+OK` arrived.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<BTreeMap<String, String>>>,
-    /// When each writer last had a reply.
-    last_reply: Arc<Mutex<Vec<Instant>>>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(front: SocketAddr, count: usize) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(BTreeMap::new()));
-        let last_reply = Arc::new(Mutex::new(vec![Instant::now(); count]));
-        let threads = (0..count)
-            .map(|t| {
-                let (stop, acked, last_reply) = (stop.clone(), acked.clone(), last_reply.clone());
-                std::thread::spawn(move || {
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    let mut n = 0u64;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let Ok(mut c) = Client::connect(front) else {
-                            std::thread::sleep(Duration::from_millis(5));
-                            continue;
-                        };
-                        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                            n += 1;
-                            let (key, value) = (format!("w{t}-{n}"), format!("v{n}"));
-                            match c.call(&["SET", &key, &value]) {
-                                Ok(reply) if reply == "+OK" => {
-                                    acked.lock().unwrap().insert(key, value);
-                                    last_reply.lock().unwrap()[t] = Instant::now();
-                                }
-                                _ => break,
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            stop,
-            acked,
-            last_reply,
-            threads,
-        }
-    }
-
-    fn acked(&self) -> usize {
-        self.acked.lock().unwrap().len()
-    }
-
-    /// The first reply any writer had after `t`, if one did.
-    fn replied_after(&self, t: Instant) -> Option<Instant> {
-        self.last_reply
-            .lock()
-            .unwrap()
-            .iter()
-            .copied()
-            .filter(|&r| r > t)
-            .min()
-    }
-
-    fn finish(self) -> BTreeMap<String, String> {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads {
-            t.join().unwrap();
-        }
-        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
-    }
 }
 
 #[test]
@@ -242,7 +53,11 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
     let mut b = standby(&pki, a_port, &dir_b, &b_args, &[]);
     wait_following(&mut b);
     let b_agent: SocketAddr = addr(3).parse().unwrap();
-    assert_eq!(agent_line(b_agent).trim(), "maint", "a standby is out of rotation");
+    assert_eq!(
+        agent_line(b_agent).trim(),
+        "maint",
+        "a standby is out of rotation"
+    );
     let status = a.command("status", &[]).stdout;
     assert!(
         status.contains("synchronous"),
@@ -252,18 +67,12 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
     // HAProxy's example configuration: host0 the primary, host1 the
     // standby, host2 nothing.
     let dir = tempfile::tempdir().unwrap();
-    let envs = vec![
-        ("FRONT", addr(4)),
-        ("INTER", "100ms".to_string()),
-        ("HOST0", addr(0)),
-        ("AGENT0", ports[1].to_string()),
-        ("HOST1", addr(2)),
-        ("AGENT1", ports[3].to_string()),
-        ("HOST2", addr(5)),
-        ("AGENT2", ports[6].to_string()),
+    let hosts = [
+        (addr(0), ports[1]),
+        (addr(2), ports[3]),
+        (addr(5), ports[6]),
     ];
-    let config = wasmhost_tests::workspace_root().join("host/fleet/haproxy.cfg");
-    let haproxy = Haproxy::run(dir.path(), &config, &envs, Command::new("haproxy"));
+    let haproxy = Haproxy::example(dir.path(), &addr(4), hosts);
     haproxy.wait_server("kv", "host0", Duration::from_secs(20), |s, w| {
         s == "UP" && w > 0
     });
@@ -353,10 +162,6 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
         "it says why: {}",
         back.stderr
     );
-    assert!(
-        std::net::TcpStream::connect(addr(0)).is_err(),
-        "the old primary does not listen"
-    );
 
     // It follows the new primary instead: its dir, of the old epoch, is
     // replaced by a copy of the new primary's.
@@ -368,10 +173,10 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
 }
 
 #[test]
-fn an_async_standby_promoted_serves_the_state_and_a_swap_is_followed() {
+fn a_standby_follows_a_swap_under_sync_replication_and_serves_the_new_version() {
     let pki = Pki::new();
     let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
-    let (a, a_port) = primary(&pki, &dir_a, &["--agent-check", "127.0.0.1:0"], &[]);
+    let (a, a_port) = primary(&pki, &dir_a, &["--sync-standby"], &[]);
     let mut b = standby(&pki, a_port, &dir_b, &["--listen", "127.0.0.1:0"], &[]);
     wait_following(&mut b);
     set_get(a.addr(), "before", "1");
@@ -382,12 +187,11 @@ fn an_async_standby_promoted_serves_the_state_and_a_swap_is_followed() {
     wait_status(&b, Duration::from_secs(10), "caught up", |r| {
         r["acked_seq"].as_u64() >= Some(1) && r["acked_seq"] == r["shipped_seq"]
     });
-    let a_status = a.command("status", &[]).stdout;
-    assert!(a_status.contains("asynchronous"), "{a_status}");
     let kv_v2 = std::fs::read(guest("kv-v2")).unwrap();
+    let v2_file = dir_b.join(format!("component-{}.wasm", kv_v2_hash()));
     assert_eq!(
-        std::fs::read(dir_b.join("component.wasm")).unwrap(),
-        kv_v2,
+        std::fs::read(&v2_file).ok(),
+        Some(kv_v2),
         "the standby has the running component"
     );
     drop(a);
@@ -406,15 +210,128 @@ fn an_async_standby_promoted_serves_the_state_and_a_swap_is_followed() {
     assert_eq!(c.call(&["GET", "after"]).unwrap(), "2");
     let status = b.command("status", &[]).stdout;
     assert!(
-        status.contains(&kv_v2_hash_prefix()),
+        status.contains(&kv_v2_hash()[..12]),
         "serves kv-v2: {status}"
     );
 }
 
-fn kv_v2_hash_prefix() -> String {
+fn kv_v2_hash() -> String {
     use sha2::Digest;
-    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(guest("kv-v2")).unwrap()));
-    hash[..12].to_string()
+    hex::encode(sha2::Sha256::digest(std::fs::read(guest("kv-v2")).unwrap()))
+}
+
+/// The primary's replication status.
+fn replication(host: &Served) -> serde_json::Value {
+    let out = host.command("status", &["--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    status["replication"].clone()
+}
+
+#[test]
+fn a_standby_that_stops_acknowledging_stops_holding_replies_until_it_catches_up() {
+    let pki = Pki::new();
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let (a, a_port) = primary(
+        &pki,
+        &dir_a,
+        &["--sync-standby", "--sync-timeout-ms", "300"],
+        &[],
+    );
+    let mut b = standby(&pki, a_port, &dir_b, &[], &[]);
+    wait_following(&mut b);
+    set_get(a.addr(), "k0", "0");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while replication(&a)["sync"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "never synchronous: {}",
+            replication(&a)
+        );
+        set_get(a.addr(), "k0", "0");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The standby stops (SIGSTOP): the next reply waits for it, then the
+    // primary gives up waiting.
+    b.signal(nix::sys::signal::Signal::SIGSTOP);
+    let began = Instant::now();
+    set_get(a.addr(), "k1", "1");
+    let held = began.elapsed();
+    assert!(
+        held >= Duration::from_millis(250),
+        "a reply was released before the standby acknowledged it ({held:?})"
+    );
+    assert!(held < Duration::from_secs(5), "held {held:?}");
+    let r = replication(&a);
+    assert_eq!(
+        r["sync"], false,
+        "asynchronous while the standby is stopped: {r}"
+    );
+    // Later replies do not wait.
+    let began = Instant::now();
+    set_get(a.addr(), "k2", "2");
+    assert!(began.elapsed() < Duration::from_millis(250));
+    // It resumes, catches up, and replies wait for it again.
+    b.signal(nix::sys::signal::Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        set_get(a.addr(), "k3", "3");
+        let r = replication(&a);
+        if r["sync"] == true && r["connected"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never synchronous again: {r}\n{}",
+            a.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        a.stderr().contains("did not acknowledge within"),
+        "{}",
+        a.stderr()
+    );
+}
+
+#[test]
+fn a_primary_whose_standby_was_promoted_beside_it_stops_serving() {
+    let pki = Pki::new();
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let (mut a, a_port) = primary(&pki, &dir_a, &[], &[]);
+    set_get(a.addr(), "k", "1");
+    let mut b = standby(&pki, a_port, &dir_b, &["--listen", "127.0.0.1:0"], &[]);
+    wait_following(&mut b);
+    // Promoted by mistake while the primary lives (a partition, a wrong
+    // keepalived state): the primary learns it and stops.
+    let out = b.command("promote", &[]);
+    assert!(out.status.success(), "{}", out.stderr);
+    a.wait_for_output(
+        |t| t.contains("fenced: the standby at"),
+        Duration::from_secs(10),
+    );
+    let mut c = Client::connect(a.addr()).unwrap();
+    let reply = c.call(&["SET", "k", "2"]);
+    assert!(reply.is_err(), "the fenced primary answered {reply:?}");
+    let status = a.command("status", &[]);
+    assert!(
+        status.stdout.contains("fenced") || status.stderr.contains("fenced"),
+        "status says why: {}{}",
+        status.stdout,
+        status.stderr
+    );
+    // The promoted standby has the write the old primary acknowledged.
+    let addr: SocketAddr = out
+        .stdout
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        Client::connect(addr).unwrap().call(&["GET", "k"]).unwrap(),
+        "1"
+    );
 }
 
 /// Each phase of the protocol failed on purpose: the primary serves on,

@@ -7,6 +7,7 @@ mod kv;
 mod memory;
 mod migrate;
 mod shadow;
+mod standby;
 mod startup;
 mod swap;
 mod upgrade;
@@ -39,6 +40,7 @@ pub fn all() -> Vec<Box<dyn Benchmark>> {
         Box::new(durable::DurableCost),
         Box::new(upgrade::UpgradeBlackout),
         Box::new(migrate::MigrateFreeze),
+        Box::new(standby::Standby),
         Box::new(memory::Memory),
         Box::new(startup::Startup),
     ]

@@ -527,9 +527,10 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
                 });
             }
             Some(Cmd::Append { bytes, sync, done }) => {
-                let result = match &mut current {
-                    None => Err("no snapshot was written yet".to_string()),
-                    Some(c) => c.append(&bytes, sync).map(|()| c.n),
+                let result = match (&mut current, crate::standby::fenced()) {
+                    (_, Some(why)) => Err(why),
+                    (None, None) => Err("no snapshot was written yet".to_string()),
+                    (Some(c), None) => c.append(&bytes, sync).map(|()| c.n),
                 };
                 let mut standby = replica.lock().expect("replica lock");
                 match (result, standby.as_ref()) {
@@ -560,14 +561,23 @@ fn write_loop(dir: &Path, fsync: Fsync, rx: mpsc::Receiver<Cmd>) {
             }
             Some(Cmd::Follow { sink, reply }) => {
                 let mut standby = replica.lock().expect("replica lock");
-                let attached = chain_files(dir).map_err(|e| format!("{e:#}")).map(|files| {
-                    for (name, bytes) in files {
-                        sink.ship(Shipped::File { name, bytes });
-                    }
-                    sink.ship(Shipped::BaseEnd);
-                    seq = 0;
-                    *standby = Some(sink);
-                });
+                let attached = chain_files(dir)
+                    .map_err(|e| format!("{e:#}"))
+                    .and_then(|(files, component)| {
+                        let shipped = files
+                            .into_iter()
+                            .map(|(name, bytes)| Shipped::File { name, bytes })
+                            .chain([Shipped::BaseEnd { component }])
+                            .all(|item| sink.ship(item));
+                        match shipped {
+                            true => Ok(()),
+                            false => Err("the standby's link closed during the attach".into()),
+                        }
+                    })
+                    .map(|()| {
+                        seq = 0;
+                        *standby = Some(sink);
+                    });
                 let _ = reply.send(attached);
             }
             None => {}
@@ -648,13 +658,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// The chain a restart would load from `dir` now, as whole files: the
 /// newest complete snapshot and the journals after it (for a standby that
 /// attaches; called on the writer thread, between two of its writes).
-fn chain_files(dir: &Path) -> Result<Vec<(String, Bytes)>> {
+fn chain_files(dir: &Path) -> Result<(Vec<(String, Bytes)>, String)> {
     for n in snapshot_numbers(dir)? {
         let path = snapshot_path(dir, n);
         let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        if decode_snapshot(&data).is_err() {
+        let Ok((header, _)) = decode_snapshot(&data) else {
             continue;
-        }
+        };
         let mut files = vec![(file_name(&path), Bytes::from(data))];
         let mut j = n;
         loop {
@@ -667,9 +677,22 @@ fn chain_files(dir: &Path) -> Result<Vec<(String, Bytes)>> {
             }
             j += 1;
         }
-        return Ok(files);
+        return Ok((files, header.component));
     }
     bail!("{} holds no complete snapshot yet", dir.display())
+}
+
+/// The header of the newest complete snapshot in `dir`, if any: the base a
+/// restart would start from, and the component that wrote it.
+pub fn newest_header(dir: &Path) -> Result<Option<SnapshotHeader>> {
+    for n in snapshot_numbers(dir)? {
+        let path = snapshot_path(dir, n);
+        let data = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        if let Ok((header, _)) = decode_snapshot(&data) {
+            return Ok(Some(header));
+        }
+    }
+    Ok(None)
 }
 
 fn file_name(path: &Path) -> String {

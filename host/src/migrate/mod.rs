@@ -183,11 +183,7 @@ pub enum Message {
     /// Standby → primary: ship me this host's state dir (`crate::standby`).
     Follow(crate::standby::Follow),
     /// Primary → standby: followed; what follows is the stream.
-    Following {
-        epoch: u64,
-        service: String,
-        component: String,
-    },
+    Following { epoch: u64, service: String },
     /// Primary → standby: a write of the state dir (payload: its bytes).
     Replicate(crate::standby::Rep),
     /// Standby → primary: every append up to `seq` is written.

@@ -96,6 +96,7 @@ impl Program {
         let pre = ServicePre::new(pre)
             .map_err(anyhow::Error::from)
             .with_context(not_a_service)?;
+        crate::standby::note_component(&loaded.hash, &loaded.path);
         Ok(Arc::new(Program {
             pre,
             path: loaded.path,

@@ -120,10 +120,15 @@ impl Actor {
                 None => result,
             };
             if let Err(why) = result {
-                self.stop(format!(
-                    "the state dir cannot be written ({why}); replies not yet written were not \
-                     sent. Fix the disk and restart the host: it recovers from what was written"
-                ));
+                self.stop(match why.starts_with("fenced") {
+                    // A standby was promoted: this host must not serve.
+                    true => format!("{why}; replies not yet acknowledged by it were not sent"),
+                    false => format!(
+                        "the state dir cannot be written ({why}); replies not yet written were \
+                         not sent. Fix the disk and restart the host: it recovers from what was \
+                         written"
+                    ),
+                });
                 return Ok(());
             }
         }

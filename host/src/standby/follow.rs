@@ -20,8 +20,38 @@ use crate::durable::disk::{self, Fsync};
 use crate::migrate::link::{Link, TlsFiles};
 use crate::migrate::{Message, VERSION};
 
-/// The name of the component file in a standby's state dir.
-pub const COMPONENT: &str = "component.wasm";
+/// A component in a standby's state dir: `component-<hash>.wasm`.
+pub fn component_path(dir: &Path, hash: &str) -> PathBuf {
+    dir.join(format!("component-{hash}.wasm"))
+}
+
+/// The hashes of the components in `dir`.
+fn components(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hash = name.strip_prefix("component-")?.strip_suffix(".wasm")?;
+            Some(hash.to_string())
+        })
+        .collect()
+}
+
+/// Removes the components of `dir` but `keep`.
+fn keep_component(dir: &Path, keep: &str) {
+    for hash in components(dir) {
+        if hash != keep {
+            let _ = std::fs::remove_file(component_path(dir, &hash));
+        }
+    }
+}
+
+/// How long a standby waits for the next frame (the primary sends a
+/// heartbeat every 500 ms) before it gives the link up.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a standby waits between two attempts to reach its primary.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -66,41 +96,51 @@ pub async fn follow(
     let mut retry = RETRY_MIN;
     loop {
         let mut session = Session::new(opts);
-        let ended = tokio::select! {
-            ended = session.run() => Some(ended),
+        let mut run = Box::pin(session.run());
+        let (ended, promotion) = tokio::select! {
+            ended = &mut run => (Some(ended), None),
             promotion = promotions.recv() => match promotion {
-                Some(p) => match promote(opts, p) {
-                    Ok(promoted) => return Ok(promoted),
-                    Err(()) => None,
-                },
+                Some(p) => (None, Some(p)),
                 None => bail!("the control socket closed"),
             },
         };
+        // A promotion writes the new epoch while the link is still open: a
+        // primary that sees the link close and asks this host learns it
+        // was failed over.
+        let promoted = promotion.map(|p| promote(opts, p));
+        drop(run);
         session.settle();
-        if let Some(ended) = ended {
-            let heard = session.heard;
-            match ended {
-                Ok(()) => tracing::warn!(primary = %opts.primary, "the primary closed the link"),
-                Err(e) => tracing::warn!(primary = %opts.primary, "following: {e:#}"),
-            }
-            if heard {
-                retry = RETRY_MIN;
-            }
-            set_status(|s| {
-                s.connected = false;
-                s.sync = false;
-            });
-            tokio::select! {
-                _ = tokio::time::sleep(retry) => {}
-                promotion = promotions.recv() => match promotion {
-                    Some(p) => if let Ok(promoted) = promote(opts, p) {
-                        return Ok(promoted);
-                    },
-                    None => bail!("the control socket closed"),
-                },
-            }
-            retry = (retry * 2).min(RETRY_MAX);
+        let heard = session.heard;
+        drop(session);
+        match promoted {
+            Some(Ok(promoted)) => return Ok(promoted),
+            Some(Err(())) => continue,
+            None => {}
         }
+        let Some(ended) = ended else {
+            continue;
+        };
+        match ended {
+            Ok(()) => tracing::warn!(primary = %opts.primary, "the primary closed the link"),
+            Err(e) => tracing::warn!(primary = %opts.primary, "following: {e:#}"),
+        }
+        if heard {
+            retry = RETRY_MIN;
+        }
+        set_status(|s| {
+            s.connected = false;
+            s.sync = false;
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            promotion = promotions.recv() => match promotion {
+                Some(p) => if let Ok(promoted) = promote(opts, p) {
+                    return Ok(promoted);
+                },
+                None => bail!("the control socket closed"),
+            },
+        }
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }
 
@@ -120,15 +160,28 @@ fn promote(opts: &FollowOptions, p: Promotion) -> Result<Promoted, ()> {
         Ok(fleet) => fleet.unwrap_or_default(),
         Err(e) => return refuse(p, format!("{e:#}")),
     };
-    let component = opts.dir.join(COMPONENT);
-    let has_state = disk::snapshot_numbers(&opts.dir).is_ok_and(|n| !n.is_empty());
-    if fleet.component.is_none() || !component.exists() || !has_state {
+    let header = match disk::newest_header(&opts.dir) {
+        Ok(header) => header,
+        Err(e) => return refuse(p, format!("{e:#}")),
+    };
+    let Some(header) = header.filter(|_| !fleet.copying) else {
         return refuse(
             p,
             format!(
-                "{} holds no state from a primary yet (it never completed a first copy): \
+                "{} holds no complete copy of a primary's state (the first copy did not finish): \
                  nothing to serve",
                 opts.dir.display()
+            ),
+        );
+    };
+    let component = component_path(&opts.dir, &header.component);
+    if !component.exists() {
+        return refuse(
+            p,
+            format!(
+                "{} lacks the component {} its newest snapshot needs",
+                opts.dir.display(),
+                &header.component[..12.min(header.component.len())]
             ),
         );
     }
@@ -197,36 +250,26 @@ impl<'a> Session<'a> {
             version: VERSION,
             epoch: fleet.epoch,
             receive: opts.receive.clone(),
-            component: fleet
-                .component
-                .clone()
-                .filter(|_| opts.dir.join(COMPONENT).exists()),
+            components: components(&opts.dir),
         };
         link.send(&Message::Follow(follow), &[]).await?;
         let (epoch, service) = match link.recv::<Message>(0).await? {
-            (
-                Message::Following {
-                    epoch,
-                    service,
-                    component: _,
-                },
-                _,
-            ) => (epoch, service),
+            (Message::Following { epoch, service }, _) => (epoch, service),
             (Message::Failed { message, .. }, _) => bail!("the primary refused: {message}"),
             (other, _) => bail!("expected Following, got {other:?}"),
         };
         if epoch < fleet.epoch {
             bail!(
-                "the primary at {} is at epoch {epoch} and this state dir at {}: it is a host \
-                 that was failed over, and this host does not follow it",
+                "the primary at {} is at epoch {epoch} and this state dir at {}: that host was \
+                 failed over since, and this host does not follow it. Point --standby-of at the \
+                 host that serves now",
                 opts.primary,
                 fleet.epoch
             );
         }
+        // The dir is of another lineage (an older epoch): it is replaced.
+        // The new epoch is written only once the copy is whole.
         self.wipe = epoch > fleet.epoch;
-        fleet.epoch = epoch;
-        fleet.primary = Some(opts.primary.to_string());
-        EPOCH.store(epoch, Ordering::Release);
         set_status(|s| {
             s.role = "standby".into();
             s.epoch = epoch;
@@ -238,7 +281,12 @@ impl<'a> Session<'a> {
         tracing::info!(primary = %opts.primary, "following `{service}` (epoch {epoch})");
         let mut caught_up_since = Instant::now();
         loop {
-            let (message, payload) = link.recv::<Message>(MAX_PAYLOAD).await?;
+            let (message, payload) =
+                tokio::time::timeout(READ_TIMEOUT, link.recv::<Message>(MAX_PAYLOAD))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!("no word from the primary for {READ_TIMEOUT:?}")
+                    })??;
             let Message::Replicate(rep) = message else {
                 bail!("expected a replicated write, got {message:?}");
             };
@@ -248,13 +296,15 @@ impl<'a> Session<'a> {
                     if got != hash {
                         bail!("the component's bytes hash to {got}, not {hash}");
                     }
-                    disk::write_atomic(&opts.dir.join(COMPONENT), &payload)?;
-                    fleet.component = Some(hash);
-                    fleet.write(&opts.dir)?;
+                    disk::write_atomic(&component_path(&opts.dir, &hash), &payload)?;
                 }
                 Rep::File { name } => {
                     if self.base.is_none() {
-                        std::fs::create_dir_all(&opts.dir)?;
+                        // Until the copy is whole, `promote` refuses and a
+                        // start as a primary is refused (fencing).
+                        fleet.copying = true;
+                        fleet.primary = Some(opts.primary.to_string());
+                        fleet.write(&opts.dir)?;
                         if self.wipe {
                             remove_files(&opts.dir, &HashSet::new())?;
                         }
@@ -267,7 +317,7 @@ impl<'a> Session<'a> {
                         bail!("test: {}=base", super::FAIL_ENV);
                     }
                 }
-                Rep::BaseEnd => {
+                Rep::BaseEnd { component } => {
                     let base = self.base.take().unwrap_or_default();
                     remove_files(&opts.dir, &base)?;
                     let last = base
@@ -281,7 +331,11 @@ impl<'a> Session<'a> {
                         .open(&path)
                         .with_context(|| format!("opening {}", path.display()))?;
                     self.journal = Some((last, file));
+                    keep_component(&opts.dir, &component);
+                    fleet.epoch = epoch;
+                    fleet.copying = false;
                     fleet.write(&opts.dir)?;
+                    EPOCH.store(epoch, Ordering::Release);
                     self.heard = true;
                     self.received = 0;
                     tracing::info!(
@@ -316,9 +370,10 @@ impl<'a> Session<'a> {
                     link.send(&Message::Ack { seq }, &[]).await?;
                     caught_up_since = Instant::now();
                 }
-                Rep::Snapshot { n } => {
+                Rep::Snapshot { n, component } => {
                     disk::write_snapshot(&opts.dir, n, &payload)?;
                     disk::remove_older(&opts.dir, n);
+                    keep_component(&opts.dir, &component);
                 }
                 Rep::Heartbeat { seq, .. } => {
                     if self.acked >= seq {

@@ -107,8 +107,9 @@ pub fn fail_at(phase: &str) -> bool {
 pub enum Shipped {
     /// A whole file of the chain at the attach, by name.
     File { name: String, bytes: Bytes },
-    /// The chain at the attach is complete.
-    BaseEnd,
+    /// The chain at the attach is complete; its snapshot was written by
+    /// `component` (hex SHA-256).
+    BaseEnd { component: String },
     /// Journal `n` starts, empty.
     Journal { n: u64 },
     /// Records appended to journal `n`. `done`: with `--sync-standby`,
@@ -133,8 +134,14 @@ impl Shipped {
             Shipped::File { bytes, .. }
             | Shipped::Append { bytes, .. }
             | Shipped::Snapshot { bytes, .. } => bytes.len(),
-            Shipped::BaseEnd | Shipped::Journal { .. } => 0,
+            Shipped::BaseEnd { .. } | Shipped::Journal { .. } => 0,
         }
+    }
+
+    /// Whether it counts against [`MAX_QUEUED`]: appends do; whole files
+    /// (the chain, a snapshot) are bounded by the state's own size.
+    fn capped(&self) -> bool {
+        matches!(self, Shipped::Append { .. })
     }
 
     /// Completes a held append (the standby is gone or asynchronous; the
@@ -159,8 +166,9 @@ pub struct Follow {
     /// certificate carries: where the primary asks for its epoch at its
     /// next start (fencing).
     pub receive: Option<Peer>,
-    /// The hash of the component the standby has.
-    pub component: Option<String>,
+    /// The components (hex SHA-256) the standby has.
+    #[serde(default)]
+    pub components: Vec<String>,
 }
 
 /// Primary → standby: one write of the state dir, in the writer's order;
@@ -172,14 +180,16 @@ pub enum Rep {
     Component { hash: String },
     /// A whole file of the chain at the attach.
     File { name: String },
-    /// The chain is complete: files not in it go.
-    BaseEnd,
+    /// The chain is complete: files not in it go. Its snapshot was
+    /// written by `component`.
+    BaseEnd { component: String },
     /// Journal `n` starts, empty.
     Journal { n: u64 },
     /// Records for journal `n`; acknowledge `seq` once written.
     Append { n: u64, seq: u64 },
-    /// Snapshot `n` (the whole file); older files go.
-    Snapshot { n: u64 },
+    /// Snapshot `n` (the whole file), written by `component`; older
+    /// files go.
+    Snapshot { n: u64, component: String },
     /// The primary's newest append, and its clock (Unix ms).
     Heartbeat { seq: u64, unix_ms: u64 },
 }
@@ -215,10 +225,12 @@ impl Sink {
     /// (then the sink is to be dropped; a held append is completed).
     pub fn ship(&self, item: Shipped) -> bool {
         let len = item.len();
-        if self.queued.fetch_add(len, Ordering::AcqRel) + len > MAX_QUEUED {
+        let queued = self.queued.fetch_add(len, Ordering::AcqRel) + len;
+        if item.capped() && queued > MAX_QUEUED {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
             tracing::warn!(
-                "the standby is more than {} MiB behind: dropping it (it starts again from the \
-                 newest snapshot)",
+                "the standby is more than {} MiB of journal behind: dropping it (it attaches \
+                 again and is sent the chain anew)",
                 MAX_QUEUED >> 20
             );
             item.release();
@@ -279,9 +291,10 @@ pub struct FleetFile {
     /// On a standby: the primary it follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary: Option<String>,
-    /// On a standby: the hash of `component.wasm`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub component: Option<String>,
+    /// On a standby: a copy of the chain is being written (from the first
+    /// file until the chain is complete); `promote` refuses meanwhile.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copying: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -315,9 +328,65 @@ impl FleetFile {
     }
 }
 
+/// The components this process loaded, by hash: what a standby is sent.
+static COMPONENTS: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+
+/// Records that component `hash` was loaded from `path`.
+pub fn note_component(hash: &str, path: &Path) {
+    let mut known = COMPONENTS.lock().expect("components lock");
+    known.retain(|(h, _)| h != hash);
+    known.push((hash.to_string(), path.to_path_buf()));
+    if known.len() > 16 {
+        known.remove(0);
+    }
+}
+
+/// The bytes of component `hash`, read from the file it was loaded from
+/// (checked: the file may have been rebuilt since).
+pub fn component_bytes(hash: &str) -> Result<Vec<u8>> {
+    let path = COMPONENTS
+        .lock()
+        .expect("components lock")
+        .iter()
+        .find(|(h, _)| h == hash)
+        .map(|(_, p)| p.clone())
+        .with_context(|| format!("component {} was not loaded by this host", short(hash)))?;
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("reading the component {}", path.display()))?;
+    let now = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    if now != hash {
+        anyhow::bail!(
+            "{} changed on disk since the service loaded it (hash {} now, {} loaded): the standby \
+             cannot be sent the component the state needs; put the file back, or swap to the new \
+             file so a new snapshot is written by it",
+            path.display(),
+            short(&now),
+            short(hash)
+        );
+    }
+    Ok(bytes)
+}
+
+fn short(hash: &str) -> &str {
+    &hash[..12.min(hash.len())]
+}
+
 /// This process's epoch (from its state dir's `fleet.json`), answered to
 /// `EpochQuery` on the migration port; 0 when it has none.
 pub static EPOCH: AtomicU64 = AtomicU64::new(0);
+
+static FENCED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Why this host stopped serving, if it learned it was failed over: the
+/// state-dir writer then fails every write, so the service stops before
+/// another reply goes out.
+pub fn fenced() -> Option<String> {
+    FENCED.lock().expect("fenced lock").clone()
+}
+
+fn fence_now(why: String) {
+    *FENCED.lock().expect("fenced lock") = Some(why);
+}
 
 /// Whether this process serves (answered with the epoch).
 pub fn serving() -> bool {
@@ -390,35 +459,57 @@ const FENCE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Fencing, before a service starts on state dir `dir` (not for a
 /// standby): reads the dir's epoch (1 for a new dir) and, if a standby
-/// followed this dir, asks it whether it was promoted since. Refuses to
-/// start (with what to do) if it was, if it cannot be asked (unless
-/// `no_fence`), or if `dir` is a standby's copy that was never promoted.
+/// followed this dir, asks it whether it was promoted since or serves.
+/// Refuses to start (with what to do) if so, if it cannot be asked, or if
+/// `dir` is a standby's copy that was never promoted; `no_fence` skips the
+/// question for this start (a standby's copy then takes a new epoch, as a
+/// promotion does).
 pub async fn fence(
     dir: &Path,
     tls: Option<&crate::migrate::TlsFiles>,
     no_fence: bool,
 ) -> Result<()> {
     let mut fleet = FleetFile::read(dir)?.unwrap_or_default();
-    if let Some(primary) = &fleet.primary
-        && !no_fence
-    {
-        anyhow::bail!(
-            "{} is a standby's copy of the primary at {primary}, never promoted: serving from it \
-             beside that primary would split the service in two. Run it as a standby (`serve \
-             --standby-of {primary}`) and `wasmhost promote` it, or start with --no-fence if \
-             that primary is gone for good",
+    if let Some(primary) = fleet.primary.clone() {
+        if !no_fence {
+            anyhow::bail!(
+                "{} is a standby's copy of the primary at {primary}, never promoted: serving from \
+                 it beside that primary would split the service in two. Run it as a standby \
+                 (`serve --standby-of {primary}`) and `wasmhost promote` it, or start with \
+                 --no-fence if that primary is gone for good",
+                dir.display()
+            );
+        }
+        if fleet.copying {
+            anyhow::bail!(
+                "{} holds an unfinished copy of the primary at {primary}'s state: there is \
+                 nothing whole to serve. Start it as that host's standby to finish the copy",
+                dir.display()
+            );
+        }
+        tracing::warn!(
+            "--no-fence: serving {}, a standby's copy, as a new epoch",
             dir.display()
         );
-    }
-    if fleet.epoch == 0 || fleet.primary.is_some() {
-        fleet.epoch = fleet.epoch.max(1);
+        fleet.epoch += 1;
         fleet.primary = None;
+        fleet.write(dir)?;
+    }
+    if fleet.epoch == 0 {
+        fleet.epoch = 1;
         fleet.write(dir)?;
     }
     EPOCH.store(fleet.epoch, Ordering::Release);
     let Some(standby) = fleet.standby.clone() else {
         return Ok(());
     };
+    if no_fence {
+        tracing::warn!(
+            "--no-fence: not asking the standby at {} whether it was promoted",
+            standby.addr
+        );
+        return Ok(());
+    }
     let asked = match tls {
         Some(tls) => tokio::time::timeout(FENCE_TIMEOUT, ask_epoch(&standby, tls))
             .await
@@ -428,12 +519,16 @@ pub async fn fence(
         )),
     };
     match asked {
-        Ok(epoch) if epoch > fleet.epoch => anyhow::bail!(
-            "fenced: the standby at {} was promoted (epoch {epoch}, this state dir {}), so this \
-             host was failed over and must not serve. Start it as that host's standby (`serve \
+        Ok((epoch, serving)) if epoch > fleet.epoch || serving => anyhow::bail!(
+            "fenced: the standby at {} {} (epoch {epoch}, this state dir {}), so this host was \
+             failed over and must not serve. Start it as that host's standby (`serve \
              --standby-of {} --state-dir ...`; its state dir is replaced by a copy of the new \
              primary's)",
             standby.addr,
+            match serving {
+                true => "serves",
+                false => "was promoted",
+            },
             fleet.epoch,
             standby.addr
         ),
@@ -444,14 +539,6 @@ pub async fn fence(
                 fleet.epoch
             );
             Ok(())
-        }
-        Err(e) if no_fence => {
-            tracing::warn!(
-                "--no-fence: not checking the standby at {} ({e:#}); forgetting it",
-                standby.addr
-            );
-            fleet.standby = None;
-            fleet.write(dir)
         }
         Err(e) => anyhow::bail!(
             "cannot ask the standby at {} whether it was promoted ({e:#}); serving without \
@@ -471,12 +558,12 @@ pub fn adopt_epoch(dir: &Path) -> Result<()> {
 }
 
 /// Asks the host at `peer` for its epoch on the link.
-async fn ask_epoch(peer: &Peer, tls: &crate::migrate::TlsFiles) -> Result<u64> {
+pub(crate) async fn ask_epoch(peer: &Peer, tls: &crate::migrate::TlsFiles) -> Result<(u64, bool)> {
     use crate::migrate::Message;
     let mut link = crate::migrate::link::Link::connect(peer.addr, &peer.name, tls).await?;
     link.send(&Message::EpochQuery, &[]).await?;
     match link.recv::<Message>(0).await? {
-        (Message::Epoch { epoch, .. }, _) => Ok(epoch),
+        (Message::Epoch { epoch, serving }, _) => Ok((epoch, serving)),
         (other, _) => anyhow::bail!("expected its epoch, got {other:?}"),
     }
 }

@@ -3,14 +3,13 @@
 //! this ships the state-dir writer's output on it until the link or the
 //! service ends.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use sha2::{Digest, Sha256};
+use anyhow::{Result, anyhow, bail};
 
-use super::{EPOCH, FleetFile, Follow, Rep, Shipped, Sink, fail_at, set_status};
+use super::{EPOCH, FleetFile, Follow, Peer, Rep, Shipped, Sink, fail_at, set_status};
 use crate::durable::disk;
 use crate::migrate::link::{Link, LinkTx};
 use crate::migrate::{Message, VERSION};
@@ -21,6 +20,10 @@ use crate::serve::ServeOptions;
 const TICK: Duration = Duration::from_millis(100);
 const HEARTBEAT_TICKS: u32 = 5;
 
+/// The longest one frame may take to send before the link is given up
+/// (a standby that stopped reading, a link that black-holes).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Answers `EpochQuery` (fencing): this host's epoch and whether it serves.
 pub async fn answer_epoch(link: &mut Link) -> Result<()> {
     let answer = Message::Epoch {
@@ -30,38 +33,46 @@ pub async fn answer_epoch(link: &mut Link) -> Result<()> {
     link.send(&answer, &[]).await
 }
 
-/// Serves a standby's link: checks, the component, the chain, then every
-/// write until the link or the service ends.
+/// Serves a standby's link: checks, the chain, then every write until the
+/// link or the service ends.
 pub async fn feed(mut link: Link, follow: Follow, opts: &ServeOptions) -> Result<()> {
     let peer = link.peer;
-    match check(&follow, opts).await {
-        Ok(()) => {}
-        Err(why) => {
-            let refusal = Message::Failed {
-                step: "follow".into(),
-                message: why.clone(),
-            };
-            link.send(&refusal, &[]).await?;
-            bail!("refused standby {peer}: {why}");
-        }
+    if let Err(why) = check(&follow, opts) {
+        let refusal = Message::Failed {
+            step: "follow".into(),
+            message: why.clone(),
+        };
+        link.send(&refusal, &[]).await?;
+        bail!("refused standby {peer}: {why}");
     }
-    let (hash, component) = running_component().await?;
     let epoch = EPOCH.load(Ordering::Acquire);
+    // Where this host asks the standby for its epoch: its --receive
+    // address (a wildcard one names the address the link came from).
+    let standby = follow.receive.clone().map(|mut r| {
+        if r.addr.ip().is_unspecified() {
+            r.addr.set_ip(peer.ip());
+        }
+        r
+    });
+    // Recorded before anything is shipped: from now on this state dir
+    // exists on another host, and a restart must ask that host first.
+    if let (Some(dir), Some(standby)) = (&opts.durable.state_dir, &standby) {
+        let mut fleet = FleetFile::read(dir)?.unwrap_or_default();
+        fleet.epoch = epoch;
+        fleet.standby = Some(standby.clone());
+        fleet.write(dir)?;
+    }
     let following = Message::Following {
         epoch,
         service: opts.name.clone(),
-        component: hash.clone(),
     };
     link.send(&following, &[]).await?;
     if fail_at("component") {
         bail!("test: {}=component", super::FAIL_ENV);
     }
-    if follow.component.as_deref() != Some(hash.as_str()) {
-        let rep = Message::Replicate(Rep::Component { hash: hash.clone() });
-        link.send(&rep, &[&component]).await?;
-    }
-    let sync = opts.replication.sync;
-    let (sink, mut source) = Sink::new(sync);
+    // Synchronous only once the standby has the chain and keeps up
+    // (`Feeding::check_deadline`): the chain's transfer holds no reply.
+    let (sink, mut source) = Sink::new(false);
     let sync_flag = sink.sync.clone();
     if fail_at("base") {
         bail!("test: {}=base", super::FAIL_ENV);
@@ -69,12 +80,7 @@ pub async fn feed(mut link: Link, follow: Follow, opts: &ServeOptions) -> Result
     disk::follow(sink)
         .await
         .map_err(|why| anyhow!("cannot attach the standby: {why}"))?;
-    if let (Some(dir), Some(standby)) = (&opts.durable.state_dir, &follow.receive) {
-        let mut fleet = FleetFile::read(dir)?.unwrap_or_default();
-        fleet.epoch = epoch;
-        fleet.standby = Some(standby.clone());
-        fleet.write(dir)?;
-    }
+    let sync = opts.replication.sync;
     tracing::info!(
         standby = %peer,
         sync,
@@ -105,28 +111,59 @@ pub async fn feed(mut link: Link, follow: Follow, opts: &ServeOptions) -> Result
         acked: 0,
         sync,
         sync_flag,
+        based: false,
         timeout: opts.replication.sync_timeout,
-        component: hash,
+        have: follow.components.iter().cloned().collect(),
         peer: peer.to_string(),
     };
     feeding.report(epoch, true);
     let ended = feeding.run(&mut source, &mut acks).await;
     reader.abort();
-    feeding.release_all();
+    // Was the standby promoted? Then this host was failed over: it stops
+    // (every later write fails, and no held reply is released).
+    let promoted = match (&ended, &standby) {
+        (Ok(End::Detached), _) | (_, None) => None,
+        (_, Some(standby)) => promoted_since(standby, opts, epoch).await,
+    };
+    match &promoted {
+        Some(why) => {
+            tracing::error!("{why}");
+            super::fence_now(why.clone());
+            feeding.fail_all(why);
+        }
+        None => feeding.release_all(),
+    }
     source.close();
     feeding.report(epoch, false);
     tx.close().await;
     match ended {
-        Ok(why) => {
-            tracing::warn!(standby = %peer, "the standby's link ended: {why}");
+        Ok(end) => {
+            tracing::warn!(standby = %peer, "the standby's link ended: {}", end.describe());
             Ok(())
         }
         Err(e) => Err(e),
     }
 }
 
+/// Asks a standby that went away whether it was promoted: `Some(why)` if
+/// it was (at a higher epoch than this host's).
+async fn promoted_since(standby: &Peer, opts: &ServeOptions, epoch: u64) -> Option<String> {
+    let tls = opts.tls.as_ref()?;
+    let limit = opts.replication.sync_timeout.max(Duration::from_secs(1));
+    let asked = tokio::time::timeout(limit, super::ask_epoch(standby, tls)).await;
+    match asked {
+        Ok(Ok((theirs, _))) if theirs > epoch => Some(format!(
+            "fenced: the standby at {} was promoted (epoch {theirs}, this host {epoch}); this host \
+             was failed over and stops serving. Start it as that host's standby (`serve \
+             --standby-of {}`)",
+            standby.addr, standby.addr
+        )),
+        _ => None,
+    }
+}
+
 /// Why this host does not take a standby now.
-async fn check(follow: &Follow, opts: &ServeOptions) -> Result<(), String> {
+fn check(follow: &Follow, opts: &ServeOptions) -> Result<(), String> {
     if follow.version != VERSION {
         return Err(format!(
             "the standby speaks link version {}, this host {VERSION}: run the same wasmhost on both",
@@ -140,6 +177,13 @@ async fn check(follow: &Follow, opts: &ServeOptions) -> Result<(), String> {
     }
     if !super::serving() {
         return Err("this host serves no service now".into());
+    }
+    if follow.receive.is_none() {
+        return Err(
+            "the standby gave no --receive address: a primary records where its standby is, to \
+             ask it at its next start whether it was promoted (fencing)"
+                .into(),
+        );
     }
     let epoch = EPOCH.load(Ordering::Acquire);
     if follow.epoch > epoch {
@@ -155,25 +199,25 @@ async fn check(follow: &Follow, opts: &ServeOptions) -> Result<(), String> {
     Ok(())
 }
 
-/// The running component's hash and bytes (the file it was loaded from,
-/// checked against the hash it was loaded with).
-async fn running_component() -> Result<(String, Vec<u8>)> {
-    let ctx = crate::fleet::health()
-        .service()
-        .context("this host serves no service now")?;
-    let status = crate::control::server::status(&ctx)
-        .await
-        .map_err(|e| anyhow!("the service does not answer: {e}"))?;
-    let path = &status.component.path;
-    let bytes = std::fs::read(path).with_context(|| format!("reading the component {path}"))?;
-    let hash = hex::encode(Sha256::digest(&bytes));
-    if hash != status.component.hash {
-        bail!(
-            "{path} changed on disk since the service loaded it: the standby cannot be sent the \
-             running component (swap to the file on disk first)"
-        );
+/// Why a standby's link ended without an error.
+enum End {
+    /// The writer let go of it (the service ended or moved, another standby
+    /// attached, or it fell too far behind).
+    Detached,
+    /// The standby closed it.
+    Lost,
+}
+
+impl End {
+    fn describe(&self) -> &'static str {
+        match self {
+            End::Detached => {
+                "the service's state-dir writer let go of it (the service ended or moved, another \
+                 standby attached, or it fell too far behind)"
+            }
+            End::Lost => "the standby closed it",
+        }
     }
-    Ok((hash, bytes))
 }
 
 struct Feeding<'a> {
@@ -187,9 +231,11 @@ struct Feeding<'a> {
     sync: bool,
     /// Whether the writer holds appends for the standby now.
     sync_flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the chain was sent whole.
+    based: bool,
     timeout: Duration,
-    /// The component the standby has.
-    component: String,
+    /// The components the standby has.
+    have: HashSet<String>,
     peer: String,
 }
 
@@ -201,27 +247,23 @@ struct Pending {
 }
 
 impl Feeding<'_> {
-    /// Ships until the writer or the link ends; `Ok` says why it ended.
+    /// Ships until the writer or the link ends.
     async fn run(
         &mut self,
         source: &mut super::Source,
         acks: &mut tokio::sync::mpsc::UnboundedReceiver<u64>,
-    ) -> Result<String> {
+    ) -> Result<End> {
         let mut tick = tokio::time::interval(TICK);
         let mut ticks = 0u32;
         loop {
             tokio::select! {
                 item = source.next() => match item {
                     Some(item) => self.ship(item).await?,
-                    None => {
-                        return Ok("the service's state-dir writer detached it (the service \
-                                   ended or moved, another standby attached, or it fell too \
-                                   far behind)".into())
-                    }
+                    None => return Ok(End::Detached),
                 },
                 ack = acks.recv() => match ack {
                     Some(seq) => self.acked(seq),
-                    None => return Ok("the link was lost".into()),
+                    None => return Ok(End::Lost),
                 },
                 _ = tick.tick() => {
                     ticks += 1;
@@ -230,19 +272,44 @@ impl Feeding<'_> {
                             seq: self.shipped,
                             unix_ms: crate::service::unix_ms(std::time::SystemTime::now()),
                         };
-                        self.tx.send(&Message::Replicate(beat), &[]).await?;
+                        self.send(beat, &[]).await?;
                     }
-                    self.check_deadline();
                 }
             }
+            self.check_deadline();
             self.report(EPOCH.load(Ordering::Acquire), true);
         }
+    }
+
+    async fn send(&mut self, rep: Rep, payload: &[u8]) -> Result<()> {
+        tokio::time::timeout(
+            SEND_TIMEOUT,
+            self.tx.send(&Message::Replicate(rep), &[payload]),
+        )
+        .await
+        .map_err(|_| anyhow!("the standby took no data for {SEND_TIMEOUT:?}"))?
+    }
+
+    /// Sends component `hash` unless the standby has it.
+    async fn component(&mut self, hash: &str) -> Result<()> {
+        if self.have.contains(hash) {
+            return Ok(());
+        }
+        let bytes = super::component_bytes(hash)?;
+        self.send(Rep::Component { hash: hash.into() }, &bytes)
+            .await?;
+        self.have.insert(hash.into());
+        Ok(())
     }
 
     async fn ship(&mut self, item: Shipped) -> Result<()> {
         let (rep, bytes) = match item {
             Shipped::File { name, bytes } => (Rep::File { name }, bytes),
-            Shipped::BaseEnd => (Rep::BaseEnd, bytes::Bytes::new()),
+            Shipped::BaseEnd { component } => {
+                self.component(&component).await?;
+                self.based = true;
+                (Rep::BaseEnd { component }, bytes::Bytes::new())
+            }
             Shipped::Journal { n } => (Rep::Journal { n }, bytes::Bytes::new()),
             Shipped::Append {
                 n,
@@ -270,24 +337,11 @@ impl Feeding<'_> {
                 component,
                 bytes,
             } => {
-                if component != self.component {
-                    let (hash, file) = running_component().await?;
-                    if hash != component {
-                        bail!(
-                            "snapshot {n} was written by component {}, and the service runs {} \
-                             now: the standby starts again from the chain",
-                            &component[..12.min(component.len())],
-                            &hash[..12]
-                        );
-                    }
-                    let rep = Message::Replicate(Rep::Component { hash: hash.clone() });
-                    self.tx.send(&rep, &[&file]).await?;
-                    self.component = hash;
-                }
-                (Rep::Snapshot { n }, bytes)
+                self.component(&component).await?;
+                (Rep::Snapshot { n, component }, bytes)
             }
         };
-        self.tx.send(&Message::Replicate(rep), &[&bytes]).await
+        self.send(rep, &bytes).await
     }
 
     fn acked(&mut self, seq: u64) {
@@ -298,23 +352,20 @@ impl Feeding<'_> {
                 let _ = done.send(Ok(()));
             }
         }
-        if self.sync && !self.sync_flag.load(Ordering::Acquire) && self.pending.is_empty() {
-            self.sync_flag.store(true, Ordering::Release);
-            tracing::info!(
-                standby = %self.peer,
-                "the standby caught up: replies wait for it again (--sync-standby)"
-            );
-        }
     }
 
     /// `--sync-standby`: a standby that does not acknowledge in time no
-    /// longer holds replies back, until it catches up.
+    /// longer holds replies back; one that has the chain and keeps up
+    /// (its oldest unacknowledged append younger than half the timeout)
+    /// holds them again.
     fn check_deadline(&mut self) {
-        let late = self
-            .pending
-            .front()
-            .is_some_and(|p| p.at.elapsed() > self.timeout);
-        if self.sync && late && self.sync_flag.swap(false, Ordering::AcqRel) {
+        if !self.sync {
+            return;
+        }
+        let oldest = self.pending.front().map(|p| p.at.elapsed());
+        let waits = self.sync_flag.load(Ordering::Acquire);
+        if waits && oldest.is_some_and(|age| age > self.timeout) {
+            self.sync_flag.store(false, Ordering::Release);
             tracing::warn!(
                 standby = %self.peer,
                 "the standby did not acknowledge within {:?}: replies no longer wait for it \
@@ -322,6 +373,12 @@ impl Feeding<'_> {
                 self.timeout
             );
             self.release_all();
+        } else if !waits && self.based && oldest.is_none_or(|age| age < self.timeout / 2) {
+            self.sync_flag.store(true, Ordering::Release);
+            tracing::info!(
+                standby = %self.peer,
+                "the standby has the chain and keeps up: replies wait for it (--sync-standby)"
+            );
         }
     }
 
@@ -330,6 +387,15 @@ impl Feeding<'_> {
         for p in &mut self.pending {
             if let Some(done) = p.done.take() {
                 let _ = done.send(Ok(()));
+            }
+        }
+    }
+
+    /// Fails every held append: their replies are never sent.
+    fn fail_all(&mut self, why: &str) {
+        for p in &mut self.pending {
+            if let Some(done) = p.done.take() {
+                let _ = done.send(Err(why.to_string()));
             }
         }
     }
