@@ -144,7 +144,7 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
     let mut c = Command::new(wasmhost_bin());
     c.arg("serve")
         .arg(guest("kv"))
-        .args(&a_args)
+        .args(a_args)
         .arg("--state-dir")
         .arg(&dir_a)
         .args(pki.args())
@@ -349,9 +349,10 @@ fn every_phase_of_following_fails_safely() {
     ] {
         let primary_side = matches!(phase, "follow" | "component" | "stream");
         let env = [("WASMHOST_TEST_STANDBY_FAIL", phase)];
-        let (p_env, s_env): (&[(&str, &str)], &[(&str, &str)]) = match primary_side {
-            true => (&env, &[]),
-            false => (&[], &env),
+        let none: &[(&str, &str)] = &[];
+        let (p_env, s_env) = match primary_side {
+            true => (&env[..], none),
+            false => (none, &env[..]),
         };
         let (dir_a, dir_b) = (
             pki.state_dir(&format!("{phase}-a")),
@@ -473,4 +474,56 @@ fn a_standby_copy_never_promoted_and_an_unreachable_standby_refuse_to_serve() {
     );
     let mut client = Client::connect(served.addr()).unwrap();
     assert_eq!(client.call(&["GET", "k"]).unwrap(), "1");
+}
+
+/// `--promote-fifo`: keepalived's notify FIFO promotes the standby when its
+/// VRRP instance becomes MASTER (the lines are keepalived's format; the
+/// keepalived tests of `fleet.rs` run the daemon itself).
+#[test]
+fn keepalived_saying_master_on_the_notify_fifo_promotes_the_standby() {
+    let pki = Pki::new();
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let (a, a_port) = primary(&pki, &dir_a, &["--sync-standby"], &[]);
+    set_get(a.addr(), "k", "1");
+    let fifo = pki.state_dir("notify.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let fifo_arg = fifo.display().to_string();
+    let mut b = standby(
+        &pki,
+        a_port,
+        &dir_b,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--promote-fifo",
+            &fifo_arg,
+            "--promote-instance",
+            "VI_1",
+        ],
+        &[],
+    );
+    wait_following(&mut b);
+    let mut notify = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    use std::io::Write;
+    // Other instances and other states do not promote.
+    writeln!(notify, "INSTANCE \"VI_2\" MASTER 100").unwrap();
+    writeln!(notify, "INSTANCE \"VI_1\" BACKUP 100").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!b.stderr().contains("promoted at epoch"), "{}", b.stderr());
+    drop(a);
+    writeln!(notify, "INSTANCE \"VI_1\" MASTER 100").unwrap();
+    b.wait_for_output(
+        |t| t.contains("promoted at epoch 2"),
+        Duration::from_secs(20),
+    );
+    let text = b.stderr();
+    let line = text
+        .lines()
+        .find(|l| l.contains("promoted at epoch 2"))
+        .unwrap();
+    let addr: SocketAddr = line.rsplit(' ').next().unwrap().trim().parse().unwrap();
+    assert_eq!(
+        Client::connect(addr).unwrap().call(&["GET", "k"]).unwrap(),
+        "1"
+    );
 }

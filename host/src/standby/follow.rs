@@ -358,11 +358,12 @@ impl<'a> Session<'a> {
                     file.write_all(&payload)
                         .with_context(|| format!("appending to journal {n}"))?;
                     self.dirty = true;
-                    if opts.fsync == Fsync::Always {
-                        self.sync_journal()?;
-                    } else if opts.fsync == Fsync::Everysec
-                        && self.last_sync.elapsed() >= Duration::from_secs(1)
-                    {
+                    let due = match opts.fsync {
+                        Fsync::Always => true,
+                        Fsync::Everysec => self.last_sync.elapsed() >= Duration::from_secs(1),
+                        Fsync::No => false,
+                    };
+                    if due {
                         self.sync_journal()?;
                     }
                     self.received += payload.len() as u64;
