@@ -6,7 +6,11 @@
 //!                        (JSON: SnapshotHeader), u64 LE state length, the
 //!                        state, u32 LE CRC-32 of everything before it
 //! DIR/journal-<n>.log    the records after snapshot <n> (`journal`'s format)
+//! DIR/fleet.json         the epoch and the standby (`crate::standby`)
 //! ```
+//!
+//! A standby attached to the writer (`crate::standby`) is sent the chain as
+//! it is on disk, then every write in the writer's order ([`follow`]).
 //!
 //! Snapshot `n` is written to a temporary file, fsynced, renamed, and the
 //! directory fsynced; then the files of older snapshots are removed. A

@@ -67,6 +67,9 @@
 //! DIR/journal-<n>.log    the records after snapshot <n>: u32 length,
 //!                        u32 CRC-32, u8 kind, stamp (wall_ns, mono_ns,
 //!                        seq: u64), payload
+//! DIR/fleet.json         the dir's epoch, and its standby or primary
+//!                        (`crate::standby`: warm standby and fencing)
+//! DIR/component-<hash>.wasm  on a standby: the components its copy needs
 //! ```
 //!
 //! Every new base of the journal (the start, a snapshot, a swap, an
