@@ -292,6 +292,7 @@ async fn run_standby(
             name: s.standby_name.unwrap_or_else(|| addr.ip().to_string()),
         }),
         fsync: opts.durable.fsync,
+        serve: opts.clone(),
     };
     let (promote, mut promotions) = tokio::sync::mpsc::channel(4);
     let idle = match &opts.control {
@@ -335,7 +336,11 @@ async fn run_standby(
     let promoted = promoted?;
     let mut opts = opts.clone();
     opts.guest = Some(promoted.component.clone());
-    match Server::start(opts, launch.clone(), activated).await {
+    let started = match promoted.warm {
+        Some(warm) => Server::start_warm(opts, launch.clone(), activated, warm).await,
+        None => Server::start(opts, launch.clone(), activated).await,
+    };
+    match started {
         Ok(server) => {
             let addrs: Vec<String> = server
                 .addrs()

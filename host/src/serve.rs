@@ -110,6 +110,13 @@ pub(crate) struct Parts {
     pub next_id: u64,
 }
 
+/// A standby's live copy of the service, promoted (`crate::standby`): it
+/// stands in for loading and replaying the state dir.
+pub struct WarmStart {
+    pub runtime: Runtime,
+    pub replica: service::Replica,
+}
+
 impl Server {
     /// Starts the service described by `opts`, on the listening sockets
     /// systemd passed (`activated`, by name) or on newly bound ones.
@@ -117,6 +124,27 @@ impl Server {
         opts: ServeOptions,
         launch: Launch,
         activated: Vec<(String, OwnedFd)>,
+    ) -> Result<Server> {
+        Server::start_from(opts, launch, activated, None).await
+    }
+
+    /// Starts a promoted standby's service from its live copy (`warm`),
+    /// whose state is what `opts`'s state dir holds: the same start as
+    /// after a crash, without the replay.
+    pub async fn start_warm(
+        opts: ServeOptions,
+        launch: Launch,
+        activated: Vec<(String, OwnedFd)>,
+        warm: WarmStart,
+    ) -> Result<Server> {
+        Server::start_from(opts, launch, activated, Some(warm)).await
+    }
+
+    async fn start_from(
+        opts: ServeOptions,
+        launch: Launch,
+        activated: Vec<(String, OwnedFd)>,
+        warm: Option<WarmStart>,
     ) -> Result<Server> {
         let mut specs = opts.listen.clone();
         net::name_listeners(&mut specs)?;
@@ -132,13 +160,20 @@ impl Server {
                 opts.instances
             );
         }
-        let runtime = Runtime::new(opts.cache.clone())?;
-        let guest = opts
-            .guest
-            .clone()
-            .context("no component to serve (give one, or --receive to wait for a service)")?;
-        let path = std::path::absolute(&guest).unwrap_or(guest);
-        let program = load_program(&runtime, &path).await?;
+        let (runtime, program, mut warm) = match warm {
+            Some(WarmStart { runtime, replica }) => {
+                (runtime, replica.program.clone(), Some(replica))
+            }
+            None => {
+                let runtime = Runtime::new(opts.cache.clone())?;
+                let guest = opts.guest.clone().context(
+                    "no component to serve (give one, or --receive to wait for a service)",
+                )?;
+                let path = std::path::absolute(&guest).unwrap_or(guest);
+                let program = load_program(&runtime, &path).await?;
+                (runtime, program, None)
+            }
+        };
         let spec = ServiceSpec {
             name: opts.name.as_str().into(),
             config: opts.config.clone(),
@@ -170,6 +205,30 @@ impl Server {
                 first
             }
             None => service::start_fresh(program, &spec).await?,
+            Some(dir) if warm.is_some() => {
+                let replica = warm.take().expect("the guard says it is there");
+                let reached = replica.reached;
+                start.disk = Some(durable::disk::Attach::resume_at(
+                    dir,
+                    opts.durable.fsync,
+                    reached,
+                )?);
+                let restored = replica.into_restored();
+                tracing::info!(
+                    "state from the standby's live copy (up to byte {} of journal {}); {} \
+                     connections were open at the crash (they get on-close), {} timers armed",
+                    reached.1,
+                    reached.0,
+                    restored.closes.len(),
+                    restored.timers.len()
+                );
+                start.base = Some(restored.base);
+                start.journal = Some(restored.journal);
+                start.timers = restored.timers;
+                start.closes = restored.closes;
+                next_id = restored.next_conn_id;
+                restored.instance
+            }
             Some(dir) => {
                 let fsync = opts.durable.fsync;
                 match durable::disk::load(dir)? {

@@ -118,8 +118,8 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
         acked.len()
     );
     assert!(
-        b.stderr().contains("connections were open at the crash"),
-        "the standby started as a crash restart:\n{}",
+        b.stderr().contains("state from the standby's live copy"),
+        "the standby started from its live copy, as after a crash:\n{}",
         b.stderr()
     );
     // Every acknowledged write is there, read through HAProxy.
@@ -213,6 +213,45 @@ fn a_standby_follows_a_swap_under_sync_replication_and_serves_the_new_version() 
         status.contains(&kv_v2_hash()[..12]),
         "serves kv-v2: {status}"
     );
+    assert!(
+        b.stderr().contains("state from the standby's live copy"),
+        "the live copy was rebuilt with kv-v2 and served:\n{}",
+        b.stderr()
+    );
+}
+
+/// A live copy that fails (its replay, on purpose) is dropped, and the
+/// promotion replays the state dir instead: the state is the same.
+#[test]
+fn a_standby_whose_live_copy_failed_promotes_from_its_state_dir() {
+    let pki = Pki::new();
+    let (dir_a, dir_b) = (pki.state_dir("a"), pki.state_dir("b"));
+    let (a, a_port) = primary(&pki, &dir_a, &["--sync-standby"], &[]);
+    set_get(a.addr(), "k", "1");
+    let env = [("WASMHOST_TEST_STANDBY_FAIL", "replay")];
+    let mut b = standby(&pki, a_port, &dir_b, &["--listen", "127.0.0.1:0"], &env);
+    wait_following(&mut b);
+    set_get(a.addr(), "k2", "2");
+    b.wait_for_output(|t| t.contains("live copy stopped"), Duration::from_secs(10));
+    drop(a);
+    let out = b.command("promote", &[]);
+    assert!(out.status.success(), "{}\n{}", out.stderr, b.stderr());
+    assert!(
+        b.stderr().contains("state restored from"),
+        "promoted from the state dir:\n{}",
+        b.stderr()
+    );
+    let addr: SocketAddr = out
+        .stdout
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut c = Client::connect(addr).unwrap();
+    assert_eq!(c.call(&["GET", "k"]).unwrap(), "1");
+    assert_eq!(c.call(&["GET", "k2"]).unwrap(), "2");
 }
 
 fn kv_v2_hash() -> String {

@@ -309,8 +309,13 @@ impl Attach {
     /// Opens `dir` for a service restarted from what [`load`] found:
     /// appends go on in its journal, cut to the bytes that read back.
     pub fn resume(dir: &Path, fsync: Fsync, loaded: &Loaded) -> Result<Attach> {
+        Attach::resume_at(dir, fsync, loaded.last_journal)
+    }
+
+    /// Opens `dir` for a service whose state reaches byte `good` of
+    /// journal `n` (a restart, or a standby's live copy promoted).
+    pub fn resume_at(dir: &Path, fsync: Fsync, (n, good): (u64, u64)) -> Result<Attach> {
         let writer = Writer::start(dir, fsync)?;
-        let (n, good) = loaded.last_journal;
         let path = journal_path(dir, n);
         let file = OpenOptions::new()
             .create(true)
@@ -684,6 +689,27 @@ fn chain_files(dir: &Path) -> Result<(Vec<(String, Bytes)>, String)> {
         return Ok((files, header.component));
     }
     bail!("{} holds no complete snapshot yet", dir.display())
+}
+
+/// The newest journal in `dir` and its length.
+pub fn last_journal(dir: &Path) -> Result<Option<(u64, u64)>> {
+    let mut last = None;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(n) = name
+            .to_string_lossy()
+            .strip_prefix("journal-")
+            .and_then(|r| r.strip_suffix(".log"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        if last.is_none_or(|(m, _)| n > m) {
+            last = Some((n, entry.metadata()?.len()));
+        }
+    }
+    Ok(last)
 }
 
 /// The header of the newest complete snapshot in `dir`, if any: the base a

@@ -40,7 +40,7 @@ pub use freeze::{
 pub use gradual::{GradualOptions, GradualStatus, VersionStatus};
 pub use group::{GroupGate, LoadGuard, Spread, require_stateless};
 pub use instance::{DeadlineExceeded, Instance, InstanceLimits, Program};
-pub use recovery::{DurableStatus, Restored, SnapshotReport, base_of_state, restore};
+pub use recovery::{DurableStatus, Replica, Restored, SnapshotReport, base_of_state, restore};
 pub use report::{
     ComponentInfo, HISTORY_LEN, InstanceSummary, MigrateInfo, StatusReport, SwapRecord, SwapReport,
     UpgradeInfo, micros, unix_ms,

@@ -743,75 +743,194 @@ pub async fn restore(
     spec: &super::ServiceSpec,
     loaded: crate::durable::disk::Loaded,
 ) -> Result<Restored> {
-    let crate::durable::disk::Loaded {
-        header,
-        state,
-        records,
-        journal,
-        ..
-    } = loaded;
-    if header.component != program.hash {
-        tracing::warn!(
-            "the state dir was written by component {} and is restored into {} ({}): the \
-             snapshot's format must be one it imports, and its journal is replayed through it",
-            &header.component[..12.min(header.component.len())],
-            program.short_hash(),
-            program.path.display()
-        );
+    Ok(Replica::load(program, spec, loaded).await?.into_restored())
+}
+
+/// Where the timers and the connections stand after a replay: worked out
+/// from a snapshot's header and every record's event and effects.
+struct Tracking {
+    /// Armed timers: token and deadline (Unix ms).
+    timers: std::collections::BTreeMap<u64, u64>,
+    open: std::collections::BTreeSet<u64>,
+    next_conn_id: u64,
+}
+
+impl Tracking {
+    fn of(header: &crate::durable::disk::SnapshotHeader) -> Tracking {
+        Tracking {
+            timers: header.timers.iter().copied().collect(),
+            open: header.conns.iter().map(|c| c.0).collect(),
+            next_conn_id: header.next_conn_id,
+        }
     }
-    let base = header.base(state)?;
-    let mut timers: std::collections::BTreeMap<u64, u64> = header.timers.iter().copied().collect();
-    let mut open: std::collections::BTreeSet<u64> = header.conns.iter().map(|c| c.0).collect();
-    let mut next_conn_id = header.next_conn_id;
-    let instance = replay(program, spec, &base, &records, |record, effects| {
+
+    fn record(&mut self, record: &journal::Record, effects: Vec<super::Effect>) {
         let at_ms = record.stamp.wall_ns / 1_000_000;
         match &record.event {
             journal::Event::Connect { conn, .. } => {
-                open.insert(*conn);
-                next_conn_id = next_conn_id.max(conn + 1);
+                self.open.insert(*conn);
+                self.next_conn_id = self.next_conn_id.max(conn + 1);
             }
             journal::Event::Close(conn) => {
-                open.remove(conn);
+                self.open.remove(conn);
             }
             journal::Event::Timer(token) => {
-                timers.remove(token);
+                self.timers.remove(token);
             }
             journal::Event::Data(..) => {}
         }
         for effect in effects {
             match effect {
                 super::Effect::SetTimer(token, delay) => {
-                    timers.insert(token, at_ms + delay.as_millis() as u64);
+                    self.timers.insert(token, at_ms + delay.as_millis() as u64);
                 }
                 super::Effect::CancelTimer(token) => {
-                    timers.remove(&token);
+                    self.timers.remove(&token);
                 }
                 super::Effect::Close(conn) => {
-                    open.remove(&conn);
+                    self.open.remove(&conn);
                 }
                 super::Effect::Send(..) => {}
             }
         }
-        Ok(())
-    })
-    .await
-    .context("replaying the state dir's journal")?;
-    let now_ms = super::unix_ms(std::time::SystemTime::now());
-    let events = records.len() as u64;
-    Ok(Restored {
-        instance,
-        base,
-        journal: (journal, events),
-        timers: timers
-            .into_iter()
-            .map(|(token, deadline)| super::TimerImage {
+    }
+
+    /// The timers with the time left now.
+    fn timer_images(&self) -> Vec<super::TimerImage> {
+        let now_ms = super::unix_ms(std::time::SystemTime::now());
+        self.timers
+            .iter()
+            .map(|(&token, &deadline)| super::TimerImage {
                 token,
                 remaining_ms: deadline.saturating_sub(now_ms),
             })
-            .collect(),
-        closes: open.into_iter().collect(),
-        next_conn_id,
-    })
+            .collect()
+    }
+}
+
+/// A service rebuilt from a state dir and kept current as its journal
+/// grows: a warm standby's copy (`crate::standby`), replayed continuously
+/// with its effects discarded, so a promotion needs no replay.
+pub struct Replica {
+    pub program: std::sync::Arc<super::Program>,
+    instance: Instance,
+    base: Base,
+    /// The records after `base` (the bytes as on disk), and how many.
+    journal: Vec<u8>,
+    events: u64,
+    tracking: Tracking,
+    /// The snapshot it was loaded from, and the journal and length its
+    /// records reach.
+    pub snapshot: u64,
+    pub reached: (u64, u64),
+}
+
+impl Replica {
+    /// Rebuilds the state `loaded` holds, as a restart does.
+    pub async fn load(
+        program: std::sync::Arc<super::Program>,
+        spec: &super::ServiceSpec,
+        loaded: crate::durable::disk::Loaded,
+    ) -> Result<Replica> {
+        let crate::durable::disk::Loaded {
+            number,
+            last_journal,
+            header,
+            state,
+            records,
+            journal,
+            ..
+        } = loaded;
+        if header.component != program.hash {
+            tracing::warn!(
+                "the state dir was written by component {} and is restored into {} ({}): the \
+                 snapshot's format must be one it imports, and its journal is replayed through it",
+                &header.component[..12.min(header.component.len())],
+                program.short_hash(),
+                program.path.display()
+            );
+        }
+        let base = header.base(state)?;
+        let mut tracking = Tracking::of(&header);
+        let instance = replay(program.clone(), spec, &base, &records, |record, effects| {
+            tracking.record(record, effects);
+            Ok(())
+        })
+        .await
+        .context("replaying the state dir's journal")?;
+        Ok(Replica {
+            program,
+            instance,
+            base,
+            journal,
+            events: records.len() as u64,
+            tracking,
+            snapshot: number,
+            reached: last_journal,
+        })
+    }
+
+    /// Applies a batch of records written to journal `n` at `offset`.
+    /// The part a rebuild already read from the file (it ran after the
+    /// batch was written) is skipped; a gap is an error.
+    pub async fn apply(&mut self, n: u64, offset: u64, bytes: &[u8]) -> Result<()> {
+        if self.reached.0 != n {
+            bail!(
+                "records for journal {n}, and the copy reaches journal {}",
+                self.reached.0
+            );
+        }
+        let end = offset + bytes.len() as u64;
+        if end <= self.reached.1 {
+            return Ok(());
+        }
+        if offset > self.reached.1 {
+            bail!(
+                "records from byte {offset} of journal {n}, and the copy reaches byte {}",
+                self.reached.1
+            );
+        }
+        let bytes = &bytes[(self.reached.1 - offset) as usize..];
+        let (records, stop) = journal::read(bytes);
+        if let Some(stop) = stop {
+            bail!("a batch that does not read whole ({stop:?})");
+        }
+        for record in &records {
+            self.instance.pin(Some(record.stamp));
+            let mut info = None;
+            let call = Call::of(&record.event, &mut info);
+            let ran = call.run(&mut self.instance).await;
+            let described = call.describe();
+            ran.with_context(|| format!("replaying {described} trapped"))?;
+            let effects = self.instance.take_effects();
+            self.tracking.record(record, effects);
+        }
+        self.instance.pin(None);
+        self.journal.extend_from_slice(bytes);
+        self.events += records.len() as u64;
+        self.reached.1 += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Journal `n` starts, empty (the state goes on in it), unless a
+    /// rebuild already read it.
+    pub fn journal_started(&mut self, n: u64) {
+        if self.reached.0 < n {
+            self.reached = (n, 0);
+        }
+    }
+
+    /// What a restart from the same files would have rebuilt.
+    pub fn into_restored(self) -> Restored {
+        Restored {
+            timers: self.tracking.timer_images(),
+            closes: self.tracking.open.into_iter().collect(),
+            next_conn_id: self.tracking.next_conn_id,
+            instance: self.instance,
+            base: self.base,
+            journal: (self.journal, self.events),
+        }
+    }
 }
 
 /// Starts `journal` again at `base`, followed by the `on-connect` events a

@@ -71,6 +71,9 @@ pub struct FollowOptions {
     /// When appends are synced (`--fsync`): `always` syncs before each
     /// acknowledgement.
     pub fsync: Fsync,
+    /// The service's settings (name, config, limits, compile cache), for
+    /// the live copy.
+    pub serve: crate::serve::ServeOptions,
 }
 
 /// A `promote` request; answered once the service serves (or why not).
@@ -83,6 +86,145 @@ pub struct Promoted {
     pub component: PathBuf,
     pub epoch: u64,
     pub reply: oneshot::Sender<Result<String, String>>,
+    /// The live copy, when it has every write of the state dir (else the
+    /// service starts by replaying the dir, as after a crash).
+    pub warm: Option<crate::serve::WarmStart>,
+}
+
+/// The standby's live copy of the service (`service::Replica`): rebuilt
+/// from the state dir when a chain or a snapshot arrives, then every
+/// append replayed with its effects discarded. It runs on a task of its
+/// own, so replaying never delays an acknowledgement.
+struct Warm {
+    tx: mpsc::UnboundedSender<WarmCmd>,
+}
+
+enum WarmCmd {
+    /// The dir has a new chain or snapshot: rebuild from it.
+    Reload,
+    Journal(u64),
+    /// Records written to journal `n` at `offset`.
+    Append(u64, u64, Vec<u8>),
+    /// Catch up, and hand the copy over.
+    Finish(oneshot::Sender<Option<crate::serve::WarmStart>>),
+}
+
+impl Warm {
+    fn start(opts: &FollowOptions) -> Warm {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let dir = opts.dir.clone();
+        let serve = opts.serve.clone();
+        tokio::spawn(async move {
+            let runtime = match crate::engine::Runtime::new(serve.cache.clone()) {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::warn!("no live copy on this standby ({e:#}): a promotion replays");
+                    return;
+                }
+            };
+            let spec = crate::service::ServiceSpec {
+                name: serve.name.as_str().into(),
+                config: serve.config.clone(),
+                limits: serve.instance_limits.clone(),
+                listeners: Vec::new(),
+                durable: serve.durable.clone(),
+            };
+            let mut replica: Option<crate::service::Replica> = None;
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    WarmCmd::Reload => {
+                        replica = None;
+                        match reload(&dir, &runtime, &spec).await {
+                            Ok(r) => {
+                                tracing::info!(
+                                    "the standby's live copy is at snapshot {} and byte {} of \
+                                     journal {}",
+                                    r.snapshot,
+                                    r.reached.1,
+                                    r.reached.0
+                                );
+                                replica = Some(r);
+                            }
+                            Err(e) => tracing::warn!(
+                                "the standby's live copy could not be rebuilt ({e:#}); a \
+                                 promotion replays the state dir instead"
+                            ),
+                        }
+                    }
+                    WarmCmd::Journal(n) => {
+                        if let Some(r) = &mut replica {
+                            r.journal_started(n);
+                        }
+                    }
+                    WarmCmd::Append(n, offset, bytes) => {
+                        let applied = match (&mut replica, fail_at("replay")) {
+                            (Some(_), true) => {
+                                Err(anyhow::anyhow!("test: {}=replay", super::FAIL_ENV))
+                            }
+                            (Some(r), false) => r.apply(n, offset, &bytes).await,
+                            (None, _) => Ok(()),
+                        };
+                        if let Err(e) = applied {
+                            tracing::warn!(
+                                "the standby's live copy stopped ({e:#}); a promotion replays \
+                                 the state dir instead"
+                            );
+                            replica = None;
+                        }
+                    }
+                    WarmCmd::Finish(reply) => {
+                        let warm = replica.take().map(|replica| crate::serve::WarmStart {
+                            runtime: runtime.clone(),
+                            replica,
+                        });
+                        let _ = reply.send(warm);
+                        return;
+                    }
+                }
+            }
+        });
+        Warm { tx }
+    }
+
+    fn send(&self, cmd: WarmCmd) {
+        let _ = self.tx.send(cmd);
+    }
+
+    /// The copy, once it has replayed everything sent to it, if it has
+    /// exactly what `dir` holds.
+    async fn finish(&self, dir: &Path) -> Option<crate::serve::WarmStart> {
+        let (reply, answer) = oneshot::channel();
+        self.send(WarmCmd::Finish(reply));
+        let warm = answer.await.ok().flatten()?;
+        let newest = disk::newest_header(dir).ok().flatten()?.number;
+        let last = disk::last_journal(dir).ok().flatten()?;
+        let replica = &warm.replica;
+        if replica.snapshot != newest || replica.reached != last {
+            tracing::warn!(
+                "the live copy (snapshot {}, journal {} to byte {}) is not what the state dir \
+                 holds (snapshot {newest}, journal {} to byte {}): replaying the dir instead",
+                replica.snapshot,
+                replica.reached.0,
+                replica.reached.1,
+                last.0,
+                last.1
+            );
+            return None;
+        }
+        Some(warm)
+    }
+}
+
+/// Rebuilds the live copy from what `dir` holds now.
+async fn reload(
+    dir: &Path,
+    runtime: &crate::engine::Runtime,
+    spec: &crate::service::ServiceSpec,
+) -> Result<crate::service::Replica> {
+    let loaded = disk::load(dir)?.context("the state dir holds no snapshot")?;
+    let path = component_path(dir, &loaded.header.component);
+    let program = crate::serve::load_program(runtime, &path).await?;
+    crate::service::Replica::load(program, spec, loaded).await
 }
 
 /// Follows the primary until promoted. Link failures are retried with
@@ -94,8 +236,9 @@ pub async fn follow(
     let fleet = FleetFile::read(&opts.dir)?.unwrap_or_default();
     EPOCH.store(fleet.epoch, Ordering::Release);
     let mut retry = RETRY_MIN;
+    let warm = Warm::start(opts);
     loop {
-        let mut session = Session::new(opts);
+        let mut session = Session::new(opts, &warm);
         let mut run = Box::pin(session.run());
         let (ended, promotion) = tokio::select! {
             ended = &mut run => (Some(ended), None),
@@ -113,7 +256,10 @@ pub async fn follow(
         let heard = session.heard;
         drop(session);
         match promoted {
-            Some(Ok(promoted)) => return Ok(promoted),
+            Some(Ok(mut promoted)) => {
+                promoted.warm = warm.finish(&opts.dir).await;
+                return Ok(promoted);
+            }
             Some(Err(())) => continue,
             None => {}
         }
@@ -134,7 +280,8 @@ pub async fn follow(
         tokio::select! {
             _ = tokio::time::sleep(retry) => {}
             promotion = promotions.recv() => match promotion {
-                Some(p) => if let Ok(promoted) = promote(opts, p) {
+                Some(p) => if let Ok(mut promoted) = promote(opts, p) {
+                    promoted.warm = warm.finish(&opts.dir).await;
                     return Ok(promoted);
                 },
                 None => bail!("the control socket closed"),
@@ -202,16 +349,19 @@ fn promote(opts: &FollowOptions, p: Promotion) -> Result<Promoted, ()> {
         component,
         epoch: fleet.epoch,
         reply: p.reply,
+        warm: None,
     })
 }
 
 /// One link to the primary.
 struct Session<'a> {
     opts: &'a FollowOptions,
+    warm: &'a Warm,
     /// Whether the chain arrived whole (the link worked).
     heard: bool,
     /// The journal appends go to.
-    journal: Option<(u64, File)>,
+    /// The journal appends go to: its number, file and length.
+    journal: Option<(u64, File, u64)>,
     dirty: bool,
     last_sync: Instant,
     /// The chain's files as they arrive (before `BaseEnd`).
@@ -223,9 +373,10 @@ struct Session<'a> {
 }
 
 impl<'a> Session<'a> {
-    fn new(opts: &'a FollowOptions) -> Session<'a> {
+    fn new(opts: &'a FollowOptions, warm: &'a Warm) -> Session<'a> {
         Session {
             opts,
+            warm,
             heard: false,
             journal: None,
             dirty: false,
@@ -330,13 +481,15 @@ impl<'a> Session<'a> {
                         .append(true)
                         .open(&path)
                         .with_context(|| format!("opening {}", path.display()))?;
-                    self.journal = Some((last, file));
+                    let len = file.metadata()?.len();
+                    self.journal = Some((last, file, len));
                     keep_component(&opts.dir, &component);
                     fleet.epoch = epoch;
                     fleet.copying = false;
                     fleet.write(&opts.dir)?;
                     EPOCH.store(epoch, Ordering::Release);
                     self.heard = true;
+                    self.warm.send(WarmCmd::Reload);
                     self.received = 0;
                     tracing::info!(
                         "standby has the primary's chain ({} files); following its writes",
@@ -345,10 +498,11 @@ impl<'a> Session<'a> {
                 }
                 Rep::Journal { n } => {
                     self.sync_journal()?;
-                    self.journal = Some((n, disk::create_journal(&opts.dir, n)?));
+                    self.journal = Some((n, disk::create_journal(&opts.dir, n)?, 0));
+                    self.warm.send(WarmCmd::Journal(n));
                 }
                 Rep::Append { n, seq } => {
-                    let (at, file) = self
+                    let (at, file, len) = self
                         .journal
                         .as_mut()
                         .context("an append before the chain")?;
@@ -357,6 +511,8 @@ impl<'a> Session<'a> {
                     }
                     file.write_all(&payload)
                         .with_context(|| format!("appending to journal {n}"))?;
+                    let offset = *len;
+                    *len += payload.len() as u64;
                     self.dirty = true;
                     let due = match opts.fsync {
                         Fsync::Always => true,
@@ -369,12 +525,14 @@ impl<'a> Session<'a> {
                     self.received += payload.len() as u64;
                     self.acked = seq;
                     link.send(&Message::Ack { seq }, &[]).await?;
+                    self.warm.send(WarmCmd::Append(n, offset, payload));
                     caught_up_since = Instant::now();
                 }
                 Rep::Snapshot { n, component } => {
                     disk::write_snapshot(&opts.dir, n, &payload)?;
                     disk::remove_older(&opts.dir, n);
                     keep_component(&opts.dir, &component);
+                    self.warm.send(WarmCmd::Reload);
                 }
                 Rep::Heartbeat { seq, .. } => {
                     if self.acked >= seq {
@@ -393,7 +551,7 @@ impl<'a> Session<'a> {
     }
 
     fn sync_journal(&mut self) -> Result<()> {
-        if let Some((n, file)) = &self.journal
+        if let Some((n, file, _)) = &self.journal
             && self.dirty
         {
             file.sync_data()

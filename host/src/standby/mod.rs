@@ -23,13 +23,18 @@
 //!    every new snapshot file ([`Shipped::Snapshot`]).
 //!
 //! The standby writes them as the same files in its own state dir, so its
-//! dir is always a state dir a crash restart could start from. Promotion is
-//! that restart (`Server::start` with the dir): the newest snapshot is
-//! imported, its journal replayed with effects discarded, every connection
-//! open on the lost primary gets `on-close`, the timers are re-armed, and
-//! the service accepts on the standby's `--listen` addresses. No second
-//! way of moving a service exists: the standby is a crash restart whose
-//! disk happens to be on another machine.
+//! dir is always a state dir a crash restart could start from. Beside the
+//! files it keeps a live copy of the service (`service::Replica`, on a task
+//! of its own so that it never delays an acknowledgement): rebuilt from
+//! the dir whenever a chain or a snapshot arrives, exactly as a restart
+//! rebuilds it, then every append replayed with its effects discarded.
+//! Promotion is that restart (`Server::start_warm`, or `Server::start` with
+//! the dir when the copy does not hold exactly what the dir holds): every
+//! connection open on the lost primary gets `on-close`, the timers are
+//! re-armed, and the service accepts on the standby's `--listen`
+//! addresses. No second way of moving a service exists: the standby is a
+//! crash restart whose disk happens to be on another machine, and whose
+//! replay was done ahead of time.
 //!
 //! With `--sync-standby` the primary's writer hands the completion of an
 //! append (the signal that releases the batch's replies, `service/persist.rs`)
@@ -63,7 +68,10 @@
 //! | `component` | writes `component.wasm` (hash checked) | sends the running component unless S has it | P drops the link | S retries; its dir is untouched |
 //! | `base` | writes each file of the chain (temporary file, fsync, rename), then removes files not in it | the writer thread reads its chain and attaches the link, between two of its own writes | P detaches, serves on | S keeps what it wrote (each file whole), retries |
 //! | `stream` | appends, creates journals, writes snapshots, acknowledges each append | forwards every write; with `--sync-standby` replies wait for S's ack | P releases the waiting replies after `--sync-timeout-ms` (async until S catches up) and serves on | S's dir holds every append it acknowledged; S retries, and `promote` serves from it |
-//! | `promote` | stops following, writes epoch + 1, starts as a crash restart from its dir | (gone, or fenced at its next start) | S stays a standby, `promote` reports why | — |
+//! | `promote` | stops following, writes epoch + 1 (while the link is still open), starts from its live copy (or its dir) as after a crash | gone, or, alive, learns on the link's loss that S was promoted and stops serving; fenced at its next start | S stays a standby, `promote` reports why | — |
+//!
+//! The live copy's replay (`replay`) fails on purpose too: the promotion
+//! then starts from the dir.
 //!
 //! Every phase fails on purpose under the test-only environment variable
 //! `WASMHOST_TEST_STANDBY_FAIL=<phase>` (on the side the row's "fails
@@ -74,9 +82,10 @@
 //!
 //! * One standby per primary at a time (a second `Follow` replaces the
 //!   first, whose link is closed).
-//! * The standby does not run the service while it follows: promotion
-//!   replays the journal since the newest snapshot (bounded by the
-//!   snapshot thresholds), which is part of the failover time.
+//! * The live copy costs the standby a second instance's memory and CPU
+//!   for the replay. A copy that traps, or falls out of step with the dir,
+//!   is dropped until the next snapshot or chain (logged), and a promotion
+//!   meanwhile replays the dir.
 //! * A standby that falls more than [`MAX_QUEUED`] bytes behind is dropped
 //!   and starts again from the chain.
 
