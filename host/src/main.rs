@@ -34,8 +34,15 @@ fn main() -> ExitCode {
         }
     };
     let threads = match &cli.command {
+        // A standby replays its live copy beside the link it acknowledges
+        // on: two threads, so that the replay never delays an ack.
         Command::Serve(args) => args.threads.map_or_else(
-            || wasmhost::cli::default_threads().max(args.instances),
+            || {
+                let standby = if args.standby_of.is_some() { 2 } else { 1 };
+                wasmhost::cli::default_threads()
+                    .max(args.instances)
+                    .max(standby)
+            },
             usize::from,
         ),
         _ => 1,

@@ -215,13 +215,17 @@ pub fn load(dir: &Path) -> Result<Option<Loaded>> {
         let mut j = n;
         loop {
             let jpath = journal_path(dir, j);
+            // Whether a newer journal exists, asked before this one is
+            // read: a newer journal is started only once this one is
+            // complete, so a journal read after the answer `yes` is whole
+            // (a standby's live copy reads a dir that is being written).
+            let is_last = !journal_path(dir, j + 1).exists();
             let bytes = match std::fs::read(&jpath) {
                 Ok(bytes) => bytes,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && j == n => Vec::new(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) => return Err(e).with_context(|| format!("reading {}", jpath.display())),
             };
-            let is_last = !journal_path(dir, j + 1).exists();
             let (read, stop) = journal::read(&bytes);
             let good = match stop {
                 None => bytes.len(),

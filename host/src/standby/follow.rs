@@ -130,9 +130,27 @@ impl Warm {
                 durable: serve.durable.clone(),
             };
             let mut replica: Option<crate::service::Replica> = None;
-            while let Some(cmd) = rx.recv().await {
+            let mut queued: std::collections::VecDeque<WarmCmd> = Default::default();
+            loop {
+                let cmd = match queued.pop_front() {
+                    Some(cmd) => cmd,
+                    None => match rx.recv().await {
+                        Some(cmd) => cmd,
+                        None => return,
+                    },
+                };
                 match cmd {
                     WarmCmd::Reload => {
+                        // A later reload reads everything queued before it
+                        // from the dir: skip to the last one.
+                        while let Ok(cmd) = rx.try_recv() {
+                            queued.push_back(cmd);
+                        }
+                        if let Some(last) =
+                            queued.iter().rposition(|c| matches!(c, WarmCmd::Reload))
+                        {
+                            queued.drain(..=last);
+                        }
                         replica = None;
                         match reload(&dir, &runtime, &spec).await {
                             Ok(r) => {
@@ -221,7 +239,13 @@ async fn reload(
     runtime: &crate::engine::Runtime,
     spec: &crate::service::ServiceSpec,
 ) -> Result<crate::service::Replica> {
-    let loaded = disk::load(dir)?.context("the state dir holds no snapshot")?;
+    // Reading and checking the files is blocking work: off the runtime's
+    // threads, which also serve the link.
+    let path = dir.to_path_buf();
+    let loaded = tokio::task::spawn_blocking(move || disk::load(&path))
+        .await
+        .context("the state dir's reader stopped")??
+        .context("the state dir holds no snapshot")?;
     let path = component_path(dir, &loaded.header.component);
     let program = crate::serve::load_program(runtime, &path).await?;
     crate::service::Replica::load(program, spec, loaded).await
@@ -513,6 +537,10 @@ impl<'a> Session<'a> {
                         .with_context(|| format!("appending to journal {n}"))?;
                     let offset = *len;
                     *len += payload.len() as u64;
+                    self.received += payload.len() as u64;
+                    // To the live copy before anything else can fail: the
+                    // bytes are on disk, and the copy must have them too.
+                    self.warm.send(WarmCmd::Append(n, offset, payload));
                     self.dirty = true;
                     let due = match opts.fsync {
                         Fsync::Always => true,
@@ -522,10 +550,8 @@ impl<'a> Session<'a> {
                     if due {
                         self.sync_journal()?;
                     }
-                    self.received += payload.len() as u64;
                     self.acked = seq;
                     link.send(&Message::Ack { seq }, &[]).await?;
-                    self.warm.send(WarmCmd::Append(n, offset, payload));
                     caught_up_since = Instant::now();
                 }
                 Rep::Snapshot { n, component } => {
