@@ -222,12 +222,7 @@ impl Server {
                     restored.closes.len(),
                     restored.timers.len()
                 );
-                start.base = Some(restored.base);
-                start.journal = Some(restored.journal);
-                start.timers = restored.timers;
-                start.closes = restored.closes;
-                next_id = restored.next_conn_id;
-                restored.instance
+                start.restored(restored, &mut next_id)
             }
             Some(dir) => {
                 let fsync = opts.durable.fsync;
@@ -259,12 +254,7 @@ impl Server {
                             restored.closes.len(),
                             restored.timers.len()
                         );
-                        start.base = Some(restored.base);
-                        start.journal = Some(restored.journal);
-                        start.timers = restored.timers;
-                        start.closes = restored.closes;
-                        next_id = restored.next_conn_id;
-                        restored.instance
+                        start.restored(restored, &mut next_id)
                     }
                 }
             }

@@ -219,3 +219,22 @@ impl Writers {
         Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
     }
 }
+
+/// `wasmhost promote` on `standby`, which must succeed: where the promoted
+/// service listens, and what `promote` printed.
+pub fn promote(standby: &Served) -> (SocketAddr, String) {
+    let out = standby.command("promote", &[]);
+    assert!(
+        out.status.success(),
+        "promote: {}\n{}",
+        out.stderr,
+        standby.stderr()
+    );
+    let addr = out
+        .stdout
+        .rsplit(' ')
+        .next()
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no address in `{}`", out.stdout));
+    (addr, out.stdout)
+}

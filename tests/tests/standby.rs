@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use wasmhost_tests::fleet::{Client, Haproxy, agent_line, free_ports, missing};
 use wasmhost_tests::standby::{
-    Pki, RECEIVING, Writers, primary, standby, wait_following, wait_status,
+    Pki, RECEIVING, Writers, primary, promote, standby, wait_following, wait_status,
 };
 use wasmhost_tests::{Served, guest, test_cache_dir, wasmhost_bin};
 
@@ -88,13 +88,7 @@ fn sync_standby_takes_over_a_killed_primary_behind_haproxy_and_loses_no_acknowle
     a.signal(nix::sys::signal::Signal::SIGKILL);
     let killed = Instant::now();
     let acked_at_kill = writers.acked();
-    let promoted = b.command("promote", &[]);
-    assert!(
-        promoted.status.success(),
-        "promote: {}\n{}",
-        promoted.stderr,
-        b.stderr()
-    );
+    promote(&b);
     let promote_took = killed.elapsed();
     let deadline = Instant::now() + Duration::from_secs(30);
     let first = loop {
@@ -195,16 +189,8 @@ fn a_standby_follows_a_swap_under_sync_replication_and_serves_the_new_version() 
         "the standby has the running component"
     );
     drop(a);
-    let promoted = b.command("promote", &[]);
-    assert!(
-        promoted.status.success(),
-        "{}\n{}",
-        promoted.stderr,
-        b.stderr()
-    );
-    assert!(promoted.stdout.contains("epoch 2"), "{}", promoted.stdout);
-    let listen = promoted.stdout.rsplit(' ').next().unwrap().trim();
-    let addr: SocketAddr = listen.parse().expect("the promoted host's address");
+    let (addr, said) = promote(&b);
+    assert!(said.contains("epoch 2"), "{said}");
     let mut c = Client::connect(addr).unwrap();
     assert_eq!(c.call(&["GET", "before"]).unwrap(), "1");
     assert_eq!(c.call(&["GET", "after"]).unwrap(), "2");
@@ -234,21 +220,12 @@ fn a_standby_whose_live_copy_failed_promotes_from_its_state_dir() {
     set_get(a.addr(), "k2", "2");
     b.wait_for_output(|t| t.contains("live copy stopped"), Duration::from_secs(10));
     drop(a);
-    let out = b.command("promote", &[]);
-    assert!(out.status.success(), "{}\n{}", out.stderr, b.stderr());
+    let (addr, _) = promote(&b);
     assert!(
         b.stderr().contains("state restored from"),
         "promoted from the state dir:\n{}",
         b.stderr()
     );
-    let addr: SocketAddr = out
-        .stdout
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
     let mut c = Client::connect(addr).unwrap();
     assert_eq!(c.call(&["GET", "k"]).unwrap(), "1");
     assert_eq!(c.call(&["GET", "k2"]).unwrap(), "2");
@@ -342,8 +319,7 @@ fn a_primary_whose_standby_was_promoted_beside_it_stops_serving() {
     wait_following(&mut b);
     // Promoted by mistake while the primary lives (a partition, a wrong
     // keepalived state): the primary learns it and stops.
-    let out = b.command("promote", &[]);
-    assert!(out.status.success(), "{}", out.stderr);
+    let (addr, _) = promote(&b);
     a.wait_for_output(
         |t| t.contains("fenced: the standby at"),
         Duration::from_secs(10),
@@ -359,14 +335,6 @@ fn a_primary_whose_standby_was_promoted_beside_it_stops_serving() {
         status.stderr
     );
     // The promoted standby has the write the old primary acknowledged.
-    let addr: SocketAddr = out
-        .stdout
-        .rsplit(' ')
-        .next()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
     assert_eq!(
         Client::connect(addr).unwrap().call(&["GET", "k"]).unwrap(),
         "1"
@@ -448,21 +416,7 @@ fn every_phase_of_following_fails_safely() {
                 r["acked_seq"].as_u64() >= Some(1) && r["acked_seq"] == r["shipped_seq"]
             });
             drop(a);
-            let out = b.command("promote", &[]);
-            assert!(
-                out.status.success(),
-                "{phase}: {}\n{}",
-                out.stderr,
-                b.stderr()
-            );
-            let addr: SocketAddr = out
-                .stdout
-                .rsplit(' ')
-                .next()
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let (addr, _) = promote(&b);
             let mut c = Client::connect(addr).unwrap();
             assert_eq!(c.call(&["GET", "k"]).unwrap(), "1", "{phase}");
             assert_eq!(c.call(&["GET", "last"]).unwrap(), "3", "{phase}");

@@ -181,6 +181,18 @@ impl Start {
             announce: false,
         }
     }
+
+    /// Takes what a restart from a state dir rebuilt (its base, journal,
+    /// timers, and the connections open at the crash); returns the
+    /// instance, and sets `next_id` to the first connection id to use.
+    pub fn restored(&mut self, restored: super::Restored, next_id: &mut u64) -> super::Instance {
+        self.base = Some(restored.base);
+        self.journal = Some(restored.journal);
+        self.timers = restored.timers;
+        self.closes = restored.closes;
+        *next_id = restored.next_conn_id;
+        restored.instance
+    }
 }
 
 /// Sockets and bytes collected while freezing.
