@@ -153,17 +153,32 @@ pub(crate) fn journal_path(dir: &Path, n: u64) -> PathBuf {
     dir.join(format!("journal-{n:020}.log"))
 }
 
+/// The kinds of numbered file in a state dir.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Snapshot,
+    Journal,
+}
+
+/// What a file name in a state dir names: `snapshot-<n>.bin` or
+/// `journal-<n>.log`, and `n`.
+pub(crate) fn numbered(name: &str) -> Option<(Kind, u64)> {
+    let parse = |prefix: &str, suffix: &str| {
+        name.strip_prefix(prefix)?
+            .strip_suffix(suffix)?
+            .parse::<u64>()
+            .ok()
+    };
+    parse("snapshot-", ".bin")
+        .map(|n| (Kind::Snapshot, n))
+        .or_else(|| parse("journal-", ".log").map(|n| (Kind::Journal, n)))
+}
+
 /// The numbers of the snapshot files in `dir`, highest first.
 pub(crate) fn snapshot_numbers(dir: &Path) -> Result<Vec<u64>> {
     let mut numbers: Vec<u64> = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let name = entry?.file_name();
-        let name = name.to_string_lossy();
-        if let Some(n) = name
-            .strip_prefix("snapshot-")
-            .and_then(|r| r.strip_suffix(".bin"))
-            .and_then(|n| n.parse().ok())
-        {
+        if let Some((Kind::Snapshot, n)) = numbered(&entry?.file_name().to_string_lossy()) {
             numbers.push(n);
         }
     }
@@ -700,13 +715,7 @@ pub fn last_journal(dir: &Path) -> Result<Option<(u64, u64)>> {
     let mut last = None;
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let entry = entry?;
-        let name = entry.file_name();
-        let Some(n) = name
-            .to_string_lossy()
-            .strip_prefix("journal-")
-            .and_then(|r| r.strip_suffix(".log"))
-            .and_then(|n| n.parse::<u64>().ok())
-        else {
+        let Some((Kind::Journal, n)) = numbered(&entry.file_name().to_string_lossy()) else {
             continue;
         };
         if last.is_none_or(|(m, _)| n > m) {

@@ -497,7 +497,10 @@ impl<'a> Session<'a> {
                     remove_files(&opts.dir, &base)?;
                     let last = base
                         .iter()
-                        .filter_map(|n| number(n, "journal-", ".log"))
+                        .filter_map(|name| match disk::numbered(name) {
+                            Some((disk::Kind::Journal, n)) => Some(n),
+                            _ => None,
+                        })
                         .max()
                         .context("the chain has no journal")?;
                     let path = disk::journal_path(&opts.dir, last);
@@ -598,18 +601,11 @@ impl<'a> Session<'a> {
 
 /// A file name a primary may ship: `snapshot-N.bin` or `journal-N.log`.
 fn check_name(name: &str) -> Result<()> {
-    if number(name, "snapshot-", ".bin").is_some() || number(name, "journal-", ".log").is_some() {
+    if disk::numbered(name).is_some() {
         Ok(())
     } else {
         bail!("the primary sent a file named {name:?}, which is not a snapshot or a journal")
     }
-}
-
-fn number(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
-    name.strip_prefix(prefix)?
-        .strip_suffix(suffix)?
-        .parse()
-        .ok()
 }
 
 /// Removes the snapshot and journal files of `dir` not in `keep`.

@@ -385,16 +385,22 @@ fn short(hash: &str) -> &str {
 pub static EPOCH: AtomicU64 = AtomicU64::new(0);
 
 static FENCED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+/// Whether [`FENCED`] holds a reason: read on every append, without a lock.
+static IS_FENCED: AtomicBool = AtomicBool::new(false);
 
 /// Why this host stopped serving, if it learned it was failed over: the
 /// state-dir writer then fails every write, so the service stops before
 /// another reply goes out.
 pub fn fenced() -> Option<String> {
+    if !IS_FENCED.load(Ordering::Acquire) {
+        return None;
+    }
     FENCED.lock().expect("fenced lock").clone()
 }
 
 fn fence_now(why: String) {
     *FENCED.lock().expect("fenced lock") = Some(why);
+    IS_FENCED.store(true, Ordering::Release);
 }
 
 /// Whether this process serves (answered with the epoch).

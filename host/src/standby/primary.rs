@@ -274,10 +274,11 @@ impl Feeding<'_> {
                         };
                         self.send(beat, &[]).await?;
                     }
+                    // `status` and `/metrics` see the lag at this pace.
+                    self.report(EPOCH.load(Ordering::Acquire), true);
                 }
             }
             self.check_deadline();
-            self.report(EPOCH.load(Ordering::Acquire), true);
         }
     }
 
@@ -373,12 +374,14 @@ impl Feeding<'_> {
                 self.timeout
             );
             self.release_all();
+            self.report(EPOCH.load(Ordering::Acquire), true);
         } else if !waits && self.based && oldest.is_none_or(|age| age < self.timeout / 2) {
             self.sync_flag.store(true, Ordering::Release);
             tracing::info!(
                 standby = %self.peer,
                 "the standby has the chain and keeps up: replies wait for it (--sync-standby)"
             );
+            self.report(EPOCH.load(Ordering::Acquire), true);
         }
     }
 
